@@ -1,0 +1,16 @@
+"""gpuadam: fused, in-place Adam-family optimizer steps on GPU (Numba CUDA, CuPy) and CPU (Numba)."""
+
+from gpuadam.backends import BackendStatus, BackendUnavailable, available_backends
+from gpuadam.functional import adam_step
+from gpuadam.optim import Adam, AdamW, Optimizer
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "Optimizer",
+    "adam_step",
+    "available_backends",
+    "BackendStatus",
+    "BackendUnavailable",
+]
+__version__ = "0.1.0"

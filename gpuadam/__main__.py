@@ -1,0 +1,3 @@
+from gpuadam.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Where an array lives, what it holds, and the checks every tensor passes before a kernel runs.
+
+An array is ``host`` (a NumPy array) or ``device`` (anything exposing ``__cuda_array_interface__``,
+or a device array of Numba's CUDA simulator, which has no such interface). Nothing here imports a
+GPU library: the description is read from the array's own attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+HOST = "host"
+DEVICE = "device"
+
+#: dtypes the kernels compute in; float16/bfloat16 arrive with master weights.
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_simulator_array(x: Any) -> bool:
+    """True for a device array of Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    return type(x).__module__.startswith("numba.cuda.simulator")
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """What validation needs to know about one array, read without copying it."""
+
+    kind: str  # HOST or DEVICE
+    device: Any  # None for host; a device id when the array tells it, else "cuda"
+    shape: tuple
+    dtype: np.dtype
+    contiguous: bool
+    writeable: bool
+
+
+def _c_contiguous(shape: tuple, strides: tuple | None, itemsize: int) -> bool:
+    if strides is None:
+        return True
+    expected = itemsize
+    for extent, stride in zip(reversed(shape), reversed(strides)):
+        if extent != 1 and stride != expected:
+            return False
+        expected *= extent
+    return True
+
+
+def _device_id(x: Any) -> Any:
+    device = getattr(x, "device", None)  # CuPy: .device.id; PyTorch: .device.index
+    for attr in ("id", "index"):
+        value = getattr(device, attr, None)
+        if isinstance(value, int):
+            return value
+    return "cuda"
+
+
+def _same_device(a: Any, b: Any) -> bool:
+    # Numba device arrays do not say which device they are on: only two known ids can differ.
+    return a == b or not (isinstance(a, int) and isinstance(b, int))
+
+
+def describe(x: Any) -> ArrayInfo | None:
+    """An ``ArrayInfo`` for a host or device array, or None for anything else."""
+    if isinstance(x, np.ndarray):
+        return ArrayInfo(HOST, None, x.shape, x.dtype, x.flags.c_contiguous, x.flags.writeable)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is not None:
+        dtype = np.dtype(cai["typestr"])
+        shape = tuple(cai["shape"])
+        contiguous = _c_contiguous(shape, cai.get("strides"), dtype.itemsize)
+        readonly = bool(cai["data"][1])
+        return ArrayInfo(DEVICE, _device_id(x), shape, dtype, contiguous, not readonly)
+    if is_simulator_array(x):
+        host_view = x._ary  # the simulator keeps a NumPy array behind each device array
+        return ArrayInfo(
+            DEVICE, "cuda", host_view.shape, host_view.dtype,
+            host_view.flags.c_contiguous, host_view.flags.writeable,
+        )
+    return None
+
+
+def check_param(index: int, p: Any) -> ArrayInfo:
+    """The ``ArrayInfo`` of parameter ``index``, or a TypeError/ValueError that says what is wrong."""
+    info = describe(p)
+    if info is None:
+        raise TypeError(
+            f"param {index}: expected a NumPy array or a CUDA device array, got {type(p).__name__}"
+        )
+    if info.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"param {index}: expected dtype float32 or float64, got {info.dtype}")
+    if not info.contiguous:
+        raise ValueError(f"param {index}: expected a C-contiguous array, got a strided view")
+    if not info.writeable:
+        raise ValueError(f"param {index}: expected a writeable array, got a read-only one")
+    return info
+
+
+def check_like(what: str, index: int, x: Any, param: ArrayInfo, *, writeable: bool) -> None:
+    """Check that ``x`` (a gradient or a state array) matches its parameter in every respect."""
+    info = describe(x)
+    if info is None:
+        raise TypeError(
+            f"{what} {index}: expected an array like its param ({_what_info(param)}), "
+            f"got {type(x).__name__}"
+        )
+    if info.kind != param.kind or not _same_device(info.device, param.device):
+        where = "host" if param.kind == HOST else f"device {param.device}"
+        got = "host" if info.kind == HOST else f"device {info.device}"
+        raise ValueError(f"{what} {index}: expected an array on the {where} like its param, got one on the {got}")
+    if info.shape != param.shape:
+        raise ValueError(f"{what} {index}: expected shape {param.shape} like its param, got {info.shape}")
+    if info.dtype != param.dtype:
+        raise TypeError(f"{what} {index}: expected dtype {param.dtype} like its param, got {info.dtype}")
+    if not info.contiguous:
+        raise ValueError(f"{what} {index}: expected a C-contiguous array, got a strided view")
+    if writeable and not info.writeable:
+        raise ValueError(f"{what} {index}: expected a writeable array, got a read-only one")
+
+
+def _what_info(info: ArrayInfo) -> str:
+    return f"{info.kind} array of shape {info.shape} and dtype {info.dtype}"
+
+
+def check_grads(params: list[ArrayInfo], grads: Any) -> None:
+    """Check a sequence of gradients against the parameters' descriptions."""
+    if grads is None or isinstance(grads, (str, bytes)) or not hasattr(grads, "__len__"):
+        raise TypeError(f"grads: expected a sequence of {len(params)} arrays, got {type(grads).__name__}")
+    if describe(grads) is not None:
+        raise TypeError(f"grads: expected a sequence of {len(params)} arrays aligned with the params, got one array")
+    if len(grads) != len(params):
+        raise ValueError(f"grads: expected {len(params)} arrays (one per param), got {len(grads)}")
+    for i, (info, g) in enumerate(zip(params, grads)):
+        check_like("grad", i, g, info, writeable=False)

@@ -1,0 +1,220 @@
+"""The backends: what each one is, whether it works here (and if not, why), and the automatic choice.
+
+A backend adapts arrays of one kind (host or device) for its kernels, allocates state beside them,
+copies state to and from the host, and launches kernels by rule name. GPU libraries are imported
+only inside probes and backend objects, so the package imports and runs on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpuadam.arrays import DEVICE, HOST, ArrayInfo, is_simulator_array
+
+NAMES = ("numba-cuda", "cupy", "numba-cpu")
+ENV_VAR = "GPUADAM_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here; ``reason`` says why not (or what it runs on)."""
+
+    name: str
+    available: bool
+    reason: str
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class NumbaCPU:
+    name = "numba-cpu"
+    kind = HOST
+
+    def __init__(self) -> None:
+        from gpuadam.kernels import numba_cpu
+
+        self._kernels = {"adam": numba_cpu.adam, "amsgrad": numba_cpu.amsgrad}
+
+    def flat(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(-1)
+
+    def zeros_like(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros(x.size, dtype=x.dtype)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    def copy_from_host(self, dst: np.ndarray, src: np.ndarray) -> None:
+        np.copyto(dst, src.reshape(dst.shape))
+
+    def launch(self, rule: str, arrays: tuple, c: tuple) -> None:
+        self._kernels[rule](*arrays, c)
+
+
+class NumbaCUDA:
+    name = "numba-cuda"
+    kind = DEVICE
+
+    def __init__(self) -> None:
+        from numba import cuda
+
+        from gpuadam.kernels import numba_cuda
+
+        self._cuda = cuda
+        self._launch = numba_cuda.launch
+
+    def flat(self, x: Any) -> Any:
+        if is_simulator_array(x) or isinstance(x, self._cuda.devicearray.DeviceNDArray):
+            return x.reshape(x.size)
+        # sync=False: honouring the producer's stream here would synchronise the host.
+        arr = self._cuda.as_cuda_array(x, sync=False)
+        return arr.reshape(arr.size)
+
+    def zeros_like(self, x: Any) -> Any:
+        size = int(np.prod(_shape(x)))
+        return self._cuda.to_device(np.zeros(size, dtype=_dtype(x)))
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return self.flat(x).copy_to_host()
+
+    def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
+        self.flat(dst).copy_to_device(np.ascontiguousarray(src).reshape(-1))
+
+    def launch(self, rule: str, arrays: tuple, c: tuple) -> None:
+        self._launch(rule, arrays, c)
+
+
+def _shape(x: Any) -> tuple:
+    return tuple(x.shape)
+
+
+def _dtype(x: Any) -> np.dtype:
+    cai = getattr(x, "__cuda_array_interface__", None)
+    return np.dtype(cai["typestr"]) if cai is not None else np.dtype(x.dtype)
+
+
+class CuPy:
+    name = "cupy"
+    kind = DEVICE
+
+    def __init__(self) -> None:
+        import cupy
+
+        from gpuadam.kernels import cupy_elementwise
+
+        self._cupy = cupy
+        self._launch = cupy_elementwise.launch
+
+    def flat(self, x: Any) -> Any:
+        return self._cupy.asarray(x).reshape(-1)  # zero-copy for any __cuda_array_interface__
+
+    def zeros_like(self, x: Any) -> Any:
+        return self._cupy.zeros(int(np.prod(_shape(x))), dtype=_dtype(x))
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return self._cupy.asnumpy(self.flat(x))
+
+    def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
+        self.flat(dst).set(np.ascontiguousarray(src).reshape(-1))
+
+    def launch(self, rule: str, arrays: tuple, c: tuple) -> None:
+        self._launch(rule, arrays, c)
+
+
+_FACTORIES = {"numba-cpu": NumbaCPU, "numba-cuda": NumbaCUDA, "cupy": CuPy}
+_instances: dict[str, Any] = {}
+_statuses: dict[str, BackendStatus] = {}
+
+
+def _probe(name: str) -> BackendStatus:
+    try:
+        if name == "numba-cpu":
+            import numba
+
+            return BackendStatus(name, True, f"numba {numba.__version__} on {os.cpu_count()} CPUs")
+        if name == "numba-cuda":
+            from numba import cuda
+
+            if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+                return BackendStatus(name, True, "Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+            if not cuda.is_available():
+                try:
+                    cuda.get_current_device()
+                except Exception as exc:  # the driver's own words are the best reason
+                    return BackendStatus(name, False, f"no usable CUDA device ({_first_line(exc)})")
+                return BackendStatus(name, False, "no usable CUDA device")
+            return BackendStatus(name, True, f"CUDA device {cuda.get_current_device().name!r}")
+        if name == "cupy":
+            import cupy
+
+            count = cupy.cuda.runtime.getDeviceCount()
+            if count < 1:
+                return BackendStatus(name, False, "no CUDA device found")
+            return BackendStatus(name, True, f"cupy {cupy.__version__} on {count} CUDA device(s)")
+    except ImportError as exc:
+        return BackendStatus(name, False, f"not installed ({_first_line(exc)})")
+    except Exception as exc:  # any failure of a GPU stack means: not here, and why
+        return BackendStatus(name, False, _first_line(exc))
+    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def status(name: str) -> BackendStatus:
+    """The (cached) availability of backend ``name``."""
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(NAMES)} or 'auto'")
+    if name not in _statuses:
+        _statuses[name] = _probe(name)
+    return _statuses[name]
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend by name, whether it is available here, and why not when it is not."""
+    return {name: status(name) for name in NAMES}
+
+
+def get(name: str) -> Any:
+    """The backend object ``name``; ``BackendUnavailable`` with the reason if it cannot run here."""
+    st = status(name)
+    if not st.available:
+        raise BackendUnavailable(f"backend {name!r} is not available: {st.reason}")
+    if name not in _instances:
+        _instances[name] = _FACTORIES[name]()
+    return _instances[name]
+
+
+def choose(requested: str | None, info: ArrayInfo) -> Any:
+    """The backend for arrays like ``info``: ``requested``, else ``$GPUADAM_BACKEND``, else automatic.
+
+    Automatic: host arrays go to Numba CPU; device arrays (CuPy's included) to Numba CUDA, or to
+    CuPy when Numba CUDA cannot run here. ``backend="cupy"`` asks for CuPy explicitly.
+    """
+    name = requested if requested not in (None, "auto") else os.environ.get(ENV_VAR, "auto") or "auto"
+    source = "backend=" if requested not in (None, "auto") else f"${ENV_VAR}="
+    if name == "auto":
+        if info.kind == HOST:
+            return get("numba-cpu")
+        for candidate in ("numba-cuda", "cupy"):
+            if status(candidate).available:
+                return get(candidate)
+        reasons = "; ".join(f"{n}: {status(n).reason}" for n in ("numba-cuda", "cupy"))
+        raise BackendUnavailable(f"the params are CUDA device arrays but no GPU backend can run here ({reasons})")
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {source}{name!r}; expected one of {', '.join(NAMES)} or 'auto'")
+    backend = get(name)
+    if backend.kind != info.kind:
+        where = "host (NumPy)" if info.kind == HOST else "CUDA device"
+        raise ValueError(
+            f"backend {name!r} ({source}{name}) runs on {backend.kind} arrays, but the params are {where} arrays"
+        )
+    return backend

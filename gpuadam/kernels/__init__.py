@@ -1,0 +1,1 @@
+"""Update rules and the loops that run them on each backend."""

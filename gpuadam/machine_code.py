@@ -1,0 +1,167 @@
+"""Compile every GPU kernel for real (no GPU needed) and read its machine code.
+
+Numba's kernels go through ``numba.cuda.compile_ptx`` (libNVVM), CuPy's CUDA source through
+NVRTC or nvcc; ``ptxas -v`` then assembles each PTX for the target and reports registers, spills
+and stack. From the PTX we count float64 instructions and global loads/stores. This is how the
+GPU code is held to its bar on machines without a GPU (``gpuadam inspect``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpuadam.hyper import AdamHyper
+
+DTYPES = ("float32", "float64")
+N_CONSTANTS = len(AdamHyper().constants(1, np.float32))
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """What the machine code of one kernel says. Counts are per kernel; ``*_per_element`` divide
+    them by how many times the compiler unrolled the loop body."""
+
+    backend: str
+    kernel: str
+    dtype: str
+    arch: str
+    registers: int
+    spill_bytes: int
+    local_bytes: int
+    f64_ops: int
+    global_loads: int
+    global_stores: int
+    loads_per_element: int
+    stores_per_element: int
+
+    @property
+    def full_occupancy(self) -> bool:
+        # sm_90: 64K registers for 2048 resident threads -> at most 32 registers per thread.
+        return self.registers <= 32
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "full_occupancy": self.full_occupancy}
+
+
+class ToolMissing(RuntimeError):
+    """A compiler or assembler needed to inspect kernels is not installed here."""
+
+
+def find_ptxas() -> str:
+    """Path of ``ptxas``: on PATH, or shipped in the ``nvidia-cuda-nvcc`` wheel."""
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import nvidia
+
+        for root in nvidia.__path__:
+            for candidate in Path(root).glob("*/bin/ptxas"):
+                return str(candidate)
+    raise ToolMissing("ptxas not found: install the CUDA toolkit or the nvidia-cuda-nvcc wheel")
+
+
+_F64 = re.compile(r"^\s*(?:@!?%p\d+\s+)?[a-z]+(?:\.[a-z0-9]+)*\.f64\b", re.M)
+_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?ld\.global\b", re.M)
+_STORE = re.compile(r"^\s*(?:@!?%p\d+\s+)?st\.global\b", re.M)
+
+
+def ptx_counts(ptx: str) -> tuple[int, int, int]:
+    """``(f64 instructions, global loads, global stores)`` in PTX text."""
+    return len(_F64.findall(ptx)), len(_LOAD.findall(ptx)), len(_STORE.findall(ptx))
+
+
+def ptxas_resources(ptx: str, arch: str) -> tuple[int, int, int]:
+    """``(registers, spill bytes, stack bytes)`` of the single kernel in ``ptx``, from ``ptxas -v``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "k.ptx")
+        src.write_text(ptx)
+        out = subprocess.run(
+            [find_ptxas(), "-v", f"-arch={arch}", str(src), "-o", str(Path(tmp, "k.cubin"))],
+            capture_output=True, text=True,
+        )
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {arch}:\n{out.stderr}")
+    log = out.stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills, stack
+
+
+def report(backend: str, kernel: str, dtype: str, arch: str, ptx: str) -> KernelReport:
+    registers, spills, stack = ptxas_resources(ptx, arch)
+    f64, loads, stores = ptx_counts(ptx)
+    unroll = math.gcd(loads, stores) or 1
+    return KernelReport(backend, kernel, dtype, arch, registers, spills, stack, f64,
+                        loads, stores, loads // unroll, stores // unroll)
+
+
+@contextlib.contextmanager
+def _no_device_needed(cc: tuple[int, int]):
+    """Let Numba compile device functions with no GPU present.
+
+    ``compile_ptx`` itself takes a compute capability, but the device functions it calls ask the
+    current device for theirs; we answer for the target instead, only for this block.
+    """
+    import types
+
+    import numba.cuda.dispatcher as dispatcher
+
+    original = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = original
+
+
+def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
+    """PTX of a Numba CUDA kernel for ``arch``, compiled with libNVVM, no GPU needed."""
+    from numba import cuda, types
+
+    from gpuadam.kernels import numba_cuda
+
+    func, n_arrays = numba_cuda.KERNELS[kernel]
+    scalar = getattr(types, dtype)
+    signature = (*([scalar[::1]] * n_arrays), types.UniTuple(scalar, N_CONSTANTS))
+    cc = (int(arch[3:-1]), int(arch[-1]))
+    with _no_device_needed(cc):
+        ptx, _ = cuda.compile_ptx(func, signature, cc=cc)
+    return ptx
+
+
+def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = None) -> tuple[list, list]:
+    """Reports for every GPU kernel of both backends, and the reasons for any that could not be built."""
+    from gpuadam.kernels import numba_cuda
+
+    reports, problems = [], []
+    jobs = [("numba-cuda", k, numba_ptx) for k in numba_cuda.KERNELS]
+    try:
+        from gpuadam.kernels import cupy_elementwise
+
+        jobs += [("cupy", k, cupy_elementwise.compile_ptx) for k in cupy_elementwise.SNIPPETS]
+    except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
+        problems.append(f"cupy: {exc}")
+    for backend, kernel, compile_ in jobs:
+        for dtype in DTYPES:
+            try:
+                ptx = compile_(kernel, dtype, arch)
+                reports.append(report(backend, kernel, dtype, arch, ptx))
+            except (ToolMissing, ImportError, OSError) as exc:
+                problems.append(f"{backend} {kernel} {dtype}: {exc}")
+                continue
+            if ptx_dir is not None:
+                Path(ptx_dir).mkdir(parents=True, exist_ok=True)
+                Path(ptx_dir, f"{backend}-{kernel}-{dtype}-{arch}.ptx").write_text(ptx)
+    return reports, problems

@@ -1,0 +1,66 @@
+"""Shared test helpers: random problems, the float64 reference trajectory, and error bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpuadam.hyper import AdamHyper
+from gpuadam.reference import adam_reference
+
+SHAPES = [(257, 3), (1,), (1000,), (5, 7, 11)]
+
+
+def problem(seed: int, shapes=SHAPES, dtype=np.float32, steps: int = 20):
+    """Initial params and a list of per-step gradient lists, random (never zeros)."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(steps)]
+    return params, grads
+
+
+def reference_trajectory(params0, grads_seq, hyper: AdamHyper):
+    """float64 params (and state) after applying every step of ``grads_seq`` from ``params0``."""
+    out = []
+    for i, p in enumerate(params0):
+        p = p.astype(np.float64)
+        m = np.zeros_like(p)
+        v = np.zeros_like(p)
+        vmax = np.zeros_like(p) if hyper.amsgrad else None
+        for t, grads in enumerate(grads_seq, start=1):
+            p, m, v, vmax = adam_reference(p, grads[i], m, v, vmax, hyper, t)
+        out.append((p, m, v, vmax))
+    return out
+
+
+def trajectory_error(got, ref_p, p0, steps: int) -> float:
+    """Error of a low-precision trajectory as a multiple of its rounding budget.
+
+    Each step may round ``p`` (half an ulp of ``|p|``) and its update (a few ulps of the step): the
+    budget is ``steps * eps * (max|p| + max|p - p0|)``. A wrong rule misses it by orders of magnitude.
+    """
+    eps = np.finfo(got.dtype).eps
+    budget = steps * eps * (np.abs(ref_p).max() + np.abs(ref_p - p0.astype(np.float64)).max())
+    return float(np.abs(got.astype(np.float64) - ref_p).max() / budget)
+
+
+FLAG_GRID = [
+    {},
+    {"amsgrad": True},
+    {"maximize": True},
+    {"weight_decay": 0.1},
+    {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    {"eps_root": 1e-6},
+    {"bias_correction": False},
+    {"eps": 0.0},
+    {"beta1": 0.0, "beta2": 0.0},
+    {"beta1": 0.99, "beta2": 0.99999, "lr": 1e-2, "amsgrad": True, "weight_decay": 0.05, "maximize": True},
+]
+
+
+def adam_kwargs(hyper: AdamHyper) -> dict:
+    """The optimizer-constructor keywords for a hyperparameter record."""
+    return dict(
+        lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay,
+        amsgrad=hyper.amsgrad, maximize=hyper.maximize, eps_root=hyper.eps_root,
+        bias_correction=hyper.bias_correction, decoupled_weight_decay=hyper.decoupled_weight_decay,
+    )
