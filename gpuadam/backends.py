@@ -200,7 +200,7 @@ def choose(requested: str | None, info: ArrayInfo) -> Any:
     CuPy when Numba CUDA cannot run here. ``backend="cupy"`` asks for CuPy explicitly.
     """
     name = requested if requested not in (None, "auto") else os.environ.get(ENV_VAR, "auto") or "auto"
-    source = "backend=" if requested not in (None, "auto") else f"${ENV_VAR}="
+    source = "backend=" if requested not in (None, "auto") else f"${ENV_VAR}"
     if name == "auto":
         if info.kind == HOST:
             return get("numba-cpu")
@@ -210,11 +210,11 @@ def choose(requested: str | None, info: ArrayInfo) -> Any:
         reasons = "; ".join(f"{n}: {status(n).reason}" for n in ("numba-cuda", "cupy"))
         raise BackendUnavailable(f"the params are CUDA device arrays but no GPU backend can run here ({reasons})")
     if name not in NAMES:
-        raise ValueError(f"unknown backend {source}{name!r}; expected one of {', '.join(NAMES)} or 'auto'")
+        raise ValueError(f"unknown backend {name!r} (given as {source}); expected one of {', '.join(NAMES)} or 'auto'")
     backend = get(name)
     if backend.kind != info.kind:
         where = "host (NumPy)" if info.kind == HOST else "CUDA device"
         raise ValueError(
-            f"backend {name!r} ({source}{name}) runs on {backend.kind} arrays, but the params are {where} arrays"
+            f"backend {name!r} (given as {source}) runs on {backend.kind} arrays, but the params are {where} arrays"
         )
     return backend
