@@ -1,12 +1,14 @@
 """gpuadam: fused, in-place Adam-family optimizer steps on GPU (Numba CUDA, CuPy) and CPU (Numba)."""
 
 from gpuadam.backends import BackendStatus, BackendUnavailable, available_backends
+from gpuadam.flat import FlatBuffer
 from gpuadam.functional import adam_step
 from gpuadam.optim import Adam, AdamW, Optimizer
 
 __all__ = [
     "Adam",
     "AdamW",
+    "FlatBuffer",
     "Optimizer",
     "adam_step",
     "available_backends",

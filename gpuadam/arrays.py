@@ -123,13 +123,11 @@ def _what_info(info: ArrayInfo) -> str:
     return f"{info.kind} array of shape {info.shape} and dtype {info.dtype}"
 
 
-def check_grads(params: list[ArrayInfo], grads: Any) -> None:
-    """Check a sequence of gradients against the parameters' descriptions."""
+def check_grad_count(count: int, grads: Any) -> None:
+    """Check that ``grads`` is a sequence of ``count`` items (each is checked with ``check_like``)."""
     if grads is None or isinstance(grads, (str, bytes)) or not hasattr(grads, "__len__"):
-        raise TypeError(f"grads: expected a sequence of {len(params)} arrays, got {type(grads).__name__}")
+        raise TypeError(f"grads: expected a sequence of {count} arrays, got {type(grads).__name__}")
     if describe(grads) is not None:
-        raise TypeError(f"grads: expected a sequence of {len(params)} arrays aligned with the params, got one array")
-    if len(grads) != len(params):
-        raise ValueError(f"grads: expected {len(params)} arrays (one per param), got {len(grads)}")
-    for i, (info, g) in enumerate(zip(params, grads)):
-        check_like("grad", i, g, info, writeable=False)
+        raise TypeError(f"grads: expected a sequence of {count} arrays aligned with the params, got one array")
+    if len(grads) != count:
+        raise ValueError(f"grads: expected {count} arrays (one per param), got {len(grads)}")

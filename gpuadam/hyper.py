@@ -26,6 +26,14 @@ def check_nonnegative(name: str, value: Any) -> float:
     return value
 
 
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a float, or an error naming ``name`` if it is not a finite number > 0."""
+    value = check_nonnegative(name, value)
+    if value == 0.0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
 def check_beta(name: str, value: Any) -> float:
     """``value`` as a float, or an error naming ``name`` if it is outside [0, 1)."""
     value = _number(name, value)
@@ -76,10 +84,11 @@ class AdamHyper:
     def betas(self) -> tuple[float, float]:
         return (self.beta1, self.beta2)
 
-    def constants(self, step: int, dtype: Any) -> tuple:
+    def constants(self, step: int, dtype: Any, grad_mul: float = 1.0) -> tuple:
         """The per-step constants tuple of ``kernels.rules`` for step ``step`` (1-based), as ``dtype``.
 
-        Computed in float64 here, once per step, and rounded once to the kernel's dtype.
+        ``grad_mul`` multiplies the gradient (``1 / loss_scale``). Computed in float64 here, once per
+        step, and rounded once to the kernel's dtype.
         """
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
@@ -90,7 +99,7 @@ class AdamHyper:
             bc1 = bc2 = 1.0
         decoupled = self.decoupled_weight_decay
         values = (
-            -1.0 if self.maximize else 1.0,
+            -grad_mul if self.maximize else grad_mul,
             0.0 if decoupled else self.weight_decay,
             self.beta1,
             1.0 - self.beta1,

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from gpuadam import backends
-from gpuadam.arrays import ArrayInfo, check_grads, check_param, describe
-from gpuadam.hyper import AdamHyper
+from gpuadam import backends, flat
+from gpuadam.arrays import ArrayInfo, check_grad_count, check_like, check_param, describe
+from gpuadam.flat import FlatBuffer
+from gpuadam.hyper import AdamHyper, check_positive
 
 
 class Optimizer:
@@ -35,15 +36,27 @@ class Optimizer:
                     f"param {i}: expected a {infos[0].kind} array like param 0, got a {info.kind} array"
                 )
         self._infos: list[ArrayInfo] = infos
+        self._hyper_cache: dict[int, tuple] = {}
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
         self._backend = backends.choose(backend, infos[0])
         be = self._backend
         self._flat = [be.flat(p) for p in self._params]
-        # state[i]: name -> flat state array of param i, allocated once here, never in step().
+        # state[i]: name -> 1-D state array of param i, allocated here, never in step(). A group whose
+        # params are the views of one FlatBuffer gets its state as one allocation per name, and
+        # state[i] are views into it: the group then steps with one launch.
         self.state: list[dict[str, Any]] = []
-        for group, hyper in zip(self.param_groups, hypers):
-            for p in group["params"]:
-                self.state.append({name: be.zeros_like(p) for name in self.state_names(hyper)})
+        self._flat_groups: dict[int, tuple[FlatBuffer, dict[str, Any]]] = {}
+        for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
+            names = self.state_names(hyper)
+            buf = flat.owner(group["params"])
+            if buf is None:
+                self.state.extend({n: be.zeros_like(p) for n in names} for p in group["params"])
+                continue
+            whole = {n: be.zeros_like(buf.data) for n in names}
+            self._flat_groups[gi] = (buf, whole)
+            for offset, p in zip(buf.offsets, group["params"]):
+                size = int(np.prod(_shape_of(p)))
+                self.state.append({n: a[offset : offset + size] for n, a in whole.items()})
         self.steps = [0] * len(self._params)
         self.last_step_launches = 0
 
@@ -60,36 +73,55 @@ class Optimizer:
         """Name of the backend in use: ``"numba-cuda"``, ``"cupy"`` or ``"numba-cpu"``."""
         return self._backend.name
 
-    def step(self, grads: Sequence[Any]) -> None:
-        """Update every parameter and its state in place from ``grads`` (aligned with the params)."""
-        check_grads(self._infos, grads)
+    def step(self, grads: Sequence[Any], *, grad_scale: float | None = None) -> None:
+        """Update every parameter and its state in place from ``grads`` (aligned with the params).
+
+        ``grad_scale``: the gradients are ``grad_scale`` times the true ones (loss scaling); the kernel
+        multiplies them by ``1 / grad_scale`` (exact for the powers of two loss scalers use) and leaves
+        the arrays in memory as they are.
+        """
+        check_grad_count(len(self._infos), grads)
+        inv_scale = 1.0 if grad_scale is None else 1.0 / check_positive("grad_scale", grad_scale)
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
-        plans = []
-        index = 0
-        for hyper, group in zip(hypers, self.param_groups):
+        be = self._backend
+        launches = []  # (rule, arrays, hyper, step, dtype, param indices): all checked before any runs
+        start = 0
+        for gi, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
             names = self.state_names(hyper)
             rule = self.rule(hyper)
-            for _ in group["params"]:
-                missing = [n for n in names if n not in self.state[index]]
+            indices = range(start, start + len(group["params"]))
+            start += len(indices)
+            for i in indices:
+                missing = [n for n in names if n not in self.state[i]]
                 if missing:
                     raise ValueError(
-                        f"param {index}: the hyperparameters now need state {missing} that was not "
+                        f"param {i}: the hyperparameters now need state {missing} that was not "
                         "allocated at construction (e.g. amsgrad switched on mid-run)"
                     )
-                plans.append((index, rule, hyper, names))
-                index += 1
-        be = self._backend
+            group_grads = grads[indices.start : indices.stop]
+            fused = self._flat_groups.get(gi)
+            gbuf = flat.owner(group_grads) if fused else None
+            steps = {self.steps[i] for i in indices}
+            if fused and gbuf is not None and fused[0].same_layout(gbuf) and len(steps) == 1:
+                buf, whole = fused
+                arrays = (be.flat(buf.data), be.flat(gbuf.data), *(whole[n] for n in names))
+                launches.append((rule, arrays, hyper, steps.pop() + 1, buf.dtype, indices))
+                continue
+            for i in indices:
+                check_like("grad", i, grads[i], self._infos[i], writeable=False)
+            for i in indices:
+                arrays = (self._flat[i], be.flat(grads[i]), *(self.state[i][n] for n in names))
+                launches.append((rule, arrays, hyper, self.steps[i] + 1, self._infos[i].dtype, range(i, i + 1)))
         constants: dict[tuple, tuple] = {}
-        for i, rule, hyper, names in plans:
-            step = self.steps[i] + 1
-            key = (id(hyper), step)
+        for rule, arrays, hyper, step, dtype, indices in launches:
+            key = (id(hyper), step, dtype)
             c = constants.get(key)
             if c is None:
-                c = constants[key] = hyper.constants(step, self._infos[i].dtype)
-            state = self.state[i]
-            be.launch(rule, (self._flat[i], be.flat(grads[i]), *(state[n] for n in names)), c)
-            self.steps[i] = step
-        self.last_step_launches = len(plans)
+                c = constants[key] = hyper.constants(step, dtype, inv_scale)
+            be.launch(rule, arrays, c)
+            for i in indices:
+                self.steps[i] = step
+        self.last_step_launches = len(launches)
 
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...]}``."""
@@ -161,6 +193,20 @@ class Optimizer:
         return {**self.defaults, **group, "params": params}
 
     def _hyper(self, group: dict[str, Any], index: int) -> Any:
+        # Validation costs microseconds: redo it only when the group's values changed.
+        try:
+            key = tuple((k, group.get(k)) for k in self.defaults) + (len(group),)
+            cached = self._hyper_cache.get(index)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        except TypeError:  # an unhashable or uncomparable value: validate it anyway
+            key = None
+        hyper = self._validated_hyper(group, index)
+        if key is not None:
+            self._hyper_cache[index] = (key, hyper)
+        return hyper
+
+    def _validated_hyper(self, group: dict[str, Any], index: int) -> Any:
         missing = [k for k in self.defaults if k not in group]
         unknown = [k for k in group if k not in self.defaults and k != "params"]
         if missing or unknown:
@@ -192,6 +238,10 @@ class Optimizer:
                 )
             arrays[name] = value
         return int(step), arrays
+
+
+def _shape_of(x: Any) -> tuple:
+    return describe(x).shape
 
 
 def _groups(params: Any) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ literal, ``**`` or ``1 - beta`` appears here: any of them would promote float32 
 
 Layout of the Adam constants tuple ``c`` (``hyper.AdamHyper.constants`` builds it):
 
-    0 grad_mul       +-1 (maximize), later also 1/loss-scale
+    0 grad_mul       +-1 (maximize) divided by the loss scale
     1 wd_l2          weight_decay for L2 decay, else 0
     2 beta1          3 one_minus_beta1
     4 beta2          5 one_minus_beta2

@@ -94,3 +94,21 @@ def test_host_grad_for_device_param_is_refused():
     with pytest.raises(ValueError, match="grad 0: expected an array on the device"):
         opt.step([np.zeros(4, np.float32)])
     np.testing.assert_array_equal(p.copy_to_host(), 0.0)
+
+
+def test_flat_buffer_on_device_steps_in_one_launch():
+    params0, grads = problem(13, shapes=SHAPES, steps=3)
+    pbuf = gpuadam.FlatBuffer.from_arrays([cuda.to_device(p) for p in params0])
+    assert pbuf.device == "cuda"
+    gbuf = pbuf.zeros_like()
+    opt = gpuadam.Adam(pbuf.views, weight_decay=0.01)
+    host = [p.copy() for p in params0]
+    ref = gpuadam.Adam(host, weight_decay=0.01, backend="numba-cpu")
+    for g in grads:
+        for view, x in zip(gbuf.views, g):
+            view.copy_to_device(x)
+        opt.step(gbuf.views, grad_scale=2.0)
+        assert opt.last_step_launches == 1
+        ref.step([x / np.float32(2.0) for x in g])
+    for v, h in zip(pbuf.views, host):
+        np.testing.assert_allclose(v.copy_to_host(), h, rtol=1e-6, atol=1e-7)
