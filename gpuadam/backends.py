@@ -45,6 +45,7 @@ class NumbaCPU:
         from gpuadam.kernels import numba_cpu
 
         self._kernels = {"adam": numba_cpu.adam, "amsgrad": numba_cpu.amsgrad}
+        self._sumsq = numba_cpu.sumsq
 
     def flat(self, x: np.ndarray) -> np.ndarray:
         return x.reshape(-1)
@@ -60,6 +61,10 @@ class NumbaCPU:
 
     def launch(self, rule: str, arrays: tuple, c: tuple) -> None:
         self._kernels[rule](*arrays, c)
+
+    def grad_sumsq(self, g: np.ndarray) -> tuple[float, float]:
+        """``(sum of squares, count of inf/NaN)`` of a 1-D gradient, on the host."""
+        return self._sumsq(g)
 
 
 class NumbaCUDA:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from gpuadam.kernels.rules import adam_constants
+
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -48,9 +50,32 @@ def check_flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
+class Hyper:
+    """Base of the hyperparameter records: ``scalars()`` feeds the rule's constants function."""
+
+    #: ``f(step, scalars, grad_mul) -> float64 tuple`` from ``kernels.rules`` (register_jitable).
+    constants_fn: Any = None
+
+    def scalars(self) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def constants(self, step: int, dtype: Any, grad_mul: float = 1.0) -> tuple:
+        """The per-step constants tuple of ``kernels.rules`` for step ``step`` (1-based), as ``dtype``.
+
+        ``grad_mul`` multiplies the gradient (``1 / loss_scale``, times a clip factor). Computed in
+        float64, once per step, and rounded once to the kernel's dtype.
+        """
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        scalar = np.dtype(dtype).type
+        return tuple(scalar(x) for x in type(self).constants_fn(float(step), self.scalars(), float(grad_mul)))
+
+
 @dataclass(frozen=True)
-class AdamHyper:
+class AdamHyper(Hyper):
     """Validated Adam/AdamW hyperparameters (PyTorch's names and meanings)."""
+
+    constants_fn = staticmethod(adam_constants)
 
     lr: float = 1e-3
     beta1: float = 0.9
@@ -84,32 +109,7 @@ class AdamHyper:
     def betas(self) -> tuple[float, float]:
         return (self.beta1, self.beta2)
 
-    def constants(self, step: int, dtype: Any, grad_mul: float = 1.0) -> tuple:
-        """The per-step constants tuple of ``kernels.rules`` for step ``step`` (1-based), as ``dtype``.
-
-        ``grad_mul`` multiplies the gradient (``1 / loss_scale``). Computed in float64 here, once per
-        step, and rounded once to the kernel's dtype.
-        """
-        if step < 1:
-            raise ValueError(f"step must be >= 1, got {step}")
-        if self.bias_correction:
-            bc1 = 1.0 - self.beta1**step
-            bc2 = 1.0 - self.beta2**step
-        else:
-            bc1 = bc2 = 1.0
-        decoupled = self.decoupled_weight_decay
-        values = (
-            -grad_mul if self.maximize else grad_mul,
-            0.0 if decoupled else self.weight_decay,
-            self.beta1,
-            1.0 - self.beta1,
-            self.beta2,
-            1.0 - self.beta2,
-            1.0 - self.lr * self.weight_decay if decoupled else 1.0,
-            self.lr / bc1,
-            1.0 / math.sqrt(bc2),
-            self.eps,
-            self.eps_root * bc2,
-        )
-        scalar = np.dtype(dtype).type
-        return tuple(scalar(x) for x in values)
+    def scalars(self) -> tuple[float, ...]:
+        """The hyperparameters as the float64 tuple ``kernels.rules.adam_constants`` reads."""
+        return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.eps_root,
+                float(self.maximize), float(self.bias_correction), float(self.decoupled_weight_decay))

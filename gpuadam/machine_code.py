@@ -28,8 +28,8 @@ N_CONSTANTS = len(AdamHyper().constants(1, np.float32))
 
 @dataclass(frozen=True)
 class KernelReport:
-    """What the machine code of one kernel says. Counts are per kernel; ``*_per_element`` divide
-    them by how many times the compiler unrolled the loop body."""
+    """What the machine code of one kernel says. ``global_loads``/``global_stores`` count the whole
+    kernel; ``*_per_element`` count the element loop's body (divided by any unrolling)."""
 
     backend: str
     kernel: str
@@ -76,9 +76,29 @@ _LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?ld\.global\b", re.M)
 _STORE = re.compile(r"^\s*(?:@!?%p\d+\s+)?st\.global\b", re.M)
 
 
+_LABEL = re.compile(r"^(\$L__\w+):", re.M)
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
 def ptx_counts(ptx: str) -> tuple[int, int, int]:
     """``(f64 instructions, global loads, global stores)`` in PTX text."""
     return len(_F64.findall(ptx)), len(_LOAD.findall(ptx)), len(_STORE.findall(ptx))
+
+
+def loop_traffic(ptx: str) -> tuple[int, int] | None:
+    """``(global loads, global stores)`` inside the kernel's busiest loop: a label and the backward
+    branch to it. This is the traffic per trip (per element when the loop is not unrolled); loads
+    before the loop, such as constants read once per thread, are not in it. None without a loop."""
+    labels = {m.group(1): m.end() for m in _LABEL.finditer(ptx)}
+    best = None
+    for branch in _BRANCH.finditer(ptx):
+        start = labels.get(branch.group(1))
+        if start is not None and start < branch.start():
+            body = ptx[start : branch.start()]
+            traffic = (len(_LOAD.findall(body)), len(_STORE.findall(body)))
+            if best is None or sum(traffic) > sum(best):
+                best = traffic
+    return best
 
 
 def ptxas_resources(ptx: str, arch: str) -> tuple[int, int, int]:
@@ -102,9 +122,10 @@ def ptxas_resources(ptx: str, arch: str) -> tuple[int, int, int]:
 def report(backend: str, kernel: str, dtype: str, arch: str, ptx: str) -> KernelReport:
     registers, spills, stack = ptxas_resources(ptx, arch)
     f64, loads, stores = ptx_counts(ptx)
-    unroll = math.gcd(loads, stores) or 1
+    in_loop = loop_traffic(ptx) or (loads, stores)
+    unroll = math.gcd(*in_loop) or 1  # an unrolled body moves k elements per trip
     return KernelReport(backend, kernel, dtype, arch, registers, spills, stack, f64,
-                        loads, stores, loads // unroll, stores // unroll)
+                        loads, stores, in_loop[0] // unroll, in_loop[1] // unroll)
 
 
 @contextlib.contextmanager

@@ -15,15 +15,33 @@ import numpy as np
 from gpuadam import backends, flat
 from gpuadam.arrays import ArrayInfo, check_grad_count, check_like, check_param, describe
 from gpuadam.flat import FlatBuffer
-from gpuadam.hyper import AdamHyper, check_positive
+from gpuadam.hyper import AdamHyper, check_flag, check_positive
+from gpuadam.kernels.rules import grad_factor
+from gpuadam.on_device import DeviceSteps
 
 
 class Optimizer:
-    """Base class: subclasses set ``hyper_class`` and implement ``state_names`` and ``rule``."""
+    """Base class: subclasses set ``hyper_class`` and implement ``state_names`` and ``rule``.
+
+    Options every optimizer takes: ``skip_nonfinite=True`` makes a step whose gradients hold an inf
+    or NaN change nothing (not even the step count) and counts it in ``steps_skipped``;
+    ``capturable=True`` (GPU) keeps step counts, lr and that flag on the device and never
+    synchronises with the host in ``step()``, so the step can be captured in a CUDA graph.
+    """
 
     hyper_class: type = AdamHyper
 
-    def __init__(self, params: Any, defaults: dict[str, Any], backend: str = "auto") -> None:
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        backend: str = "auto",
+        *,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        self.skip_nonfinite = check_flag("skip_nonfinite", skip_nonfinite)
+        self.capturable = check_flag("capturable", capturable)
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = [self._make_group(g) for g in _groups(params)]
         self._params = [p for group in self.param_groups for p in group["params"]]
@@ -57,8 +75,24 @@ class Optimizer:
             for offset, p in zip(buf.offsets, group["params"]):
                 size = int(np.prod(_shape_of(p)))
                 self.state.append({n: a[offset : offset + size] for n, a in whole.items()})
-        self.steps = [0] * len(self._params)
+        self._steps = [0] * len(self._params)
         self.last_step_launches = 0
+        self._steps_skipped = 0
+        self._last_grad_norm: Any = None
+        # GPU bookkeeping on the device: needed to skip steps or to never synchronise (capturable),
+        # and used for clipping; its step counts are the truth when ``_device_counts``.
+        self._device: DeviceSteps | None = None
+        device_counts = self.skip_nonfinite or self.capturable
+        if be.name == "cupy" and device_counts:
+            raise ValueError("skip_nonfinite and capturable run on the numba-cuda backend; "
+                             "the cupy backend does not have them yet")
+        if be.name == "numba-cuda":
+            lrs = [float(g["lr"]) for g in self.param_groups] if self.capturable else None
+            self._device = DeviceSteps(len(self.param_groups), lrs)
+        elif self.capturable:
+            raise ValueError("capturable=True keeps the step count on the GPU: it needs device arrays, "
+                             "got host arrays")
+        self._device_counts = self._device is not None and device_counts
 
     # --- what a subclass defines -------------------------------------------------------------
     def state_names(self, hyper: Any) -> tuple[str, ...]:
@@ -73,18 +107,85 @@ class Optimizer:
         """Name of the backend in use: ``"numba-cuda"``, ``"cupy"`` or ``"numba-cpu"``."""
         return self._backend.name
 
-    def step(self, grads: Sequence[Any], *, grad_scale: float | None = None) -> None:
+    @property
+    def steps(self) -> list[int]:
+        """Steps taken, per param (read from the GPU when it keeps the count: that synchronises)."""
+        if self._device_counts:
+            by_group = self._device.read_steps()
+            return [by_group[gi] for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        return list(self._steps)
+
+    @property
+    def steps_skipped(self) -> int:
+        """Steps skipped for a non-finite gradient (``skip_nonfinite``); on a GPU, reading synchronises."""
+        if self._device is not None and self._device_counts:
+            return int(self._device.skipped.copy_to_host()[0])
+        return self._steps_skipped
+
+    @property
+    def last_grad_norm(self) -> Any:
+        """Norm of all gradients at the last step that computed it (``max_grad_norm``/``skip_nonfinite``):
+        a float on the CPU, a 1-element device array on a GPU (reading it is your synchronisation)."""
+        if self._device is not None and self._last_grad_norm is not None:
+            return self._device.norm
+        return self._last_grad_norm
+
+    def step(
+        self, grads: Sequence[Any], *, grad_scale: float | None = None, max_grad_norm: float | None = None
+    ) -> None:
         """Update every parameter and its state in place from ``grads`` (aligned with the params).
 
         ``grad_scale``: the gradients are ``grad_scale`` times the true ones (loss scaling); the kernel
         multiplies them by ``1 / grad_scale`` (exact for the powers of two loss scalers use) and leaves
-        the arrays in memory as they are.
+        the arrays in memory as they are. ``max_grad_norm``: clip by the norm of all gradients
+        together, as ``torch.nn.utils.clip_grad_norm_`` before the step (of the unscaled gradients).
         """
         check_grad_count(len(self._infos), grads)
         inv_scale = 1.0 if grad_scale is None else 1.0 / check_positive("grad_scale", grad_scale)
+        max_norm = 0.0 if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
+        units = self._plan(grads, hypers)  # every check is done: from here on, nothing can refuse
+        reduce = max_norm > 0.0 or self.skip_nonfinite
+        if reduce and self._backend.name == "cupy":
+            raise ValueError("max_grad_norm runs on the numba-cuda and numba-cpu backends; "
+                             "the cupy backend does not have it yet")
+        if self._device is not None and (reduce or self._device_counts):
+            self._step_on_device(units, hypers, inv_scale, max_norm, reduce)
+            return
         be = self._backend
-        launches = []  # (rule, arrays, hyper, step, dtype, param indices): all checked before any runs
+        grad_mul = inv_scale
+        if reduce:
+            sumsq = nonfinite = 0.0
+            for unit in units:
+                s, bad = be.grad_sumsq(unit[1][1])
+                sumsq += s
+                nonfinite += bad
+            norm, grad_mul, skip = grad_factor(sumsq, nonfinite, inv_scale, max_norm, float(self.skip_nonfinite))
+            self._last_grad_norm = norm
+            if skip:
+                self._steps_skipped += 1
+                self.last_step_launches = 0
+                return
+        constants: dict[tuple, tuple] = {}
+        for gi, arrays, rule, dtype, indices in units:
+            step = self._steps[indices[0]] + 1
+            key = (gi, step, dtype)
+            c = constants.get(key)
+            if c is None:
+                c = constants[key] = hypers[gi].constants(step, dtype, grad_mul)
+            be.launch(rule, arrays, c)
+            for i in indices:
+                self._steps[i] = step
+        self.last_step_launches = len(units)
+
+    def _plan(self, grads: Sequence[Any], hypers: list) -> list[tuple]:
+        """Check every gradient and group, and list the launches: ``(group, arrays, rule, dtype, params)``.
+
+        A group over one FlatBuffer, stepped with the views of a FlatBuffer of the same layout, is one
+        launch over the whole buffers; anything else is one launch per tensor.
+        """
+        be = self._backend
+        units = []
         start = 0
         for gi, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
             names = self.state_names(hyper)
@@ -98,36 +199,56 @@ class Optimizer:
                         f"param {i}: the hyperparameters now need state {missing} that was not "
                         "allocated at construction (e.g. amsgrad switched on mid-run)"
                     )
-            group_grads = grads[indices.start : indices.stop]
             fused = self._flat_groups.get(gi)
-            gbuf = flat.owner(group_grads) if fused else None
-            steps = {self.steps[i] for i in indices}
-            if fused and gbuf is not None and fused[0].same_layout(gbuf) and len(steps) == 1:
+            gbuf = flat.owner(grads[indices.start : indices.stop]) if fused else None
+            if fused and gbuf is not None and fused[0].same_layout(gbuf) and self._same_steps(indices):
                 buf, whole = fused
                 arrays = (be.flat(buf.data), be.flat(gbuf.data), *(whole[n] for n in names))
-                launches.append((rule, arrays, hyper, steps.pop() + 1, buf.dtype, indices))
+                units.append((gi, arrays, rule, buf.dtype, indices))
                 continue
             for i in indices:
                 check_like("grad", i, grads[i], self._infos[i], writeable=False)
             for i in indices:
                 arrays = (self._flat[i], be.flat(grads[i]), *(self.state[i][n] for n in names))
-                launches.append((rule, arrays, hyper, self.steps[i] + 1, self._infos[i].dtype, range(i, i + 1)))
-        constants: dict[tuple, tuple] = {}
-        for rule, arrays, hyper, step, dtype, indices in launches:
-            key = (id(hyper), step, dtype)
-            c = constants.get(key)
-            if c is None:
-                c = constants[key] = hyper.constants(step, dtype, inv_scale)
-            be.launch(rule, arrays, c)
-            for i in indices:
-                self.steps[i] = step
-        self.last_step_launches = len(launches)
+                units.append((gi, arrays, rule, self._infos[i].dtype, range(i, i + 1)))
+        if self._device is not None and not self._device_counts:
+            for gi, _, _, _, indices in units:
+                if not self._same_steps(range(indices[0], indices[-1] + 1)):
+                    raise ValueError(f"param group {gi}: its params have different step counts; a GPU "
+                                     "step that clips computes one set of constants per group")
+        return units
+
+    def _same_steps(self, indices: range) -> bool:
+        return self._device_counts or len({self._steps[i] for i in indices}) == 1
+
+    def _step_on_device(self, units: list, hypers: list, inv_scale: float, max_norm: float, reduce: bool) -> None:
+        """The GPU step when the constants come from the device: reduce, prepare, update; no sync."""
+        dev = self._device
+        be = self._backend
+        if reduce:
+            for unit in units:
+                dev.sumsq(unit[1][1])
+        last = len(self.param_groups) - 1
+        first_param = 0
+        for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
+            if self.capturable:
+                dev.sync_lr(gi, float(group["lr"]))
+            host_step = 0 if self._device_counts else self._steps[first_param] + 1
+            dev.prepare(gi, hyper, inv_scale, max_norm, self.skip_nonfinite, host_step, gi == last)
+            first_param += len(group["params"])
+        for gi, arrays, rule, dtype, _ in units:
+            be.launch(rule, arrays, dev.constants(gi, dtype))
+        if not self._device_counts:
+            self._steps = [s + 1 for s in self._steps]
+        self._last_grad_norm = dev.norm if reduce else self._last_grad_norm
+        self.last_step_launches = len(units)
 
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...]}``."""
         be = self._backend
+        steps = self.steps
         state = {
-            i: {"step": self.steps[i], **{n: be.to_host(a).reshape(self._infos[i].shape) for n, a in s.items()}}
+            i: {"step": steps[i], **{n: be.to_host(a).reshape(self._infos[i].shape) for n, a in s.items()}}
             for i, s in enumerate(self.state)
         }
         groups = []
@@ -169,16 +290,45 @@ class Optimizer:
         for (_, hyper), group in zip(new_groups, self.param_groups):
             names = self.state_names(hyper)
             for _ in group["params"]:
+                if set(names) != set(self.state[index]):
+                    raise ValueError(
+                        f"state_dict: param {index}: its hyperparameters need state {sorted(names)}, but this "
+                        f"optimizer was built with {sorted(self.state[index])} (e.g. amsgrad differs)"
+                    )
                 loaded.append(self._check_saved_state(index, state.get(index), names))
                 index += 1
+        steps = [step for step, _ in loaded]
+        if self._device_counts:  # the GPU counts per group: its params must agree
+            start = 0
+            for gi, group in enumerate(self.param_groups):
+                group_steps = set(steps[start : start + len(group["params"])])
+                if len(group_steps) > 1:
+                    raise ValueError(f"state_dict: param group {gi} has params at different steps "
+                                     f"{sorted(group_steps)}; this optimizer counts steps per group")
+                start += len(group["params"])
         be = self._backend
-        for i, (step, arrays) in enumerate(loaded):
+        for i, (_, arrays) in enumerate(loaded):
             for name, value in arrays.items():
                 be.copy_from_host(self.state[i][name], value)
-            self.steps[i] = step
+        self._steps = steps
+        if self._device_counts:
+            firsts = np.cumsum([0] + [len(g["params"]) for g in self.param_groups])[:-1]
+            self._device.write_steps([steps[i] for i in firsts])
         for group, (new, _) in zip(self.param_groups, new_groups):
             group.clear()
             group.update(new)
+
+    def save(self, path: Any) -> None:
+        """Write the optimizer's state to exactly ``path``, atomically (see ``gpuadam.checkpoint``)."""
+        from gpuadam import checkpoint
+
+        checkpoint.save(self, path)
+
+    def load(self, path: Any) -> None:
+        """Restore a ``save()``d state; a bad or misfitting file is refused and nothing changes."""
+        from gpuadam import checkpoint
+
+        checkpoint.load(self, path)
 
     # --- machinery ---------------------------------------------------------------------------
     def _make_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -264,7 +414,8 @@ class Adam(Optimizer):
     """Fused Adam (and AdamW with ``decoupled_weight_decay=True``), PyTorch's algorithm and names.
 
     ``eps_root`` adds a term inside the square root (``sqrt(v_hat + eps_root) + eps``, as optax);
-    ``bias_correction=False`` drops both bias corrections.
+    ``bias_correction=False`` drops both bias corrections. ``options`` are every optimizer's:
+    ``skip_nonfinite``, ``capturable`` (see ``Optimizer``).
     """
 
     def __init__(
@@ -281,6 +432,7 @@ class Adam(Optimizer):
         bias_correction: bool = True,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        **options: Any,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -288,7 +440,7 @@ class Adam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         AdamHyper.from_kwargs(**defaults)  # refuse bad defaults even when every group overrides them
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, **options)
 
     def state_names(self, hyper: AdamHyper) -> tuple[str, ...]:
         base = ("exp_avg", "exp_avg_sq")
@@ -315,9 +467,10 @@ class AdamW(Adam):
         bias_correction: bool = True,
         decoupled_weight_decay: bool = True,
         backend: str = "auto",
+        **options: Any,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_root=eps_root,
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
-            backend=backend,
+            backend=backend, **options,
         )

@@ -147,3 +147,29 @@ def test_load_state_dict_refuses_misfits_and_changes_nothing():
             opt.load_state_dict(broken(edit))
         _unchanged(params, opt, snap)
         assert opt.param_groups == groups_before
+
+
+def test_load_state_dict_with_other_amsgrad_is_refused_before_any_copy():
+    params, opt = _setup()  # built with amsgrad=True
+    plain = gpuadam.Adam([p.copy() for p in params])
+    plain.step(good)
+    snap = _snapshot(params, opt)
+    with pytest.raises(ValueError, match="amsgrad differs"):
+        opt.load_state_dict(plain.state_dict())
+    _unchanged(params, opt, snap)
+    snap_plain = _snapshot(plain._params, plain)
+    with pytest.raises(ValueError, match="amsgrad differs"):
+        plain.load_state_dict(opt.state_dict())
+    _unchanged(plain._params, plain, snap_plain)
+
+
+def test_save_and_load_methods_round_trip(tmp_path):
+    params, opt = _setup()
+    opt.save(tmp_path / "opt.ckpt")
+    before = _snapshot(params, opt)
+    opt.step(good)
+    opt.load(tmp_path / "opt.ckpt")
+    assert opt.steps == before[2]
+    for s, t in zip(opt.state, before[1]):
+        for k in s:
+            np.testing.assert_array_equal(s[k], t[k])

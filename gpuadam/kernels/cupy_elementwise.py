@@ -37,6 +37,7 @@ import numpy as np
 CONSTANT_NAMES = (
     "grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
     "decay", "step_size", "inv_sqrt_bc2", "eps", "eps_root_bc2",
+    "skip",
 )
 
 #: Per rule: the arrays only read, and the arrays read and written in place.
@@ -46,6 +47,7 @@ OUTPUTS = {"adam": ("p", "m", "v"), "amsgrad": ("p", "m", "v", "vmax")}
 # No float literal and no double function below: with T = float every operation stays float
 # (``sqrt`` and ``max`` are overloaded for float in CUDA C++, and via std:: on the host).
 _MOMENTS = """\
+if (skip) return;                          /* a skipped step (non-finite gradient) changes nothing */
 const T gk = g * grad_mul + wd_l2 * p;                   /* adam_moments */
 const T mk = beta1 * m + one_minus_beta1 * gk;
 const T vk = beta2 * v + one_minus_beta2 * gk * gk;

@@ -4,6 +4,7 @@ Waking the thread pool costs more than updating a few thousand elements, so arra
 ``PARALLEL_MIN`` elements take the serial loop. Both loops call the same rule.
 """
 
+import numpy as np
 from numba import njit, prange
 
 from gpuadam.kernels.rules import adam_rule, amsgrad_rule
@@ -33,6 +34,23 @@ def _amsgrad_parallel(p, g, m, v, vmax, c):
 def _amsgrad_serial(p, g, m, v, vmax, c):
     for i in range(p.size):
         p[i], m[i], v[i], vmax[i] = amsgrad_rule(p[i], g[i], m[i], v[i], vmax[i], c)
+
+
+@njit(parallel=True, cache=True)
+def _sumsq(g):
+    total = 0.0
+    bad = 0.0
+    for i in prange(g.size):
+        x = np.float64(g[i])
+        total += x * x  # inf/NaN stay in: the norm is then inf/NaN, as PyTorch's would be
+        if not np.isfinite(x):
+            bad += 1.0
+    return total, bad
+
+
+def sumsq(g):
+    """``(sum of squares, count of non-finite)`` of a 1-D host array, accumulated in float64."""
+    return _sumsq(g)
 
 
 def adam(p, g, m, v, c):

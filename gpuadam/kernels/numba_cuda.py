@@ -5,9 +5,12 @@ Importing this module imports ``numba.cuda``, which raises on a machine without 
 compiled lazily, per dtype, at their first launch.
 """
 
-from numba import cuda, uint64
+import math
 
-from gpuadam.kernels.rules import adam_rule, amsgrad_rule
+import numpy as np
+from numba import cuda, float32, float64, uint64
+
+from gpuadam.kernels.rules import N_CONSTANTS, SKIP, adam_rule, amsgrad_rule, grad_factor, load_constants
 
 # Unsigned 64-bit indices on purpose: a signed induction variable lets LLVM prove the trip count
 # and unroll the loop 4x, which holds four elements' loads in flight and pushes the float32 kernel
@@ -15,6 +18,9 @@ from gpuadam.kernels.rules import adam_rule, amsgrad_rule
 
 
 def adam_kernel(p, g, m, v, c):
+    c = load_constants(c)  # a tuple argument, or a device array written by prepare_kernel
+    if c[SKIP] != 0:
+        return
     i = uint64(cuda.grid(1))
     stride = uint64(cuda.gridsize(1))
     n = uint64(p.size)
@@ -24,12 +30,87 @@ def adam_kernel(p, g, m, v, c):
 
 
 def amsgrad_kernel(p, g, m, v, vmax, c):
+    c = load_constants(c)
+    if c[SKIP] != 0:
+        return
     i = uint64(cuda.grid(1))
     stride = uint64(cuda.gridsize(1))
     n = uint64(p.size)
     while i < n:
         p[i], m[i], v[i], vmax[i] = amsgrad_rule(p[i], g[i], m[i], v[i], vmax[i], c)
         i += stride
+
+
+def _make_sumsq(scalar):
+    def sumsq_kernel(g, red):
+        """Adds the sum of squares of ``g`` to ``red[0]`` and its count of inf/NaN to ``red[1]``.
+
+        Each thread sums in the gradients' precision; the block sums in float64 and adds once.
+        Non-finite values stay in the sum (the norm is then inf/NaN, as PyTorch's would be).
+        """
+        partial = cuda.shared.array(THREADS, float64)
+        bad = cuda.shared.array(THREADS, float64)
+        i = uint64(cuda.grid(1))
+        stride = uint64(cuda.gridsize(1))
+        n = uint64(g.size)
+        acc = scalar(0)
+        count = 0
+        while i < n:
+            x = g[i]
+            acc += x * x
+            if not math.isfinite(x):
+                count += 1
+            i += stride
+        t = cuda.threadIdx.x
+        partial[t] = acc
+        bad[t] = count
+        cuda.syncthreads()
+        half = THREADS // 2
+        while half > 0:
+            if t < half:
+                partial[t] += partial[t + half]
+                bad[t] += bad[t + half]
+            cuda.syncthreads()
+            half //= 2
+        if t == 0:
+            cuda.atomic.add(red, 0, partial[0])
+            cuda.atomic.add(red, 1, bad[0])
+
+    return sumsq_kernel
+
+
+def _make_prepare(constants_fn):
+    def prepare_kernel(red, hyper, inv_scale, max_norm, skip_nonfinite, lr, steps, group,
+                       consts32, consts64, norm, skipped, last, host_step):
+        """One thread: the norm, clip factor and skip decision, then this group's step count and
+        constants, all on the device. ``lr[group] >= 0`` overrides the host's lr (capturable);
+        ``host_step > 0`` is the step number when the host keeps the count."""
+        if cuda.grid(1) != 0:
+            return
+        out_norm, grad_mul, skip = grad_factor(red[0], red[1], inv_scale, max_norm, skip_nonfinite)
+        if last != 0:
+            norm[0] = out_norm
+            red[0] = 0.0  # ready for the next step's sums
+            red[1] = 0.0
+        if skip != 0.0:
+            consts32[SKIP] = 1.0
+            consts64[SKIP] = 1.0
+            if last != 0:
+                skipped[0] += 1
+            return
+        if host_step > 0:
+            steps[group] = host_step
+        else:
+            steps[group] += 1
+        h = hyper
+        if lr[group] >= 0.0:
+            h = (lr[group],) + hyper[1:]
+        c = constants_fn(float64(steps[group]), h, grad_mul)
+        for k in range(N_CONSTANTS):
+            consts32[k] = c[k]
+            consts64[k] = c[k]
+
+    return prepare_kernel
 
 
 #: Python kernels by name, with the number of array arguments: ``gpuadam inspect`` compiles these.
@@ -48,6 +129,25 @@ def _launcher(name):
     if kernel is None:
         kernel = _compiled[name] = cuda.jit(KERNELS[name][0])
     return kernel
+
+
+def _cached(key, make):
+    kernel = _compiled.get(key)
+    if kernel is None:
+        kernel = _compiled[key] = cuda.jit(make())
+    return kernel
+
+
+def grad_sumsq(g, red) -> None:
+    """Accumulate ``g``'s sum of squares and non-finite count into the device array ``red``."""
+    scalar = float32 if g.dtype == np.float32 else float64
+    kernel = _cached(("sumsq", g.dtype.str), lambda: _make_sumsq(scalar))
+    kernel[_blocks(g.size), THREADS](g, red)
+
+
+def prepare(constants_fn, *args) -> None:
+    """Launch the one-thread preparation of a group's constants (see ``_make_prepare``)."""
+    _cached(("prepare", constants_fn), lambda: _make_prepare(constants_fn))[1, 1](*args)
 
 
 def _blocks(n: int) -> int:

@@ -112,3 +112,69 @@ def test_flat_buffer_on_device_steps_in_one_launch():
         ref.step([x / np.float32(2.0) for x in g])
     for v, h in zip(pbuf.views, host):
         np.testing.assert_allclose(v.copy_to_host(), h, rtol=1e-6, atol=1e-7)
+
+
+def _run(options, grads_seq, params0, step_kw=None, poison_at=None):
+    params = [cuda.to_device(p) for p in params0]
+    opt = gpuadam.Adam(params, amsgrad=True, weight_decay=0.01, **options)
+    for t, g in enumerate(grads_seq):
+        dev = [cuda.to_device(x) for x in g]
+        if t == poison_at:
+            bad = g[1].copy()
+            bad.flat[0] = np.nan
+            dev[1] = cuda.to_device(bad)
+        opt.step(dev, **(step_kw or {}))
+    return opt, [p.copy_to_host() for p in params]
+
+
+def test_capturable_equals_default_mode_bit_for_bit():
+    params0, grads = problem(14, shapes=SHAPES, steps=3)
+    _, default = _run({}, grads, params0)
+    opt, captured = _run({"capturable": True}, grads, params0)
+    assert opt.steps == [3] * len(SHAPES)
+    for a, b in zip(default, captured):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_capturable_step_makes_no_device_to_host_copy(monkeypatch):
+    from numba.cuda.simulator.cudadrv import devicearray
+
+    params0, grads = problem(15, shapes=SHAPES, steps=2)
+    params = [cuda.to_device(p) for p in params0]
+    opt = gpuadam.Adam(params, capturable=True, skip_nonfinite=True)
+    dev_grads = [[cuda.to_device(x) for x in g] for g in grads]
+    copies = []
+    real = devicearray.FakeCUDAArray.copy_to_host
+
+    def spy(self, *args, **kwargs):
+        copies.append(self.shape)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(devicearray.FakeCUDAArray, "copy_to_host", spy)
+    for g in dev_grads:
+        opt.step(g, max_grad_norm=1.0, grad_scale=2.0)
+    assert copies == []
+    monkeypatch.undo()
+    assert opt.steps == [2] * len(SHAPES)  # reading the count is the caller's synchronisation
+
+
+def test_device_skip_of_a_nonfinite_step_changes_nothing():
+    params0, grads = problem(16, shapes=SHAPES, steps=3)
+    opt, skipped = _run({"skip_nonfinite": True}, grads, params0, poison_at=1)
+    assert opt.steps_skipped == 1
+    assert opt.steps == [2] * len(SHAPES)
+    _, clean = _run({}, [grads[0], grads[2]], params0)
+    for a, b in zip(skipped, clean):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_device_clipping_matches_the_cpu_backend():
+    params0, grads = problem(17, shapes=SHAPES, steps=3)
+    opt, on_device = _run({}, grads, params0, step_kw={"max_grad_norm": 2.0})
+    host = [p.copy() for p in params0]
+    ref = gpuadam.Adam(host, amsgrad=True, weight_decay=0.01, backend="numba-cpu")
+    for g in grads:
+        ref.step(g, max_grad_norm=2.0)
+    assert opt.last_grad_norm.copy_to_host()[0] == pytest.approx(ref.last_grad_norm, rel=1e-5)
+    for a, b in zip(on_device, host):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

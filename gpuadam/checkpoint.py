@@ -1,0 +1,422 @@
+"""Save and load optimizer state: one ``.npz`` file, no pickle, written atomically, validated on load.
+
+File layout (a zip of ``.npy`` members, readable with ``np.load(path, allow_pickle=False)``):
+
+- ``header``: a uint8 array holding UTF-8 JSON: ``format``, ``version``, ``optimizer`` (class name),
+  ``param_groups`` (every hyperparameter and the param indices of each group), ``state`` (per param:
+  state name -> dtype name) and ``extra`` (any other plain entries of ``state_dict()``);
+- ``steps``: int64, the step count of every param;
+- ``state/<i>/<name>``: each state array of param ``i``, shaped like the param. Dtypes that ``.npy``
+  cannot describe (``ml_dtypes.bfloat16``) are stored as unsigned integers of the same width and
+  viewed back using the dtype name in the header.
+
+``save`` writes a temporary file next to ``path``, fsyncs it, renames it onto ``path`` and fsyncs the
+directory: a crash at any point leaves either the old file or the new one, never a mix. A process
+killed mid-save may leave a ``<name>.<random>.tmp`` file behind; the old checkpoint is intact.
+
+``load`` reads and checks the whole file before it touches the optimizer, then hands the state to
+``optimizer.load_state_dict``, which validates again before mutating anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+import stat
+import zipfile
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpuadam.arrays import describe
+
+if TYPE_CHECKING:
+    from gpuadam.optim import Optimizer
+
+FORMAT = "gpuadam-checkpoint"
+VERSION = 1
+
+_HEADER = "header"
+_STEPS = "steps"
+_RESERVED = {"optimizer", "state", "param_groups"}  # state_dict keys with their own place in the file
+
+
+class _Invalid(Exception):
+    """Internal: the file is not a valid checkpoint (turned into a ValueError naming the path)."""
+
+
+class _Misfit(Exception):
+    """Internal: a valid checkpoint that does not fit this optimizer's params."""
+
+
+# --- save ---------------------------------------------------------------------------------------
+
+
+def save(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
+    """Write ``optimizer``'s state to exactly ``path`` (any suffix), atomically.
+
+    Raises TypeError/ValueError, before touching the disk, if some state cannot be stored without
+    pickle; an OSError from the write leaves any previous file at ``path`` as it was.
+    """
+    path = os.fspath(path)
+    members = _encode(optimizer.state_dict())  # everything that can fail on content fails here
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_zip(f, members)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_directory(directory)  # makes the rename itself durable
+
+
+def _encode(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The ``.npz`` members (name -> array) for a ``state_dict()``."""
+    kind = state_dict.get("optimizer")
+    if not isinstance(kind, str):
+        raise TypeError(f"state_dict: expected the optimizer's class name under 'optimizer', got {kind!r}")
+    state = state_dict["state"]
+    count = len(state)
+    steps = np.zeros(count, dtype=np.int64)
+    members: dict[str, np.ndarray] = {}
+    dtypes: list[dict[str, str]] = []
+    for i in range(count):
+        entry = state[i]
+        step = entry.get("step")
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or not 0 <= step < 2**63:
+            raise ValueError(f"param {i}: cannot save step count {step!r}: expected an integer >= 0")
+        steps[i] = step
+        names: dict[str, str] = {}
+        for name, value in entry.items():
+            if name == "step":
+                continue
+            if not isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"param {i}: cannot save state {name!r} of type {type(value).__name__}: "
+                    "checkpoint.py stores host arrays and the step count only"
+                )
+            if value.dtype.hasobject or value.dtype.fields is not None:
+                raise TypeError(f"param {i}: cannot save state {name!r} of dtype {value.dtype} without pickle")
+            if "/" in name:
+                raise ValueError(f"param {i}: cannot save state {name!r}: '/' separates member names")
+            names[name] = value.dtype.name
+            members[f"state/{i}/{name}"] = _storable(value)
+        dtypes.append(names)
+    groups = []
+    for gi, group in enumerate(state_dict["param_groups"]):
+        groups.append({key: _jsonable(f"param group {gi}: hyperparameter {key!r}", v) for key, v in group.items()})
+    extra = {
+        key: _jsonable(f"state_dict entry {key!r}", value)
+        for key, value in state_dict.items()
+        if key not in _RESERVED
+    }
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "optimizer": kind,
+        "param_groups": groups,
+        "state": dtypes,
+        "extra": extra,
+    }
+    text = json.dumps(header, allow_nan=False, separators=(",", ":"))
+    members[_HEADER] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    members[_STEPS] = steps
+    return members
+
+
+def _storable(value: np.ndarray) -> np.ndarray:
+    # .npy writes a user-defined dtype (ml_dtypes.bfloat16) as raw void bytes: store the bits as
+    # unsigned integers instead; the dtype name in the header views them back.
+    if value.dtype.isbuiltin == 2:
+        return np.ascontiguousarray(value).view(np.dtype(f"u{value.dtype.itemsize}"))
+    return value
+
+
+def _jsonable(what: str, value: Any) -> Any:
+    """``value`` as plain JSON data (tuples become lists, NumPy scalars Python ones), or a TypeError."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{what}: cannot save the non-finite value {value!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(what, v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _jsonable(what, v) for k, v in value.items()}
+    raise TypeError(f"{what}: cannot save a value of type {type(value).__name__} without pickle")
+
+
+def _create_temp(path: str) -> tuple[int, str]:
+    """A new file next to ``path`` (same filesystem, so the rename is atomic), open for writing."""
+    head, tail = os.path.split(path)
+    try:
+        # keep the mode of the file we replace (a 0600 checkpoint stays private)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(head, f"{tail}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)  # 0o666 & ~umask, as open() would create it
+        except FileExistsError:
+            continue
+        break
+    if mode is not None and hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    return fd, tmp
+
+
+def _write_zip(f: Any, members: dict[str, np.ndarray]) -> None:
+    # What np.savez writes (stored, zip64 on), but with allow_pickle=False on every member.
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in members.items():
+            with zf.open(name + ".npy", mode="w", force_zip64=True) as member:
+                _write_array(member, array)
+
+
+def _write_array(f: Any, array: np.ndarray) -> None:
+    np.lib.format.write_array(f, array, allow_pickle=False)
+
+
+def _fsync_directory(directory: str) -> None:
+    if os.name == "nt":  # directories cannot be opened, and NTFS renames are journaled
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # filesystems without dir fsync
+            raise
+    finally:
+        os.close(fd)
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+def load(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
+    """Restore ``optimizer`` from a checkpoint written by ``save``.
+
+    A truncated or corrupt file raises ValueError "...is not a valid gpuadam checkpoint: <why>"; a
+    valid one that does not fit (optimizer kind, param count, groups, shapes, dtypes, state names)
+    raises ValueError "...does not fit this optimizer: <what>". Either way the optimizer is unchanged.
+    A missing file raises the OSError that opening it raises.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        try:
+            header, steps, arrays = _read(f)
+        except _Invalid as exc:
+            raise ValueError(f"{path!r} is not a valid gpuadam checkpoint: {exc}") from None
+    try:
+        _check_fit(optimizer, header, arrays)
+    except _Misfit as exc:
+        raise ValueError(f"checkpoint {path!r} does not fit this optimizer: {exc}") from None
+    state_dict = {
+        **header["extra"],
+        "optimizer": header["optimizer"],
+        "param_groups": [{k: v if k == "params" else _tuples(v) for k, v in g.items()} for g in header["param_groups"]],
+        "state": {i: {"step": int(steps[i]), **arrays[i]} for i in range(len(arrays))},
+    }
+    try:
+        optimizer.load_state_dict(state_dict)  # validates everything again before mutating
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path!r} does not fit this optimizer: {exc}") from exc
+
+
+def _tuples(value: Any) -> Any:
+    # JSON has no tuples; hyperparameter sequences (betas) are tuples, as the constructors make them.
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _read(f: Any) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray]]]:
+    """Header, steps and per-param state arrays of an open checkpoint file, or ``_Invalid``."""
+    size = os.fstat(f.fileno()).st_size
+    try:
+        zf = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
+        raise _Invalid(f"not a zip archive, or a truncated one ({exc})") from None
+    with zf:
+        names = zf.namelist()
+        if len(set(names)) != len(names):
+            raise _Invalid("the archive holds duplicate members")
+        present = set(names)
+        if _HEADER + ".npy" not in present:
+            raise _Invalid(f"no {_HEADER!r} member (members: {sorted(present)[:5]})")
+        raw = _read_member(zf, _HEADER, np.dtype(np.uint8), None, size)
+        header = _parse_header(raw)
+        count = len(header["state"])
+        expected = {_HEADER + ".npy", _STEPS + ".npy"}
+        for i, names_i in enumerate(header["state"]):
+            expected.update(f"state/{i}/{name}.npy" for name in names_i)
+        if present != expected:
+            missing, unexpected = sorted(expected - present), sorted(present - expected)
+            raise _Invalid(f"members do not match the header: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        steps = _read_member(zf, _STEPS, np.dtype(np.int64), (count,), size)
+        if np.any(steps < 0):
+            raise _Invalid(f"negative step count {int(steps.min())}")
+        arrays = []
+        for i, names_i in enumerate(header["state"]):
+            got: dict[str, np.ndarray] = {}
+            for name, dtype in names_i.items():
+                got[name] = _read_member(zf, f"state/{i}/{name}", dtype, None, size)
+            shapes = {a.shape for a in got.values()}
+            if len(shapes) > 1:
+                raise _Invalid(f"param {i}: state arrays of different shapes {sorted(shapes)}")
+            arrays.append(got)
+    return header, steps, arrays
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple | None, limit: int) -> np.ndarray:
+    """One ``.npy`` member, checked against ``dtype`` (and ``shape``), its CRC verified, as a new array.
+
+    ``limit`` is the file's size: no member can hold more, so a corrupt header cannot make us
+    allocate more memory than that.
+    """
+    stored = np.dtype(f"u{dtype.itemsize}") if dtype.isbuiltin == 2 else dtype
+    try:
+        with zf.open(name + ".npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise _Invalid(f"member {name!r}: unsupported .npy version {version}")
+            if got_dtype != stored or fortran:
+                raise _Invalid(f"member {name!r}: expected a C-ordered {stored} array, got {got_dtype}")
+            if shape is not None and tuple(got_shape) != shape:
+                raise _Invalid(f"member {name!r}: expected shape {shape}, got {tuple(got_shape)}")
+            nbytes = math.prod(got_shape) * stored.itemsize
+            if nbytes > limit:
+                raise _Invalid(f"member {name!r}: its header says {nbytes} bytes, the file holds {limit}")
+            data = bytearray(nbytes)  # writable: the arrays are handed on, not views of a bytes object
+            got = member.readinto(data)
+            if got != nbytes or member.read(1):  # reading to the end makes zipfile check the CRC
+                raise _Invalid(f"member {name!r}: holds other than the {nbytes} data bytes its header says")
+    except _Invalid:
+        raise
+    except (
+        zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, SyntaxError, TypeError,
+        RuntimeError, NotImplementedError,  # encrypted or compressed with an unsupported method
+    ) as exc:
+        # Bad CRC-32, truncated member, malformed .npy header, ...
+        raise _Invalid(f"member {name!r}: {type(exc).__name__}: {exc}") from None
+    array = np.frombuffer(data, dtype=stored).reshape(got_shape)
+    return array.view(dtype) if stored != dtype else array
+
+
+def _parse_header(raw: np.ndarray) -> dict[str, Any]:
+    """The header's JSON, checked field by field."""
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Invalid(f"header is not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        got = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise _Invalid(f"header format is {got!r}, expected {FORMAT!r}")
+    version = header.get("version")
+    if version != VERSION:
+        raise _Invalid(f"format version {version!r}, this gpuadam reads version {VERSION}")
+    missing = {"optimizer", "param_groups", "state", "extra"} - set(header)
+    if missing:
+        raise _Invalid(f"header lacks {sorted(missing)}")
+    if not isinstance(header["optimizer"], str):
+        raise _Invalid(f"header 'optimizer' is {header['optimizer']!r}, expected a class name")
+    if not isinstance(header["extra"], dict) or _RESERVED & set(header["extra"]):
+        raise _Invalid("header 'extra' must be a dict without the reserved keys")
+    state = header["state"]
+    if not isinstance(state, list):
+        raise _Invalid("header 'state' must be a list")
+    for i, names in enumerate(state):
+        if not isinstance(names, dict):
+            raise _Invalid(f"header 'state' entry {i} must be a dict of state name -> dtype")
+        try:
+            state[i] = {str(name): _dtype(dtype) for name, dtype in names.items()}
+        except (TypeError, ValueError) as exc:
+            raise _Invalid(f"header 'state' entry {i}: {exc}") from None
+    groups = header["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise _Invalid("header 'param_groups' must be a list of dicts")
+    indices = []
+    for gi, group in enumerate(groups):
+        params = group.get("params")
+        if not isinstance(params, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in params):
+            raise _Invalid(f"param group {gi}: 'params' must be a list of param indices")
+        indices.extend(params)
+    if indices != list(range(len(state))):
+        raise _Invalid(f"param groups hold param indices {indices[:8]}, expected 0..{len(state) - 1} in order")
+    return header
+
+
+def _dtype(name: Any) -> np.dtype:
+    if not isinstance(name, str):
+        raise TypeError(f"dtype must be a name, got {name!r}")
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        try:  # bfloat16 & co. are known to NumPy only once ml_dtypes is imported
+            import ml_dtypes
+
+            dtype = np.dtype(getattr(ml_dtypes, name))
+        except (ImportError, AttributeError, TypeError):
+            raise ValueError(f"unknown dtype {name!r}") from None
+    if dtype.hasobject or dtype.fields is not None or (dtype.kind not in "biufc" and dtype.isbuiltin != 2):
+        raise ValueError(f"dtype {name!r} is not a numeric dtype")
+    return dtype
+
+
+def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[str, np.ndarray]]) -> None:
+    """``_Misfit`` naming the first difference between the checkpoint and ``optimizer``'s params."""
+    kind = type(optimizer).__name__
+    if header["optimizer"] != kind:
+        raise _Misfit(f"it was saved by {header['optimizer']}, this optimizer is {kind}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(arrays) != len(params):
+        raise _Misfit(f"it holds state for {len(arrays)} params, this optimizer has {len(params)}")
+    saved_sizes = [len(g["params"]) for g in header["param_groups"]]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise _Misfit(
+            f"it has {len(saved_sizes)} param groups of sizes {saved_sizes}, this optimizer has "
+            f"{len(sizes)} of sizes {sizes}"
+        )
+    for i, (p, saved) in enumerate(zip(params, arrays)):
+        live = optimizer.state[i]
+        if set(saved) != set(live):
+            # load_state_dict cannot add or drop state arrays: they are allocated at construction
+            raise _Misfit(
+                f"param {i}: it holds state {sorted(saved)}, this optimizer allocated {sorted(live)} "
+                "(construct it with the same flags, e.g. amsgrad, as the saved one)"
+            )
+        shape = _shape(p)
+        for name, value in saved.items():
+            if value.shape != shape:
+                raise _Misfit(f"param {i}: state {name!r} has shape {value.shape}, the param's shape is {shape}")
+            want = _array_dtype(live[name])
+            if value.dtype != want:
+                raise _Misfit(f"param {i}: state {name!r} has dtype {value.dtype}, this optimizer's is {want}")
+
+
+def _shape(x: Any) -> tuple:
+    info = describe(x)
+    return tuple(info.shape) if info is not None else tuple(x.shape)
+
+
+def _array_dtype(x: Any) -> np.dtype:
+    info = describe(x)
+    return info.dtype if info is not None else np.dtype(x.dtype)
