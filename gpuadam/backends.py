@@ -44,7 +44,7 @@ class NumbaCPU:
     def __init__(self) -> None:
         from gpuadam.kernels import numba_cpu
 
-        self._kernels = {"adam": numba_cpu.adam, "amsgrad": numba_cpu.amsgrad}
+        self._kernels = numba_cpu.KERNELS
         self._sumsq = numba_cpu.sumsq
 
     def flat(self, x: np.ndarray) -> np.ndarray:

@@ -61,3 +61,7 @@ def adam(p, g, m, v, c):
 def amsgrad(p, g, m, v, vmax, c):
     """Adam with AMSGrad on 1-D contiguous host arrays, in place."""
     (_amsgrad_parallel if p.size >= PARALLEL_MIN else _amsgrad_serial)(p, g, m, v, vmax, c)
+
+
+#: Host kernels by rule name: ``fn(p, g, *state, c)`` on 1-D contiguous arrays, in place.
+KERNELS = {"adam": adam, "amsgrad": amsgrad}
