@@ -147,15 +147,25 @@ def _no_device_needed(cc: tuple[int, int]):
         dispatcher.get_current_device = original
 
 
+#: Suffix of the kernels that read their constants from a device array (clipping, skip, capturable).
+DEVICE_CONSTANTS = "/device-constants"
+
+
 def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
-    """PTX of a Numba CUDA kernel for ``arch``, compiled with libNVVM, no GPU needed."""
+    """PTX of a Numba CUDA kernel for ``arch``, compiled with libNVVM, no GPU needed.
+
+    ``kernel`` is a name of ``numba_cuda.KERNELS``, or one with ``DEVICE_CONSTANTS`` appended: the
+    same kernel compiled for constants in a device array instead of kernel parameters.
+    """
     from numba import cuda, types
 
     from gpuadam.kernels import numba_cuda
 
-    func, n_arrays = numba_cuda.KERNELS[kernel]
+    name, _, variant = kernel.partition("/")
+    func, n_arrays = numba_cuda.KERNELS[name]
     scalar = getattr(types, dtype)
-    signature = (*([scalar[::1]] * n_arrays), types.UniTuple(scalar, N_CONSTANTS))
+    constants = scalar[::1] if variant else types.UniTuple(scalar, N_CONSTANTS)
+    signature = (*([scalar[::1]] * n_arrays), constants)
     cc = (int(arch[3:-1]), int(arch[-1]))
     with _no_device_needed(cc):
         ptx, _ = cuda.compile_ptx(func, signature, cc=cc)
@@ -167,7 +177,7 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
     from gpuadam.kernels import numba_cuda
 
     reports, problems = [], []
-    jobs = [("numba-cuda", k, numba_ptx) for k in numba_cuda.KERNELS]
+    jobs = [("numba-cuda", k + v, numba_ptx) for k in numba_cuda.KERNELS for v in ("", DEVICE_CONSTANTS)]
     try:
         from gpuadam.kernels import cupy_elementwise
 
@@ -184,5 +194,5 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
                 continue
             if ptx_dir is not None:
                 Path(ptx_dir).mkdir(parents=True, exist_ok=True)
-                Path(ptx_dir, f"{backend}-{kernel}-{dtype}-{arch}.ptx").write_text(ptx)
+                Path(ptx_dir, f"{backend}-{kernel.replace('/', '-')}-{dtype}-{arch}.ptx").write_text(ptx)
     return reports, problems
