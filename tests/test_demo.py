@@ -1,0 +1,124 @@
+"""The demos: ``gpuadam demo`` in a quick configuration on Numba CPU, and the two plotting scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpuadam
+from gpuadam import cli, demo
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RESULT_KEYS = {
+    "optimizer", "available", "class", "kwargs", "diverged", "final_train_loss", "item_accuracy",
+    "domain_accuracy", "step_us_median", "launches_per_step",
+}
+
+
+def _need(*modules: str) -> None:
+    for module in modules:
+        pytest.importorskip(module, reason=f"{module} is not installed (pip install 'gpuadam[demo]')")
+
+
+def _run_demo(tmp_path: Path, *extra: str) -> dict:
+    assert cli.main(["demo", "--quick", "--backend", "numba-cpu", "--out", str(tmp_path), *extra]) == 0
+    return json.loads((tmp_path / demo.JSON_NAME).read_text())
+
+
+def test_demo_quick_trains_every_available_optimizer(tmp_path, capsys):
+    _need("sklearn", "matplotlib", "tqdm")
+    table = _run_demo(tmp_path)
+    assert (tmp_path / demo.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
+    assert table["backend"] == "numba-cpu"
+    assert table["config"]["steps"] == demo.QUICK_STEPS
+    assert table["config"]["n_train"] > 0 and table["config"]["n_test"] > 0
+    results = table["results"]
+    assert [r["optimizer"] for r in results] == ["SGD", "Momentum", "RMSprop", "AdaGrad", "Adam", "AdamW"]
+    initial = table["initial_train_loss"]
+    assert np.isfinite(initial)
+    for r in results:
+        assert r["available"] == hasattr(gpuadam, r["class"]), r
+        if not r["available"]:
+            assert r["note"] == demo.NOT_AVAILABLE
+            continue
+        assert RESULT_KEYS <= set(r), r
+        assert not r["diverged"], r
+        assert r["final_train_loss"] < initial, r  # every optimizer made progress
+        assert 0.0 <= r["item_accuracy"] <= 1.0 and 0.0 <= r["domain_accuracy"] <= 1.0
+        assert r["step_us_median"] > 0
+        assert r["launches_per_step"] == 1, r  # the whole model in one fused launch
+    adam = next(r for r in results if r["optimizer"] == "Adam")
+    assert adam["available"]
+    # 150 steps is a smoke test, not a comparison; chance is 10% and 33%.
+    assert adam["item_accuracy"] > 0.5 and adam["domain_accuracy"] > 0.8, adam
+    out = capsys.readouterr().out
+    assert "item acc" in out and "Adam" in out
+
+
+def test_demo_reports_a_missing_optimizer_instead_of_failing(tmp_path, monkeypatch, capsys):
+    _need("sklearn", "matplotlib", "tqdm")
+    monkeypatch.setattr(demo, "CONTENDERS", (
+        demo.Contender("Future", "NoSuchOptimizerYet", {"lr": 1.0}),
+        demo.Contender("Adam", "Adam", {"lr": 2e-3}),
+    ))
+    table = _run_demo(tmp_path, "--steps", "5")
+    future, adam = table["results"]
+    assert future == {"optimizer": "Future", "available": False, "class": "NoSuchOptimizerYet",
+                      "kwargs": {"lr": 1.0}, "note": demo.NOT_AVAILABLE}
+    assert adam["available"] and adam["final_train_loss"] < table["initial_train_loss"]
+    assert f"Future     {demo.NOT_AVAILABLE}" in capsys.readouterr().out
+
+
+def test_demo_refuses_an_unavailable_backend_with_the_reason(tmp_path, capsys):
+    _need("sklearn", "matplotlib", "tqdm")
+    st = gpuadam.available_backends()["cupy"]
+    if st.available:
+        pytest.skip("CuPy can run here")
+    assert cli.main(["demo", "--backend", "cupy", "--out", str(tmp_path)]) == 2
+    assert st.reason in capsys.readouterr().out
+    assert not (tmp_path / demo.PNG_NAME).exists()
+
+
+def test_backward_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    hidden, n = 6, 5
+    shapes = demo.shapes(hidden)
+    params = [rng.standard_normal(s) * 0.5 for s in shapes]
+    grads = [np.zeros(s) for s in shapes]
+    x = rng.random((n, 64))
+    item, domain = rng.integers(0, 10, n), rng.integers(0, 3, n)
+    net = demo.TwoHeadedNet(np, params, grads)
+    loss = float(net.loss_and_grad(x, item, domain))
+    assert loss == pytest.approx(net.loss(x, item, domain))
+    h = 1e-6
+    for p, g in zip(params, grads):
+        for index in list(np.ndindex(p.shape))[:: max(1, p.size // 7)]:
+            saved = p[index]
+            p[index] = saved + h
+            up = net.loss(x, item, domain)
+            p[index] = saved - h
+            down = net.loss(x, item, domain)
+            p[index] = saved
+            assert g[index] == pytest.approx((up - down) / (2 * h), abs=1e-6)
+
+
+def _script(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["plot_paths", "plot_bias_correction"])
+def test_plot_script_writes_a_png(name, tmp_path, monkeypatch):
+    _need("matplotlib")
+    out = tmp_path / "sub" / f"{name}.png"
+    assert _script(name, monkeypatch).main(["--quick", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
