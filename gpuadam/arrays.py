@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from gpuadam import precision
+
 HOST = "host"
 DEVICE = "device"
 
-#: dtypes the kernels compute in; float16/bfloat16 arrive with master weights.
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def is_simulator_array(x: Any) -> bool:
@@ -81,20 +81,23 @@ def describe(x: Any) -> ArrayInfo | None:
     return None
 
 
-def check_param(index: int, p: Any) -> ArrayInfo:
-    """The ``ArrayInfo`` of parameter ``index``, or a TypeError/ValueError that says what is wrong."""
+def check_param(index: int, p: Any, half_format: int | None = None) -> tuple[ArrayInfo, int | None]:
+    """``(ArrayInfo, half format or None)`` of parameter ``index``, or a TypeError/ValueError that
+    says what is wrong."""
     info = describe(p)
     if info is None:
         raise TypeError(
             f"param {index}: expected a NumPy array or a CUDA device array, got {type(p).__name__}"
         )
-    if info.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"param {index}: expected dtype float32 or float64, got {info.dtype}")
+    try:
+        fmt = precision.half_format(info.dtype, half_format)
+    except TypeError as exc:
+        raise TypeError(f"param {index}: {exc}") from None
     if not info.contiguous:
         raise ValueError(f"param {index}: expected a C-contiguous array, got a strided view")
     if not info.writeable:
         raise ValueError(f"param {index}: expected a writeable array, got a read-only one")
-    return info
+    return info, fmt
 
 
 def check_like(what: str, index: int, x: Any, param: ArrayInfo, *, writeable: bool) -> None:

@@ -50,8 +50,8 @@ class NumbaCPU:
     def flat(self, x: np.ndarray) -> np.ndarray:
         return x.reshape(-1)
 
-    def zeros_like(self, x: np.ndarray) -> np.ndarray:
-        return np.zeros(x.size, dtype=x.dtype)
+    def zeros_like(self, x: np.ndarray, dtype: Any = None) -> np.ndarray:
+        return np.zeros(x.size, dtype=x.dtype if dtype is None else dtype)
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, copy=True)
@@ -59,12 +59,12 @@ class NumbaCPU:
     def copy_from_host(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src.reshape(dst.shape))
 
-    def launch(self, rule: str, arrays: tuple, c: tuple) -> None:
-        self._kernels[rule](*arrays, c)
+    def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
+        self._kernels[rule](*arrays, c, *extra)
 
-    def grad_sumsq(self, g: np.ndarray) -> tuple[float, float]:
-        """``(sum of squares, count of inf/NaN)`` of a 1-D gradient, on the host."""
-        return self._sumsq(g)
+    def grad_sumsq(self, g: np.ndarray, fmt: int | None = None) -> tuple[float, float]:
+        """``(sum of squares, count of inf/NaN)`` of a 1-D gradient (half bits when ``fmt``), on the host."""
+        return self._sumsq(g, fmt)
 
 
 class NumbaCUDA:
@@ -86,9 +86,9 @@ class NumbaCUDA:
         arr = self._cuda.as_cuda_array(x, sync=False)
         return arr.reshape(arr.size)
 
-    def zeros_like(self, x: Any) -> Any:
+    def zeros_like(self, x: Any, dtype: Any = None) -> Any:
         size = int(np.prod(_shape(x)))
-        return self._cuda.to_device(np.zeros(size, dtype=_dtype(x)))
+        return self._cuda.to_device(np.zeros(size, dtype=_dtype(x) if dtype is None else dtype))
 
     def to_host(self, x: Any) -> np.ndarray:
         return self.flat(x).copy_to_host()
@@ -96,8 +96,8 @@ class NumbaCUDA:
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         self.flat(dst).copy_to_device(np.ascontiguousarray(src).reshape(-1))
 
-    def launch(self, rule: str, arrays: tuple, c: tuple) -> None:
-        self._launch(rule, arrays, c)
+    def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
+        self._launch(rule, arrays, c, *extra)
 
 
 def _shape(x: Any) -> tuple:
@@ -124,8 +124,8 @@ class CuPy:
     def flat(self, x: Any) -> Any:
         return self._cupy.asarray(x).reshape(-1)  # zero-copy for any __cuda_array_interface__
 
-    def zeros_like(self, x: Any) -> Any:
-        return self._cupy.zeros(int(np.prod(_shape(x))), dtype=_dtype(x))
+    def zeros_like(self, x: Any, dtype: Any = None) -> Any:
+        return self._cupy.zeros(int(np.prod(_shape(x))), dtype=_dtype(x) if dtype is None else dtype)
 
     def to_host(self, x: Any) -> np.ndarray:
         return self._cupy.asnumpy(self.flat(x))

@@ -407,7 +407,7 @@ def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[s
         for name, value in saved.items():
             if value.shape != shape:
                 raise _Misfit(f"param {i}: state {name!r} has shape {value.shape}, the param's shape is {shape}")
-            want = _array_dtype(live[name])
+            want = optimizer.state_dtype(i)
             if value.dtype != want:
                 raise _Misfit(f"param {i}: state {name!r} has dtype {value.dtype}, this optimizer's is {want}")
 
@@ -415,8 +415,3 @@ def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[s
 def _shape(x: Any) -> tuple:
     info = describe(x)
     return tuple(info.shape) if info is not None else tuple(x.shape)
-
-
-def _array_dtype(x: Any) -> np.dtype:
-    info = describe(x)
-    return info.dtype if info is not None else np.dtype(x.dtype)

@@ -34,7 +34,9 @@ def adam_step(
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an integer >= 1, got {step!r}")
-    info = check_param(0, param)
+    info, fmt = check_param(0, param)
+    if fmt is not None:
+        raise TypeError("adam_step works on float32/float64 arrays; use gpuadam.Adam for float16/bfloat16")
     check_like("grad", 0, grad, info, writeable=False)
     state = [exp_avg, exp_avg_sq] + ([] if max_exp_avg_sq is None else [max_exp_avg_sq])
     for name, arr in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), state):

@@ -29,7 +29,7 @@ N_CONSTANTS = len(AdamHyper().constants(1, np.float32))
 @dataclass(frozen=True)
 class KernelReport:
     """What the machine code of one kernel says. ``global_loads``/``global_stores`` count the whole
-    kernel; ``*_per_element`` count the element loop's body (divided by any unrolling)."""
+    kernel; ``*_per_element`` count one trip of the element loop (our loops are not unrolled)."""
 
     backend: str
     kernel: str
@@ -122,10 +122,12 @@ def ptxas_resources(ptx: str, arch: str) -> tuple[int, int, int]:
 def report(backend: str, kernel: str, dtype: str, arch: str, ptx: str) -> KernelReport:
     registers, spills, stack = ptxas_resources(ptx, arch)
     f64, loads, stores = ptx_counts(ptx)
-    in_loop = loop_traffic(ptx) or (loads, stores)
-    unroll = math.gcd(*in_loop) or 1  # an unrolled body moves k elements per trip
+    in_loop = loop_traffic(ptx)
+    if in_loop is None:  # no loop: one element per thread, or a loop fully unrolled by k
+        unroll = math.gcd(loads, stores) or 1
+        in_loop = (loads // unroll, stores // unroll)
     return KernelReport(backend, kernel, dtype, arch, registers, spills, stack, f64,
-                        loads, stores, in_loop[0] // unroll, in_loop[1] // unroll)
+                        loads, stores, in_loop[0], in_loop[1])
 
 
 @contextlib.contextmanager
@@ -161,11 +163,16 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
 
     from gpuadam.kernels import numba_cuda
 
-    name, _, variant = kernel.partition("/")
-    func, n_arrays = numba_cuda.KERNELS[name]
     scalar = getattr(types, dtype)
-    constants = scalar[::1] if variant else types.UniTuple(scalar, N_CONSTANTS)
-    signature = (*([scalar[::1]] * n_arrays), constants)
+    if kernel in numba_cuda.HALF_KERNELS:
+        func, kinds = numba_cuda.HALF_KERNELS[kernel]
+        arrays = [types.uint16[::1] if k == "h" else types.float32[::1] for k in kinds]
+        signature = (*arrays, types.UniTuple(types.float32, N_CONSTANTS), types.UniTuple(types.int64, 4))
+    else:
+        name, _, variant = kernel.partition("/")
+        func, n_arrays = numba_cuda.KERNELS[name]
+        constants = scalar[::1] if variant else types.UniTuple(scalar, N_CONSTANTS)
+        signature = (*([scalar[::1]] * n_arrays), constants)
     cc = (int(arch[3:-1]), int(arch[-1]))
     with _no_device_needed(cc):
         ptx, _ = cuda.compile_ptx(func, signature, cc=cc)
@@ -184,8 +191,9 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
         jobs += [("cupy", k, cupy_elementwise.compile_ptx) for k in cupy_elementwise.SNIPPETS]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
         problems.append(f"cupy: {exc}")
-    for backend, kernel, compile_ in jobs:
-        for dtype in DTYPES:
+    half = [("numba-cuda", k, numba_ptx) for k in numba_cuda.HALF_KERNELS]
+    for backend, kernel, compile_ in jobs + half:
+        for dtype in DTYPES if kernel not in numba_cuda.HALF_KERNELS else ("float32",):
             try:
                 ptx = compile_(kernel, dtype, arch)
                 reports.append(report(backend, kernel, dtype, arch, ptx))

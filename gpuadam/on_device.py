@@ -36,8 +36,8 @@ class DeviceSteps:
         c64 = cuda.to_device(np.zeros((n_groups, N_CONSTANTS), np.float64))
         self._consts = [(c32[g], c64[g]) for g in range(n_groups)]
 
-    def sumsq(self, g: Any) -> None:
-        self._kernels.grad_sumsq(g, self.red)
+    def sumsq(self, g: Any, fmt: int | None = None) -> None:
+        self._kernels.grad_sumsq(g, self.red, fmt)
 
     def sync_lr(self, group: int, lr: float) -> None:
         """Upload a changed lr (capturable). A blocking copy: inside a captured graph, write

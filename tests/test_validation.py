@@ -83,7 +83,8 @@ def test_bad_hyperparameter_set_mid_run_refused_before_any_update(kw, exc, match
 
 
 BAD_PARAMS = [
-    ([np.zeros(3, np.int32)], TypeError, "param 0: expected dtype float32 or float64, got int32"),
+    ([np.zeros(3, np.int32)], TypeError, "param 0: expected dtype float32, float64, float16 or bfloat16, got int32"),
+    ([np.zeros(3, np.uint16)], TypeError, "uint16/int16 storage needs half_format"),
     ([np.zeros(3, np.float32), np.zeros((3, 4), np.float32)[:, 1]], ValueError, "param 1: expected a C-contiguous"),
     ([None], TypeError, "param 0: expected a NumPy array"),
     ([], ValueError, "at least one"),

@@ -1,0 +1,160 @@
+"""float16 and bfloat16 storage: conversions to and from float32, on raw 16-bit patterns.
+
+Numba's CPU target has no float16 arithmetic and nobody's has bfloat16, so half-precision arrays
+reach the kernels as uint16 bit patterns and these functions convert them, the same way on the
+CPU, on the GPU and in the CUDA simulator (where they run as plain Python). Rounding to half
+precision is to nearest even, or stochastic for bfloat16: the 16 random bits come from a
+counter-based hash of (seed, step, element index), so every backend rounds every element alike.
+
+Integer work is done in int64 on values below 2**48, so Python's integers (the simulator) and
+the compiled code agree bit for bit; no float literal appears.
+"""
+
+import numpy as np
+from numba import types
+from numba.extending import intrinsic, overload, register_jitable
+
+BFLOAT16 = 0
+FLOAT16 = 1
+
+
+@intrinsic
+def _bits_of(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _float_of(typingctx, b):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(types.uint32), codegen
+
+
+def f32_bits(x):
+    """The IEEE bits of float32 ``x`` as an integer (compiled: a register move)."""
+    return int(np.float32(x).view(np.uint32))
+
+
+def f32_from_bits(b):
+    """The float32 whose IEEE bits are ``b`` (compiled: a register move)."""
+    return np.uint32(b).view(np.float32)
+
+
+@overload(f32_bits)
+def _f32_bits(x):
+    return lambda x: np.int64(_bits_of(np.float32(x)))
+
+
+@overload(f32_from_bits)
+def _f32_from_bits(b):
+    return lambda b: _float_of(np.uint32(b))
+
+
+@register_jitable
+def bf16_to_f32(h):
+    return f32_from_bits(np.int64(h) << 16)
+
+
+@register_jitable
+def f16_to_f32(h):
+    h = np.int64(h)
+    sign = (h & 0x8000) << 16
+    exp = (h >> 10) & 0x1F
+    mant = h & 0x3FF
+    if exp == 0x1F:  # inf / nan
+        return f32_from_bits(sign | 0x7F800000 | (mant << 13))
+    if exp != 0:
+        return f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13))
+    # zero or subnormal: mant * 2**-24, exact in float32
+    value = np.float32(mant) * f32_from_bits(0x33800000)
+    return f32_from_bits(sign | f32_bits(value))
+
+
+@register_jitable
+def f32_to_bf16(x):
+    """Round to nearest even; NaN stays a (quiet) NaN."""
+    b = f32_bits(x)
+    if (b & 0x7FFFFFFF) > 0x7F800000:
+        return (b >> 16) | 0x40
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+@register_jitable
+def f32_to_f16(x):
+    """Round to nearest even, with float16's subnormals, overflow to inf, and NaN kept."""
+    b = f32_bits(x)
+    sign = (b >> 16) & 0x8000
+    a = b & 0x7FFFFFFF
+    if a >= 0x7F800000:
+        return sign | 0x7C00 | (0x200 if a > 0x7F800000 else 0)
+    if a >= 0x477FF000:  # 65520 and above round to inf
+        return sign | 0x7C00
+    if a >= 0x38800000:  # normal in float16: rebias the exponent, round bit 13 to even
+        a = a + 0xFFF + ((a >> 13) & 1)
+        return sign | ((a - 0x38000000) >> 13)
+    if a < 0x33000000:  # below 2**-25: rounds to zero
+        return sign
+    mant = (a & 0x7FFFFF) | 0x800000
+    shift = 126 - (a >> 23)
+    result = mant >> shift
+    rest = mant & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    if rest > half or (rest == half and (result & 1) == 1):
+        result += 1
+    return sign | result
+
+
+@register_jitable
+def _mul32(x, k):
+    # (x * k) mod 2**32 with every intermediate below 2**48
+    lo = x * (k & 0xFFFF)
+    hi = ((x * (k >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & 0xFFFFFFFF
+
+
+@register_jitable
+def random16(seed, step, index):
+    """16 random bits for element ``index`` at ``step``: the lowbias32 hash of a mixed counter."""
+    x = (np.int64(seed) ^ _mul32(np.int64(step) & 0xFFFFFFFF, 0x9E3779B9)
+         ^ _mul32(np.int64(index) & 0xFFFFFFFF, 0x85EBCA6B)) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = _mul32(x, 0x7FEB352D)
+    x ^= x >> 15
+    x = _mul32(x, 0x846CA68B)
+    x ^= x >> 16
+    return x & 0xFFFF
+
+
+@register_jitable
+def f32_to_bf16_stochastic(x, bits16):
+    """Round down or up with probability in proportion to the distance: unbiased on average."""
+    b = f32_bits(x)
+    if (b & 0x7FFFFFFF) >= 0x7F800000:
+        return f32_to_bf16(x)
+    return ((b + bits16) >> 16) & 0xFFFF
+
+
+@register_jitable
+def load_half(h, fmt):
+    if fmt == FLOAT16:
+        return f16_to_f32(h)
+    return bf16_to_f32(h)
+
+
+@register_jitable
+def store_half(x, fmt):
+    if fmt == FLOAT16:
+        return f32_to_f16(x)
+    return f32_to_bf16(x)
+
+
+@register_jitable
+def store_param(x, lp, index):
+    """Round the updated parameter to its storage: ``lp = (fmt, stochastic, seed, step)``."""
+    if lp[1] != 0 and lp[0] == BFLOAT16:
+        return f32_to_bf16_stochastic(x, random16(lp[2], lp[3], index))
+    return store_half(x, lp[0])
