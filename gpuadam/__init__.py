@@ -1,6 +1,7 @@
 """gpuadam: fused, in-place Adam-family optimizer steps on GPU (Numba CUDA, CuPy) and CPU (Numba)."""
 
 from gpuadam.backends import BackendStatus, BackendUnavailable, available_backends
+from gpuadam.family import SGD, Adagrad, Adamax, NAdam, RAdam, RMSprop
 from gpuadam.flat import FlatBuffer
 from gpuadam.functional import adam_step
 from gpuadam.optim import Adam, AdamW, Optimizer
@@ -8,6 +9,12 @@ from gpuadam.optim import Adam, AdamW, Optimizer
 __all__ = [
     "Adam",
     "AdamW",
+    "Adagrad",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "SGD",
     "FlatBuffer",
     "Optimizer",
     "adam_step",

@@ -23,11 +23,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"kernels": [r.as_dict() for r in reports], "problems": problems}, indent=2))
     else:
-        head = f"{'backend':11s} {'kernel':26s} {'dtype':8s} {'arch':6s} {'regs':>4s} {'spill':>5s} " \
+        width = max([26] + [len(r.kernel) for r in reports])  # the longest kernel name
+        head = f"{'backend':11s} {'kernel':{width}s} {'dtype':8s} {'arch':6s} {'regs':>4s} {'spill':>5s} " \
                f"{'local':>5s} {'f64':>4s} {'ld/elem':>7s} {'st/elem':>7s}  occupancy"
         print(head)
         for r in reports:
-            print(f"{r.backend:11s} {r.kernel:26s} {r.dtype:8s} {r.arch:6s} {r.registers:4d} "
+            print(f"{r.backend:11s} {r.kernel:{width}s} {r.dtype:8s} {r.arch:6s} {r.registers:4d} "
                   f"{r.spill_bytes:5d} {r.local_bytes:5d} {r.f64_ops:4d} {r.loads_per_element:7d} "
                   f"{r.stores_per_element:7d}  {'full' if r.full_occupancy else 'partial'}")
         for p in problems:

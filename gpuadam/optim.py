@@ -8,7 +8,7 @@ every group's hyperparameters before the first kernel runs, so a refused step ch
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -16,12 +16,27 @@ from gpuadam import backends, flat
 from gpuadam.arrays import ArrayInfo, check_grad_count, check_like, check_param, describe
 from gpuadam.flat import FlatBuffer
 from gpuadam.hyper import AdamHyper, check_flag, check_positive
+from gpuadam.kernels.lowp import BFLOAT16
+from gpuadam.kernels.numba_cpu import half_to_float32
 from gpuadam.kernels.rules import grad_factor
 from gpuadam.on_device import DeviceSteps
+from gpuadam.precision import check_half_format
+
+
+class Launch(NamedTuple):
+    """One kernel launch of a step: its group, arrays, kernel, compute dtype, params, half format."""
+
+    group: int
+    arrays: tuple
+    rule: str
+    dtype: np.dtype
+    params: range
+    fmt: int | None
 
 
 class Optimizer:
-    """Base class: subclasses set ``hyper_class`` and implement ``state_names`` and ``rule``.
+    """Base class: subclasses set ``hyper_class`` and implement ``state_names`` and ``rule`` (and
+    ``state_init`` when some state does not start at zero).
 
     Options every optimizer takes: ``skip_nonfinite=True`` makes a step whose gradients hold an inf
     or NaN change nothing (not even the step count) and counts it in ``steps_skipped``;
@@ -39,43 +54,65 @@ class Optimizer:
         *,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         self.skip_nonfinite = check_flag("skip_nonfinite", skip_nonfinite)
         self.capturable = check_flag("capturable", capturable)
+        self.master_weights = check_flag("master_weights", master_weights)
+        self.stochastic_rounding = check_flag("stochastic_rounding", stochastic_rounding)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
+        self.seed = int(seed)
+        declared = check_half_format(half_format)
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = [self._make_group(g) for g in _groups(params)]
         self._params = [p for group in self.param_groups for p in group["params"]]
         if not self._params:
             raise ValueError("params: expected at least one array, got an empty list")
-        infos = [check_param(i, p) for i, p in enumerate(self._params)]
+        checked = [check_param(i, p, declared) for i, p in enumerate(self._params)]
+        infos = [info for info, _ in checked]
+        self._formats: list[int | None] = [fmt for _, fmt in checked]
         for i, info in enumerate(infos):
             if info.kind != infos[0].kind:
                 raise ValueError(
                     f"param {i}: expected a {infos[0].kind} array like param 0, got a {info.kind} array"
                 )
+        self._check_precision_options(infos)
         self._infos: list[ArrayInfo] = infos
         self._hyper_cache: dict[int, tuple] = {}
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
         self._backend = backends.choose(backend, infos[0])
         be = self._backend
-        self._flat = [be.flat(p) for p in self._params]
+        if be.name == "cupy" and any(f is not None for f in self._formats):
+            raise ValueError("float16/bfloat16 params run on the numba-cuda and numba-cpu backends; "
+                             "the cupy backend does not have them yet")
+        self._flat = [self._kernel_view(p, fmt) for p, fmt in zip(self._params, self._formats)]
         # state[i]: name -> 1-D state array of param i, allocated here, never in step(). A group whose
         # params are the views of one FlatBuffer gets its state as one allocation per name, and
-        # state[i] are views into it: the group then steps with one launch.
+        # state[i] are views into it: the group then steps with one launch. Half params keep
+        # float32 state and a float32 "master" copy with master_weights, half state without.
         self.state: list[dict[str, Any]] = []
         self._flat_groups: dict[int, tuple[FlatBuffer, dict[str, Any]]] = {}
+        start = 0
         for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
-            names = self.state_names(hyper)
+            names = self._state_names(hyper, self._formats[start])
             buf = flat.owner(group["params"])
             if buf is None:
-                self.state.extend({n: be.zeros_like(p) for n in names} for p in group["params"])
-                continue
-            whole = {n: be.zeros_like(buf.data) for n in names}
-            self._flat_groups[gi] = (buf, whole)
-            for offset, p in zip(buf.offsets, group["params"]):
-                size = int(np.prod(_shape_of(p)))
-                self.state.append({n: a[offset : offset + size] for n, a in whole.items()})
+                for i, p in enumerate(group["params"], start):
+                    self.state.append(self._new_state(p, self._formats[i], names))
+            else:
+                whole = self._new_state(buf.data, self._formats[start], names)
+                self._flat_groups[gi] = (buf, whole)
+                for offset, p in zip(buf.offsets, group["params"]):
+                    size = int(np.prod(_shape_of(p)))
+                    self.state.append({n: a[offset : offset + size] for n, a in whole.items()})
+            start += len(group["params"])
+        self._fill_initial_state(hypers)
         self._steps = [0] * len(self._params)
+        self._calls = 0  # step() calls that reached the kernels: the stochastic rounding counter
         self.last_step_launches = 0
         self._steps_skipped = 0
         self._last_grad_norm: Any = None
@@ -100,6 +137,78 @@ class Optimizer:
 
     def rule(self, hyper: Any) -> str:
         raise NotImplementedError
+
+    def state_init(self, hyper: Any) -> dict[str, float]:
+        """Start values of the state arrays that do not start at zero, by name (none by default)."""
+        return {}
+
+    def _fill_initial_state(self, hypers: list) -> None:
+        """Set the state ``state_init`` starts away from zero; a flat group's whole buffers (padding
+        included: a zero gradient still moves nothing there)."""
+        start = 0
+        for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
+            count = len(group["params"])
+            init = {n: v for n, v in self.state_init(hyper).items() if v != 0}
+            fused = self._flat_groups.get(gi)
+            targets = [] if not init else [fused[1]] if fused else self.state[start : start + count]
+            for state in targets:
+                for name, value in init.items():
+                    info = describe(state[name])
+                    if info.dtype.kind != "f":
+                        raise ValueError(f"state {name!r} starts at {value}: only float state can start "
+                                         f"away from zero, got {info.dtype}")
+                    self._backend.copy_from_host(state[name], np.full(info.shape, value, info.dtype))
+            start += count
+
+    # --- storage precision -------------------------------------------------------------------
+    def _check_precision_options(self, infos: list[ArrayInfo]) -> None:
+        for i, (info, fmt) in enumerate(zip(infos, self._formats)):
+            if self.master_weights and fmt is None:
+                raise ValueError(f"param {i}: master_weights is for float16/bfloat16 params, got {info.dtype}")
+            if self.stochastic_rounding and (fmt != BFLOAT16 or self.master_weights):
+                raise ValueError(f"param {i}: stochastic_rounding is for bfloat16 params without master "
+                                 f"weights, got {info.dtype}{' with master weights' if self.master_weights else ''}")
+        for gi, group in enumerate(self.param_groups):
+            start = sum(len(g["params"]) for g in self.param_groups[:gi])
+            kinds = {self._formats[i] for i in range(start, start + len(group["params"]))}
+            if len(kinds) > 1:
+                raise ValueError(f"param group {gi}: mixes half-precision params with float32/float64 ones; "
+                                 "give each precision its own group")
+
+    def _state_names(self, hyper: Any, fmt: int | None) -> tuple[str, ...]:
+        names = self.state_names(hyper)
+        return (*names, "master") if fmt is not None and self.master_weights else names
+
+    def _kernel_view(self, x: Any, fmt: int | None) -> Any:
+        flat_view = self._backend.flat(x)
+        return flat_view if fmt is None else flat_view.view(np.uint16)
+
+    def _new_state(self, p: Any, fmt: int | None, names: tuple[str, ...]) -> dict[str, Any]:
+        be = self._backend
+        if fmt is None or not self.master_weights:
+            return {n: self._kernel_view(be.zeros_like(p), fmt) for n in names}
+        state = {n: be.zeros_like(p, np.float32) for n in names}
+        bits = np.ascontiguousarray(be.to_host(p)).reshape(-1).view(np.uint16)
+        master = np.empty(bits.size, np.float32)
+        half_to_float32(bits, fmt, master)
+        be.copy_from_host(state["master"], master)
+        return state
+
+    def state_dtype(self, i: int) -> np.dtype:
+        """The dtype of param ``i``'s state as ``state_dict()`` gives it."""
+        return np.dtype(np.float32) if self.master_weights else self._infos[i].dtype
+
+    def _state_bits(self, i: int) -> np.dtype:
+        """The dtype of param ``i``'s state as the kernels hold it (half state as uint16 bits)."""
+        half = self._formats[i] is not None and not self.master_weights
+        return np.dtype(np.uint16) if half else self.state_dtype(i)
+
+    def _host_state(self, i: int, a: Any) -> np.ndarray:
+        return self._backend.to_host(a).view(self.state_dtype(i)).reshape(self._infos[i].shape)
+
+    def _rule_name(self, hyper: Any, fmt: int | None) -> str:
+        rule = self.rule(hyper)
+        return rule if fmt is None else f"{rule}/{'master' if self.master_weights else 'half'}"
 
     # --- public ------------------------------------------------------------------------------
     @property
@@ -153,11 +262,12 @@ class Optimizer:
             self._step_on_device(units, hypers, inv_scale, max_norm, reduce)
             return
         be = self._backend
+        self._calls += 1
         grad_mul = inv_scale
         if reduce:
             sumsq = nonfinite = 0.0
             for unit in units:
-                s, bad = be.grad_sumsq(unit[1][1])
+                s, bad = be.grad_sumsq(unit.arrays[1], unit.fmt)
                 sumsq += s
                 nonfinite += bad
             norm, grad_mul, skip = grad_factor(sumsq, nonfinite, inv_scale, max_norm, float(self.skip_nonfinite))
@@ -167,31 +277,39 @@ class Optimizer:
                 self.last_step_launches = 0
                 return
         constants: dict[tuple, tuple] = {}
-        for gi, arrays, rule, dtype, indices in units:
-            step = self._steps[indices[0]] + 1
-            key = (gi, step, dtype)
+        for unit in units:
+            step = self._steps[unit.params[0]] + 1
+            key = (unit.group, step, unit.dtype)
             c = constants.get(key)
             if c is None:
-                c = constants[key] = hypers[gi].constants(step, dtype, grad_mul)
-            be.launch(rule, arrays, c)
-            for i in indices:
+                c = constants[key] = hypers[unit.group].constants(step, unit.dtype, grad_mul)
+            be.launch(unit.rule, unit.arrays, c, *self._rounding(unit))
+            for i in unit.params:
                 self._steps[i] = step
         self.last_step_launches = len(units)
 
+    def _rounding(self, unit: Launch) -> tuple:
+        # the half kernels' last argument: (format, stochastic, seed, counter for the random bits)
+        if unit.fmt is None:
+            return ()
+        return ((unit.fmt, int(self.stochastic_rounding), self.seed, self._calls),)
+
     def _plan(self, grads: Sequence[Any], hypers: list) -> list[tuple]:
-        """Check every gradient and group, and list the launches: ``(group, arrays, rule, dtype, params)``.
+        """Check every gradient and group, and list the launches.
 
         A group over one FlatBuffer, stepped with the views of a FlatBuffer of the same layout, is one
         launch over the whole buffers; anything else is one launch per tensor.
         """
-        be = self._backend
         units = []
         start = 0
         for gi, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
-            names = self.state_names(hyper)
-            rule = self.rule(hyper)
             indices = range(start, start + len(group["params"]))
             start += len(indices)
+            fmt = self._formats[indices.start]
+            names = self._state_names(hyper, fmt)
+            order = ("master", *self.state_names(hyper)) if "master" in names else names
+            rule = self._rule_name(hyper, fmt)
+            dtype = np.dtype(np.float32) if fmt is not None else None
             for i in indices:
                 missing = [n for n in names if n not in self.state[i]]
                 if missing:
@@ -203,18 +321,19 @@ class Optimizer:
             gbuf = flat.owner(grads[indices.start : indices.stop]) if fused else None
             if fused and gbuf is not None and fused[0].same_layout(gbuf) and self._same_steps(indices):
                 buf, whole = fused
-                arrays = (be.flat(buf.data), be.flat(gbuf.data), *(whole[n] for n in names))
-                units.append((gi, arrays, rule, buf.dtype, indices))
+                arrays = (self._kernel_view(buf.data, fmt), self._kernel_view(gbuf.data, fmt),
+                          *(whole[n] for n in order))
+                units.append(Launch(gi, arrays, rule, dtype or buf.dtype, indices, fmt))
                 continue
             for i in indices:
                 check_like("grad", i, grads[i], self._infos[i], writeable=False)
             for i in indices:
-                arrays = (self._flat[i], be.flat(grads[i]), *(self.state[i][n] for n in names))
-                units.append((gi, arrays, rule, self._infos[i].dtype, range(i, i + 1)))
+                arrays = (self._flat[i], self._kernel_view(grads[i], fmt), *(self.state[i][n] for n in order))
+                units.append(Launch(gi, arrays, rule, dtype or self._infos[i].dtype, range(i, i + 1), fmt))
         if self._device is not None and not self._device_counts:
-            for gi, _, _, _, indices in units:
-                if not self._same_steps(range(indices[0], indices[-1] + 1)):
-                    raise ValueError(f"param group {gi}: its params have different step counts; a GPU "
+            for unit in units:
+                if not self._same_steps(range(unit.params[0], unit.params[-1] + 1)):
+                    raise ValueError(f"param group {unit.group}: its params have different step counts; a GPU "
                                      "step that clips computes one set of constants per group")
         return units
 
@@ -225,9 +344,10 @@ class Optimizer:
         """The GPU step when the constants come from the device: reduce, prepare, update; no sync."""
         dev = self._device
         be = self._backend
+        self._calls += 1
         if reduce:
             for unit in units:
-                dev.sumsq(unit[1][1])
+                dev.sumsq(unit.arrays[1], unit.fmt)
         last = len(self.param_groups) - 1
         first_param = 0
         for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
@@ -236,8 +356,8 @@ class Optimizer:
             host_step = 0 if self._device_counts else self._steps[first_param] + 1
             dev.prepare(gi, hyper, inv_scale, max_norm, self.skip_nonfinite, host_step, gi == last)
             first_param += len(group["params"])
-        for gi, arrays, rule, dtype, _ in units:
-            be.launch(rule, arrays, dev.constants(gi, dtype))
+        for unit in units:
+            be.launch(unit.rule, unit.arrays, dev.constants(unit.group, unit.dtype), *self._rounding(unit))
         if not self._device_counts:
             self._steps = [s + 1 for s in self._steps]
         self._last_grad_norm = dev.norm if reduce else self._last_grad_norm
@@ -245,10 +365,9 @@ class Optimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...]}``."""
-        be = self._backend
         steps = self.steps
         state = {
-            i: {"step": steps[i], **{n: be.to_host(a).reshape(self._infos[i].shape) for n, a in s.items()}}
+            i: {"step": steps[i], **{n: self._host_state(i, a) for n, a in s.items()}}
             for i, s in enumerate(self.state)
         }
         groups = []
@@ -258,13 +377,18 @@ class Optimizer:
             groups.append({**{k: v for k, v in group.items() if k != "params"},
                            "params": list(range(start, start + count))})
             start += count
-        return {"optimizer": type(self).__name__, "state": state, "param_groups": groups}
+        # the counter that seeds stochastic rounding: a resumed run draws the same random bits
+        return {"optimizer": type(self).__name__, "state": state, "param_groups": groups,
+                "rounding_counter": self._calls}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing."""
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
             raise ValueError(f"state_dict: expected one saved by {type(self).__name__}, got {kind!r}")
+        calls = state_dict.get("rounding_counter", 0)
+        if isinstance(calls, (bool, np.bool_)) or not isinstance(calls, (int, np.integer)) or calls < 0:
+            raise ValueError(f"state_dict: expected an integer rounding_counter >= 0, got {calls!r}")
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             got = len(groups) if isinstance(groups, list) else type(groups).__name__
@@ -288,7 +412,7 @@ class Optimizer:
         loaded = []
         index = 0
         for (_, hyper), group in zip(new_groups, self.param_groups):
-            names = self.state_names(hyper)
+            names = self._state_names(hyper, self._formats[index])
             for _ in group["params"]:
                 if set(names) != set(self.state[index]):
                     raise ValueError(
@@ -309,8 +433,9 @@ class Optimizer:
         be = self._backend
         for i, (_, arrays) in enumerate(loaded):
             for name, value in arrays.items():
-                be.copy_from_host(self.state[i][name], value)
+                be.copy_from_host(self.state[i][name], np.ascontiguousarray(value).view(self._state_bits(i)))
         self._steps = steps
+        self._calls = int(calls)
         if self._device_counts:
             firsts = np.cumsum([0] + [len(g["params"]) for g in self.param_groups])[:-1]
             self._device.write_steps([steps[i] for i in firsts])
@@ -380,11 +505,12 @@ class Optimizer:
         arrays = {}
         for name in names:
             value = saved[name]
-            if not isinstance(value, np.ndarray) or value.shape != info.shape or value.dtype != info.dtype:
+            dtype = self.state_dtype(i)
+            if not isinstance(value, np.ndarray) or value.shape != info.shape or value.dtype != dtype:
                 got = (value.shape, value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
                 raise ValueError(
                     f"state_dict: param {i}: {name} expected an array of shape {info.shape} and dtype "
-                    f"{info.dtype}, got {got}"
+                    f"{dtype}, got {got}"
                 )
             arrays[name] = value
         return int(step), arrays

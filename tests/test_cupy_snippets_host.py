@@ -2,7 +2,8 @@
 
 1. Every string of ``cupy_elementwise.SNIPPETS`` (the very objects CuPy is given) is pasted into
    a C++ loop, compiled with g++ (no fast-math, no FMA contraction, float promotion an error) and
-   run through ctypes against ``gpuadam.reference`` over many steps and every flag combination.
+   run through ctypes against ``gpuadam.reference`` over many steps and every flag combination,
+   for every rule (Adam's, and the family's of ``tests/family_cases.py``).
 2. ``cuda_source`` of each rule and dtype is compiled to PTX with NVRTC (or nvcc) in a child
    process, as the house does for PTX checks: loads and stores per element, no float64 in the
    float32 kernels, no local memory, and, with ptxas, registers, stack and spills. Where CuPy is
@@ -20,10 +21,12 @@ import sys
 
 import numpy as np
 import pytest
+from family_cases import CASES, case_id, describe, reference_run
 from helpers import FLAG_GRID, problem, reference_trajectory, trajectory_error
 
 from gpuadam.hyper import AdamHyper
 from gpuadam.kernels import cupy_elementwise as ce
+from gpuadam.kernels.rules import N_CONSTANTS, SKIP
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 CTYPES = {"float32": ("float", ctypes.c_float), "float64": ("double", ctypes.c_double)}
@@ -37,7 +40,7 @@ STEPS = 20
 def _host_function(rule: str, dtype: str) -> str:
     """A C++ loop over ``SNIPPETS[rule]``, the state bound by reference as CuPy binds it."""
     arrays = [f"const T* raw_{n}" for n in ce.INPUTS[rule]] + [f"T* raw_{n}" for n in ce.OUTPUTS[rule]]
-    scalars = [f"const T {n}" for n in ce.CONSTANT_NAMES]
+    scalars = [f"const T {n}" for _, n in ce.constant_params(rule)]
     bind = "".join(f"    const T &{n} = raw_{n}[i];\n" for n in ce.INPUTS[rule])
     bind += "".join(f"    T &{n} = raw_{n}[i];\n" for n in ce.OUTPUTS[rule])
     return (
@@ -47,7 +50,8 @@ def _host_function(rule: str, dtype: str) -> str:
 
 
 def _host_source() -> str:
-    parts = ["#include <algorithm>\n#include <cmath>\n#include <cstddef>\nusing std::max;\nusing std::sqrt;\n"]
+    parts = ["#include <algorithm>\n#include <cmath>\n#include <cstddef>\n"
+             "using std::fabs;\nusing std::max;\nusing std::sqrt;\n"]
     for dtype, (ctype, _) in CTYPES.items():
         # One namespace per dtype gives each its own T; the functions keep C names.
         parts.append(f"namespace {dtype} {{\ntypedef {ctype} T;\n")
@@ -76,7 +80,8 @@ def host_lib(tmp_path_factory):
 def _host_kernel(lib, rule: str, dtype: str):
     fn = getattr(lib, f"{rule}_{dtype}")
     n_arrays = len(ce.INPUTS[rule]) + len(ce.OUTPUTS[rule])
-    fn.argtypes = [ctypes.c_ssize_t] + [ctypes.c_void_p] * n_arrays + [CTYPES[dtype][1]] * len(ce.CONSTANT_NAMES)
+    picked = [k for k, _ in ce.constant_params(rule)]  # the entries of c the snippet reads
+    fn.argtypes = [ctypes.c_ssize_t] + [ctypes.c_void_p] * n_arrays + [CTYPES[dtype][1]] * len(picked)
     fn.restype = None
 
     def launch(arrays, c):
@@ -84,7 +89,7 @@ def _host_kernel(lib, rule: str, dtype: str):
         p, g, *state = arrays
         for a in arrays:
             assert a.dtype == DTYPES[dtype] and a.flags.c_contiguous
-        fn(p.size, g.ctypes.data, p.ctypes.data, *(s.ctypes.data for s in state), *c)
+        fn(p.size, g.ctypes.data, p.ctypes.data, *(s.ctypes.data for s in state), *(c[k] for k in picked))
 
     return launch
 
@@ -159,6 +164,43 @@ def test_one_snippet_feeds_every_copy():
         assert not re.search(r"(?<!\w)\d", code), code
 
 
+def test_every_rule_names_its_constants_tuple():
+    """Each rule's names follow its constants function's layout (N_CONSTANTS entries, ``skip``
+    last), and the snippet reads every scalar it takes as a parameter."""
+    for rule, snippet in ce.SNIPPETS.items():
+        names = ce.RULE_CONSTANT_NAMES.get(rule, ce.CONSTANT_NAMES)
+        assert len(names) == N_CONSTANTS and names[SKIP] == "skip", rule
+        words = set(re.findall(r"[A-Za-z_]\w*", re.sub(r"/\*.*?\*/", "", snippet)))
+        for _, name in ce.constant_params(rule):
+            assert name in words, (rule, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_family_snippet_trajectory_matches_reference(host_lib, case, dtype):
+    """Every rule of the family, every flag: the snippet's trajectory and state on the reference's."""
+    name, kw = case
+    hyper, rule, names, init = describe(name, kw)
+    launch = _host_kernel(host_lib, rule, dtype)
+    params0, grads = problem(7, shapes=SIZES, dtype=DTYPES[dtype], steps=STEPS)
+    eps = np.finfo(DTYPES[dtype]).eps
+    for i, (p0, (rp, rstate)) in enumerate(zip(params0, reference_run(name, hyper, params0, grads))):
+        p = p0.reshape(-1).copy()
+        state = [np.full_like(p, init.get(n, 0.0)) for n in names]  # the optimizer's order and start
+        for t, step_grads in enumerate(grads, start=1):
+            launch((p, step_grads[i].reshape(-1), *state), hyper.constants(t, DTYPES[dtype]))
+        rp, p0 = rp.reshape(-1), p0.reshape(-1)
+        moved = np.abs(rp - p0).max()
+        assert moved > 0
+        if dtype == "float64":
+            assert np.abs(p - rp).max() <= 1e-12 * max(moved, 1e-3)
+        else:
+            assert trajectory_error(p, rp, p0, STEPS) < 1.0
+        for n, s in zip(names, state):
+            r = rstate[n].reshape(-1)
+            assert np.abs(s - r).max() <= STEPS * 4 * eps * np.abs(r).max(), n
+
+
 def test_imports_and_builds_source_without_cupy():
     code = (
         "import sys; sys.modules['cupy'] = None\n"
@@ -209,6 +251,18 @@ def _instructions(text: str) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith((".", "$", "{", "}", ")", "("))]
 
 
+def _loop_traffic(text: str) -> list[tuple[int, int]]:
+    """``(global loads, global stores)`` of each loop: a label and the backward branch to it."""
+    labels = {m.group(1): m.end() for m in re.finditer(r"^(\$L__\w+):", text, re.M)}
+    loops = []
+    for branch in re.finditer(r"\bbra(?:\.uni)?\s+(\$L__\w+);", text):
+        start = labels.get(branch.group(1))
+        if start is not None and start < branch.start():
+            body = _instructions(text[start : branch.start()])
+            loops.append((sum(i.startswith("ld.global") for i in body), sum(i.startswith("st.global") for i in body)))
+    return loops
+
+
 def _loop(text: str) -> str:
     """The PTX of the grid-stride loop (from the no-unroll pragma on), register numbers erased."""
     return re.sub(r"%(\w+?)\d+", r"%\1", text[text.index('.pragma "nounroll"'):])
@@ -223,9 +277,14 @@ def test_ptx_traffic_and_precision(ptx, rule, dtype):
     code = _instructions(text)
     loads = [i for i in code if i.startswith("ld.global")]
     stores = [i for i in code if i.startswith("st.global")]
-    # Each element read once and written once: Adam 4 loads : 3 stores, AMSGrad 5 : 4.
-    assert len(loads) == len(ce.INPUTS[rule]) + len(ce.OUTPUTS[rule]), loads
-    assert len(stores) == len(ce.OUTPUTS[rule]), stores
+    # Each element read once and written once: Adam 4 loads : 3 stores, AMSGrad 5 : 4. A flag the
+    # loop does not change (SGD's nesterov, RAdam's rectification) may be hoisted out of it, the
+    # loop then copied once per value: each copy moves one element's bytes, and nothing else does.
+    per_element = (len(ce.INPUTS[rule]) + len(ce.OUTPUTS[rule]), len(ce.OUTPUTS[rule]))
+    loops = _loop_traffic(text)
+    assert loops and all(traffic == per_element for traffic in loops), (loops, per_element)
+    assert (len(loads), len(stores)) == (len(loops) * per_element[0], len(loops) * per_element[1])
+    assert len(loops) <= 2
     assert not [i for i in code if re.match(r"(ld|st)\.local", i)]
     if dtype == "float32":
         f64 = [i for i in code if re.search(r"\.f64\b|cvt\.f64", i)]

@@ -75,7 +75,7 @@ def test_device_constant_variants_keep_the_traffic_and_float32(inspected, kernel
 
 def test_float64_kernels_do_the_same_traffic(inspected):
     for k in inspected["kernels"]:
-        if k["dtype"] == "float64":
+        if k["dtype"] == "float64" and k["kernel"].split("/")[0] in ("adam", "amsgrad"):
             assert k["f64_ops"] > 0 and k["spill_bytes"] == 0
             assert (k["loads_per_element"], k["stores_per_element"]) in {(4, 3), (5, 4)}
 
@@ -131,3 +131,76 @@ def test_counters_on_known_ptx():
     add.rn.f32 %f4, %f1, %f2;
     """
     assert machine_code.ptx_counts(ptx) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("kernel,loads,stores", [
+    ("adam/master", 4, 4), ("amsgrad/master", 5, 5),  # master, g, state in; master, state, half param out
+    ("adam/half", 4, 3), ("amsgrad/half", 5, 4),
+])
+def test_half_precision_kernels_meet_the_bar(inspected, kernel, loads, stores):
+    (k,) = [k for k in inspected["kernels"] if (k["backend"], k["kernel"]) == ("numba-cuda", kernel)]
+    assert k["dtype"] == "float32"
+    assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
+    assert k["registers"] <= 32
+    assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
+
+
+# The rest of the family (gpuadam.family): every kernel of both backends, under Adam's bar.
+
+#: Loads and stores per element: p, g and the state in; p and the state out.
+FAMILY_TRAFFIC = {
+    "sgd": (2, 1), "sgd_momentum": (3, 2), "rmsprop": (3, 2), "rmsprop_centered": (4, 3),
+    "rmsprop_momentum": (4, 3), "rmsprop_centered_momentum": (5, 4), "adagrad": (3, 2),
+    "adamax": (4, 3), "nadam": (4, 3), "radam": (4, 3),
+}
+
+
+def test_family_traffic_table_covers_every_family_kernel():
+    from gpuadam.kernels import cupy_elementwise, numba_cuda, rules
+
+    assert set(FAMILY_TRAFFIC) == set(rules.FAMILY_RULES) == set(cupy_elementwise.RULE_CONSTANT_NAMES)
+    for rule, (loads, stores) in FAMILY_TRAFFIC.items():
+        assert numba_cuda.KERNELS[rule][1] == loads  # p, g and the state arrays
+        assert len(cupy_elementwise.OUTPUTS[rule]) == stores and rule in cupy_elementwise.SNIPPETS
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", ["numba-cuda", "cupy"])
+@pytest.mark.parametrize("kernel", sorted(FAMILY_TRAFFIC))
+def test_family_kernels_meet_the_bar(inspected, kernel, backend, dtype):
+    (k,) = [k for k in inspected["kernels"] if (k["backend"], k["kernel"], k["dtype"]) == (backend, kernel, dtype)]
+    assert k["local_bytes"] == 0 and k["spill_bytes"] == 0
+    assert (k["loads_per_element"], k["stores_per_element"]) == FAMILY_TRAFFIC[kernel]
+    if dtype == "float32":
+        assert k["f64_ops"] == 0
+        assert k["registers"] <= 32  # full occupancy on sm_90
+    else:
+        assert k["f64_ops"] > 0 and k["registers"] <= 48
+
+
+@pytest.mark.parametrize("kernel", sorted(FAMILY_TRAFFIC))
+def test_family_device_constant_variants_keep_the_traffic_and_float32(inspected, kernel):
+    (k,) = [k for k in inspected["kernels"]
+            if (k["backend"], k["kernel"], k["dtype"]) == ("numba-cuda", kernel + "/device-constants", "float32")]
+    assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
+    assert k["registers"] <= 40
+    assert (k["loads_per_element"], k["stores_per_element"]) == FAMILY_TRAFFIC[kernel]
+
+
+@pytest.mark.parametrize("record", ["AdamHyper", "SGDHyper", "RMSpropHyper", "AdagradHyper", "AdamaxHyper",
+                                    "NAdamHyper", "RAdamHyper"])
+def test_device_side_constants_compile_for_every_family(record):
+    """The one-thread preparation kernel (clipping, skipping, capturable) runs each family's constants
+    function on the device: it compiles for real, with no local memory or spills."""
+    _tool_or_skip()
+    from gpuadam import hyper
+    from gpuadam.kernels import numba_cuda
+
+    cls = getattr(hyper, record)
+    f64, i64 = types.float64, types.int64
+    signature = (f64[::1], types.UniTuple(f64, len(cls().scalars())), f64, f64, f64, f64[::1], i64[::1], i64,
+                 types.float32[::1], f64[::1], f64[::1], i64[::1], i64, i64)
+    with machine_code._no_device_needed((9, 0)):
+        ptx, _ = cuda.compile_ptx(numba_cuda._make_prepare(cls.constants_fn), signature, cc=(9, 0))
+    registers, spills, stack = machine_code.ptxas_resources(ptx, "sm_90")
+    assert (spills, stack) == (0, 0)

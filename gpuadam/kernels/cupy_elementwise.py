@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-#: Scalar parameter names in the order of the constants tuple ``c`` of ``kernels.rules``.
+#: Scalar parameter names in the order of the constants tuple ``c`` of ``kernels.rules`` (Adam's
+#: layout; the other rules' names are ``RULE_CONSTANT_NAMES``, their parameters ``constant_params``).
 CONSTANT_NAMES = (
     "grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
     "decay", "step_size", "inv_sqrt_bc2", "eps", "eps_root_bc2",
@@ -71,6 +72,113 @@ vmax = vmaxk;
 """,
 }
 
+# The rest of the family: each snippet does exactly the operations of its rule in ``kernels.rules``.
+# A rule reads its constants tuple through the names of ``RULE_CONSTANT_NAMES``, one per entry of
+# the layout its constants function documents; "" marks an entry the snippet does not read, which
+# is no kernel parameter. Rules not listed there read Adam's ``CONSTANT_NAMES``.
+
+_SKIP = "if (skip) return;                          /* a skipped step (non-finite gradient) changes nothing */\n"
+_SGD_GRAD = _SKIP + "const T gk = g * grad_mul + wd_l2 * p;\n"
+_RMS_SQUARE = _SGD_GRAD + "const T sqk = alpha * sq + one_minus_alpha * gk * gk;    /* rmsprop_square */\n"
+_RMS_CENTER = "const T gak = alpha * gavg + one_minus_alpha * gk;\n"
+
+_ = ""
+RULE_CONSTANT_NAMES = {
+    "sgd": ("grad_mul", "wd_l2", "lr", _, _, _, _, _, _, _, _, "skip"),
+    "sgd_momentum": ("grad_mul", "wd_l2", "lr", "keep", "take", "nesterov", "momentum", _, _, _, _, "skip"),
+    "rmsprop": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", _, _, _, _, _, "skip"),
+    "rmsprop_centered": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", _, _, _, _, _, "skip"),
+    "rmsprop_momentum": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", "momentum",
+                         _, _, _, _, "skip"),
+    "rmsprop_centered_momentum": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", "momentum",
+                                  _, _, _, _, "skip"),
+    "adagrad": ("grad_mul", "wd_l2", "clr", "eps", _, _, _, _, _, _, _, "skip"),
+    "adamax": ("grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "eps", "clr", _, _, _, _, "skip"),
+    "nadam": ("grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay",
+              "grad_step", "inv_sqrt_bc2", "eps", "avg_step", "skip"),
+    "radam": ("grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay",
+              "step_size", "rect_sqrt_bc2", "eps", "adaptive", "skip"),
+}
+del _
+
+INPUTS.update({rule: ("g",) for rule in RULE_CONSTANT_NAMES})
+OUTPUTS.update({
+    "sgd": ("p",),
+    "sgd_momentum": ("p", "buf"),
+    "rmsprop": ("p", "sq"),
+    "rmsprop_centered": ("p", "sq", "gavg"),
+    "rmsprop_momentum": ("p", "sq", "buf"),
+    "rmsprop_centered_momentum": ("p", "sq", "buf", "gavg"),
+    "adagrad": ("p", "acc"),
+    "adamax": ("p", "m", "u"),
+    "nadam": ("p", "m", "v"),
+    "radam": ("p", "m", "v"),
+})
+SNIPPETS.update({
+    "sgd": _SGD_GRAD + """\
+p = p - lr * gk;
+""",
+    "sgd_momentum": _SGD_GRAD + """\
+const T bk = keep * buf + take * gk;
+const T dk = nesterov ? gk + momentum * bk : bk;          /* Nesterov's look-ahead, or the buffer */
+p = p - lr * dk;
+buf = bk;
+""",
+    "rmsprop": _RMS_SQUARE + """\
+p = p - lr * (gk / (sqrt(sqk) + eps));
+sq = sqk;
+""",
+    "rmsprop_centered": _RMS_SQUARE + _RMS_CENTER + """\
+p = p - lr * (gk / (sqrt(sqk - gak * gak) + eps));
+sq = sqk;
+gavg = gak;
+""",
+    "rmsprop_momentum": _RMS_SQUARE + """\
+const T bk = momentum * buf + gk / (sqrt(sqk) + eps);
+p = p - lr * bk;
+sq = sqk;
+buf = bk;
+""",
+    "rmsprop_centered_momentum": _RMS_SQUARE + _RMS_CENTER + """\
+const T bk = momentum * buf + gk / (sqrt(sqk - gak * gak) + eps);
+p = p - lr * bk;
+sq = sqk;
+buf = bk;
+gavg = gak;
+""",
+    "adagrad": _SGD_GRAD + """\
+const T acck = acc + gk * gk;
+p = p - clr * (gk / (sqrt(acck) + eps));
+acc = acck;
+""",
+    "adamax": _SGD_GRAD + """\
+const T mk = beta1 * m + one_minus_beta1 * gk;
+const T uk = max(beta2 * u, fabs(gk) + eps);
+p = p - clr * (mk / uk);
+m = mk;
+u = uk;
+""",
+    "nadam": _MOMENTS + """\
+const T denom = sqrt(vk) * inv_sqrt_bc2 + eps;           /* nadam_rule */
+p = p * decay - (grad_step * gk + avg_step * mk) / denom;
+m = mk;
+v = vk;
+""",
+    "radam": _MOMENTS + """\
+const T pk = p * decay;                                  /* radam_rule */
+p = adaptive ? pk - step_size * mk * rect_sqrt_bc2 / (sqrt(vk) + eps) : pk - step_size * mk;
+m = mk;
+v = vk;
+""",
+})
+
+
+@functools.cache
+def constant_params(rule: str) -> tuple[tuple[int, str], ...]:
+    """``(index in the constants tuple, name)`` of each scalar parameter of ``rule``'s kernel."""
+    return tuple((k, n) for k, n in enumerate(RULE_CONSTANT_NAMES.get(rule, CONSTANT_NAMES)) if n)
+
+
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
@@ -91,7 +199,7 @@ def operation(rule: str) -> str:
 
 def elementwise_params(rule: str) -> tuple[str, str]:
     """``(in_params, out_params)`` of the rule's ElementwiseKernel: g and the constants in, state out."""
-    ins = [f"raw T raw_{n}" for n in INPUTS[rule]] + [f"T {n}" for n in CONSTANT_NAMES]
+    ins = [f"raw T raw_{n}" for n in INPUTS[rule]] + [f"T {n}" for _, n in constant_params(rule)]
     return ", ".join(ins), ", ".join(f"raw T raw_{n}" for n in OUTPUTS[rule])
 
 
@@ -113,7 +221,7 @@ def cuda_source(rule: str, dtype: Any) -> tuple[str, str]:
     """
     ctype, name = _ctype(dtype), kernel_name(rule)
     params = [f"const T* raw_{n}" for n in INPUTS[rule]]
-    params += [f"const T {n}" for n in CONSTANT_NAMES]
+    params += [f"const T {n}" for _, n in constant_params(rule)]
     params += [f"T* raw_{n}" for n in OUTPUTS[rule]]
     body = "".join(f"    {line}\n" for line in operation(rule).splitlines())
     source = f"""typedef {ctype} T;
@@ -155,7 +263,8 @@ def launch(rule: str, arrays: tuple, c: tuple) -> None:
     only raw arrays CuPy takes the loop length from ``size`` (shapes were validated upstream).
     """
     p, g, *state = arrays
-    elementwise_kernel(rule)(g, *c, p, *state, size=p.size)
+    scalars = c if rule not in RULE_CONSTANT_NAMES else [c[k] for k, _ in constant_params(rule)]
+    elementwise_kernel(rule)(g, *scalars, p, *state, size=p.size)
 
 
 def cupy_generated_source(rule: str, dtype: Any, index_32_bits: bool = True) -> tuple[str, str, tuple]:
@@ -175,7 +284,7 @@ def cupy_generated_source(rule: str, dtype: Any, index_32_bits: bool = True) -> 
     array_kind, indexer_kind, scalar_kind = 1, 2, 3  # _ArgKind in cupy/_core/_kernel.pyx
     array = _kernel._ArgInfo(array_kind, ndarray, scalar, 1, True, index_32_bits)
     args = (array,) * len(INPUTS[rule])
-    args += (_kernel._ArgInfo(scalar_kind, scalar, scalar, 0, True, True),) * len(CONSTANT_NAMES)
+    args += (_kernel._ArgInfo(scalar_kind, scalar, scalar, 0, True, True),) * len(constant_params(rule))
     args += (array,) * len(OUTPUTS[rule])
     args += (_kernel._ArgInfo(indexer_kind, _carray.Indexer, None, 1, True, index_32_bits),)
     kernel = elementwise_kernel(rule)

@@ -1,0 +1,229 @@
+"""The rest of the textbook family, fused like Adam: SGD (with momentum), RMSprop, Adagrad, Adamax,
+NAdam and RAdam, with the names, defaults, argument checks and algorithms of ``torch.optim``.
+
+Each class names its hyperparameter record (``gpuadam.hyper``), its state arrays (PyTorch's state
+names, in the order the kernel takes them) and the rule that updates them (``kernels.rules``);
+``Optimizer`` does everything else: groups, validation, flat buffers, step counts, clipping and
+skipping, ``state_dict`` and checkpoints. ``maximize`` is keyword-only, as in PyTorch (where a
+positional argument in its place means something else). ``options`` are every optimizer's:
+``skip_nonfinite``, ``capturable`` (see ``Optimizer``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpuadam.hyper import AdagradHyper, AdamaxHyper, NAdamHyper, RAdamHyper, RMSpropHyper, SGDHyper
+from gpuadam.optim import Optimizer
+
+
+class SGD(Optimizer):
+    """Fused ``torch.optim.SGD``: plain, with momentum, or with Nesterov momentum.
+
+    PyTorch's momentum copies the first gradient into the buffer, then ``b = momentum b + (1 -
+    dampening) g``, and steps ``p -= lr b`` (Nesterov: ``p -= lr (g + momentum b)``).
+
+    ``ema_momentum=True`` (not in PyTorch) takes the textbook's exponential average instead:
+    ``v = momentum v + (1 - momentum) g`` from ``v = 0``, and ``p -= lr v``. It differs from
+    PyTorch's from the first step on: ``v_1 = (1 - momentum) g`` where PyTorch's buffer is ``g``
+    (with ``dampening=momentum`` PyTorch's later steps are the same recurrence, but from ``g``), and
+    without dampening PyTorch's buffer settles ``1 / (1 - momentum)`` times larger: the same
+    training needs an ``lr`` that much larger. It takes no dampening and no Nesterov.
+    """
+
+    hyper_class = SGDHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        ema_momentum: bool = False,
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, ema_momentum=ema_momentum)
+        SGDHyper.from_kwargs(**defaults)  # refuse bad defaults even when every group overrides them
+        super().__init__(params, defaults, backend, **options)
+
+    def state_names(self, hyper: SGDHyper) -> tuple[str, ...]:
+        return ("momentum_buffer",) if hyper.momentum != 0.0 else ()
+
+    def rule(self, hyper: SGDHyper) -> str:
+        return "sgd_momentum" if hyper.momentum != 0.0 else "sgd"
+
+
+class RMSprop(Optimizer):
+    """Fused ``torch.optim.RMSprop``: ``v = alpha v + (1 - alpha) g^2``, ``p -= lr g / (sqrt(v) +
+    eps)``; ``centered`` subtracts the squared running mean of g from v, ``momentum > 0`` keeps a
+    buffer of the scaled steps. Each of the four variants is its own kernel (their arrays differ)."""
+
+    hyper_class = RMSpropHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        centered=centered, maximize=maximize)
+        RMSpropHyper.from_kwargs(**defaults)
+        super().__init__(params, defaults, backend, **options)
+
+    def state_names(self, hyper: RMSpropHyper) -> tuple[str, ...]:
+        names = ("square_avg",)
+        if hyper.momentum > 0.0:
+            names += ("momentum_buffer",)
+        if hyper.centered:
+            names += ("grad_avg",)
+        return names
+
+    def rule(self, hyper: RMSpropHyper) -> str:
+        return "rmsprop" + ("_centered" if hyper.centered else "") + ("_momentum" if hyper.momentum > 0.0 else "")
+
+
+class Adagrad(Optimizer):
+    """Fused ``torch.optim.Adagrad`` (dense gradients): ``sum += g^2``, ``p -= clr g / (sqrt(sum) +
+    eps)`` with ``clr = lr / (1 + (t - 1) lr_decay)``; ``sum`` starts at ``initial_accumulator_value``.
+
+    Each param group's own ``initial_accumulator_value`` sets its state (PyTorch uses the
+    constructor's value for every group; the two agree unless a group overrides it).
+    """
+
+    hyper_class = AdagradHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+        AdagradHyper.from_kwargs(**defaults)
+        super().__init__(params, defaults, backend, **options)
+
+    def state_names(self, hyper: AdagradHyper) -> tuple[str, ...]:
+        return ("sum",)
+
+    def state_init(self, hyper: AdagradHyper) -> dict[str, float]:
+        return {"sum": hyper.initial_accumulator_value}
+
+    def rule(self, hyper: AdagradHyper) -> str:
+        return "adagrad"
+
+
+class Adamax(Optimizer):
+    """Fused ``torch.optim.Adamax``: Adam with the infinity norm ``u = max(beta2 u, |g| + eps)`` in
+    place of the second moment, ``p -= lr / (1 - beta1^t) * m / u``."""
+
+    hyper_class = AdamaxHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        AdamaxHyper.from_kwargs(**defaults)
+        super().__init__(params, defaults, backend, **options)
+
+    def state_names(self, hyper: AdamaxHyper) -> tuple[str, ...]:
+        return ("exp_avg", "exp_inf")
+
+    def rule(self, hyper: AdamaxHyper) -> str:
+        return "adamax"
+
+
+class NAdam(Optimizer):
+    """Fused ``torch.optim.NAdam``: Adam with Nesterov momentum and PyTorch's momentum schedule
+    ``mu_t = beta1 (1 - 0.5 * 0.96**(t momentum_decay))``. The product of the ``mu`` that PyTorch
+    keeps as state is a function of the step count, computed with the step's constants (so the
+    state is ``exp_avg`` and ``exp_avg_sq`` only)."""
+
+    hyper_class = NAdamHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        NAdamHyper.from_kwargs(**defaults)
+        super().__init__(params, defaults, backend, **options)
+
+    def state_names(self, hyper: NAdamHyper) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def rule(self, hyper: NAdamHyper) -> str:
+        return "nadam"
+
+
+class RAdam(Optimizer):
+    """Fused ``torch.optim.RAdam``: Adam's moments, the variance-rectified adaptive step once the
+    SMA length ``rho_t`` exceeds 5, the bias-corrected momentum step (no division by v) before."""
+
+    hyper_class = RAdamHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        RAdamHyper.from_kwargs(**defaults)
+        super().__init__(params, defaults, backend, **options)
+
+    def state_names(self, hyper: RAdamHyper) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def rule(self, hyper: RAdamHyper) -> str:
+        return "radam"
