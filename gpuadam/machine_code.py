@@ -156,20 +156,22 @@ DEVICE_CONSTANTS = "/device-constants"
 def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
     """PTX of a Numba CUDA kernel for ``arch``, compiled with libNVVM, no GPU needed.
 
-    ``kernel`` is a name of ``numba_cuda.KERNELS``, or one with ``DEVICE_CONSTANTS`` appended: the
-    same kernel compiled for constants in a device array instead of kernel parameters.
+    ``kernel``: a name of ``numba_cuda.KERNELS``; ``NAME/device-constants``, the same kernel with
+    its constants in a device array; ``NAME/master``, the half kernel ``NAME/half`` compiled for
+    float32 master weights and state (float32 only, as are the half kernels).
     """
     from numba import cuda, types
 
     from gpuadam.kernels import numba_cuda
 
+    name, _, variant = kernel.partition("/")
     scalar = getattr(types, dtype)
-    if kernel in numba_cuda.HALF_KERNELS:
-        func, kinds = numba_cuda.HALF_KERNELS[kernel]
-        arrays = [types.uint16[::1] if k == "h" else types.float32[::1] for k in kinds]
-        signature = (*arrays, types.UniTuple(types.float32, N_CONSTANTS), types.UniTuple(types.int64, 4))
+    if variant in ("half", "master"):
+        func, n_arrays = numba_cuda.KERNELS[f"{name}/half"]
+        half, f32 = types.uint16[::1], types.float32[::1]
+        arrays = [half] * n_arrays if variant == "half" else [f32, half] + [f32] * (n_arrays - 2)
+        signature = (*arrays, types.UniTuple(types.float32, N_CONSTANTS), types.UniTuple(types.int64, 4), half)
     else:
-        name, _, variant = kernel.partition("/")
         func, n_arrays = numba_cuda.KERNELS[name]
         constants = scalar[::1] if variant else types.UniTuple(scalar, N_CONSTANTS)
         signature = (*([scalar[::1]] * n_arrays), constants)
@@ -184,16 +186,17 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
     from gpuadam.kernels import numba_cuda
 
     reports, problems = [], []
-    jobs = [("numba-cuda", k + v, numba_ptx) for k in numba_cuda.KERNELS for v in ("", DEVICE_CONSTANTS)]
+    plain = [k for k in numba_cuda.KERNELS if "/" not in k]
+    jobs = [("numba-cuda", k + v, numba_ptx, DTYPES) for k in plain for v in ("", DEVICE_CONSTANTS)]
+    jobs += [("numba-cuda", k + v, numba_ptx, ("float32",)) for k in plain for v in ("/master", "/half")]
     try:
         from gpuadam.kernels import cupy_elementwise
 
-        jobs += [("cupy", k, cupy_elementwise.compile_ptx) for k in cupy_elementwise.SNIPPETS]
+        jobs += [("cupy", k, cupy_elementwise.compile_ptx, DTYPES) for k in cupy_elementwise.SNIPPETS]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
         problems.append(f"cupy: {exc}")
-    half = [("numba-cuda", k, numba_ptx) for k in numba_cuda.HALF_KERNELS]
-    for backend, kernel, compile_ in jobs + half:
-        for dtype in DTYPES if kernel not in numba_cuda.HALF_KERNELS else ("float32",):
+    for backend, kernel, compile_, dtypes in jobs:
+        for dtype in dtypes:
             try:
                 ptx = compile_(kernel, dtype, arch)
                 reports.append(report(backend, kernel, dtype, arch, ptx))

@@ -32,6 +32,7 @@ class Launch(NamedTuple):
     dtype: np.dtype
     params: range
     fmt: int | None
+    param: Any  # the param's kernel view (the half param, which a master-weights kernel also writes)
 
 
 class Optimizer:
@@ -208,7 +209,7 @@ class Optimizer:
 
     def _rule_name(self, hyper: Any, fmt: int | None) -> str:
         rule = self.rule(hyper)
-        return rule if fmt is None else f"{rule}/{'master' if self.master_weights else 'half'}"
+        return rule if fmt is None else f"{rule}/half"
 
     # --- public ------------------------------------------------------------------------------
     @property
@@ -289,10 +290,11 @@ class Optimizer:
         self.last_step_launches = len(units)
 
     def _rounding(self, unit: Launch) -> tuple:
-        # the half kernels' last argument: (format, stochastic, seed, counter for the random bits)
+        # the half kernels' last arguments: (format, stochastic, seed, counter for the random bits)
+        # and the half param
         if unit.fmt is None:
             return ()
-        return ((unit.fmt, int(self.stochastic_rounding), self.seed, self._calls),)
+        return (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls), unit.param
 
     def _plan(self, grads: Sequence[Any], hypers: list) -> list[tuple]:
         """Check every gradient and group, and list the launches.
@@ -307,7 +309,8 @@ class Optimizer:
             start += len(indices)
             fmt = self._formats[indices.start]
             names = self._state_names(hyper, fmt)
-            order = ("master", *self.state_names(hyper)) if "master" in names else names
+            rule_state = self.state_names(hyper)
+            master = "master" in names
             rule = self._rule_name(hyper, fmt)
             dtype = np.dtype(np.float32) if fmt is not None else None
             for i in indices:
@@ -321,15 +324,20 @@ class Optimizer:
             gbuf = flat.owner(grads[indices.start : indices.stop]) if fused else None
             if fused and gbuf is not None and fused[0].same_layout(gbuf) and self._same_steps(indices):
                 buf, whole = fused
-                arrays = (self._kernel_view(buf.data, fmt), self._kernel_view(gbuf.data, fmt),
-                          *(whole[n] for n in order))
-                units.append(Launch(gi, arrays, rule, dtype or buf.dtype, indices, fmt))
+                p = self._kernel_view(buf.data, fmt)
+                # with master weights the kernel steps the float32 master and writes the half param
+                arrays = (whole["master"] if master else p, self._kernel_view(gbuf.data, fmt),
+                          *(whole[n] for n in rule_state))
+                units.append(Launch(gi, arrays, rule, dtype or buf.dtype, indices, fmt, p))
                 continue
             for i in indices:
                 check_like("grad", i, grads[i], self._infos[i], writeable=False)
             for i in indices:
-                arrays = (self._flat[i], self._kernel_view(grads[i], fmt), *(self.state[i][n] for n in order))
-                units.append(Launch(gi, arrays, rule, dtype or self._infos[i].dtype, range(i, i + 1), fmt))
+                state = self.state[i]
+                arrays = (state["master"] if master else self._flat[i], self._kernel_view(grads[i], fmt),
+                          *(state[n] for n in rule_state))
+                units.append(Launch(gi, arrays, rule, dtype or self._infos[i].dtype, range(i, i + 1), fmt,
+                                    self._flat[i]))
         if self._device is not None and not self._device_counts:
             for unit in units:
                 if not self._same_steps(range(unit.params[0], unit.params[-1] + 1)):

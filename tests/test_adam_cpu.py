@@ -94,8 +94,8 @@ def test_large_array_takes_parallel_loop_and_agrees_with_serial():
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
     c = AdamHyper(weight_decay=0.01).constants(3, np.float32)
     serial = [x.copy() for x in (p, g, m, v)]
-    numba_cpu.adam(p, g, m, v, c)
-    numba_cpu._adam_serial(*serial, c)
+    numba_cpu.KERNELS["adam"](p, g, m, v, c)
+    numba_cpu.KERNELS["adam"].serial(*serial, c)
     np.testing.assert_array_equal(p, serial[0])
     np.testing.assert_array_equal(v, serial[3])
 

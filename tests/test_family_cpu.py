@@ -379,11 +379,11 @@ def test_a_group_that_gains_momentum_mid_run_is_refused_unchanged():
     np.testing.assert_array_equal(p, 1.0)
 
 
-@pytest.mark.parametrize("rule", sorted(rules.FAMILY_RULES))
+@pytest.mark.parametrize("rule", sorted(set(rules.RULES) - {"adam", "amsgrad"}))
 def test_parallel_loop_agrees_with_serial(rule):
     name, kw = next((n, k) for n, k in CASES if describe(n, k)[1] == rule)
     hyper = describe(name, kw)[0]
-    n_state = rules.FAMILY_RULES[rule][1]
+    n_state = rules.RULES[rule][1]
     n = numba_cpu.PARALLEL_MIN * 2 + 3
     rng = np.random.default_rng(5)
     arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]

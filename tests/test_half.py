@@ -46,7 +46,7 @@ def test_half_state_is_float32_math_rounded_each_step(dtype):
         c = opt._hyper(opt.param_groups[0], 0).constants(t, np.float32)
         for p, x, s in zip(emu, g, state):
             a = [y.reshape(-1).astype(np.float32) for y in (p, x, s["m"], s["v"], s["vmax"])]
-            numba_cpu.amsgrad(*a, c)
+            numba_cpu.KERNELS["amsgrad"](*a, c)
             p.reshape(-1)[...] = a[0].astype(dtype)
             s["m"][...], s["v"][...], s["vmax"][...] = (y.astype(dtype) for y in a[2:])
     for p, e, st, s in zip(params, emu, opt.state, state):
@@ -161,3 +161,24 @@ def test_half_state_checkpoint_keeps_its_dtype(tmp_path):
         for k in s:
             np.testing.assert_array_equal(np.asarray(s[k]).view(np.uint16) if k != "step" else s[k],
                                           np.asarray(t[k]).view(np.uint16) if k != "step" else t[k])
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    ("RMSprop", {"centered": True, "momentum": 0.5}),
+    ("Adagrad", {"initial_accumulator_value": 0.1}),
+    ("NAdam", {}),
+    ("RAdam", {"weight_decay": 0.01}),
+])
+def test_every_optimizer_takes_master_weights(name, kw):
+    bf16 = ml_dtypes.bfloat16
+    params, grads = _half_problem(46, bf16, steps=7)
+    opt = getattr(gpuadam, name)(params, master_weights=True, **kw)
+    exact = [p.astype(np.float32) for p in params]
+    ref = getattr(gpuadam, name)(exact, **kw)
+    for g in grads:
+        opt.step(g)
+        ref.step([x.astype(np.float32) for x in g])
+    for p, e, s in zip(params, exact, opt.state):
+        np.testing.assert_array_equal(s["master"].reshape(e.shape), e)
+        np.testing.assert_array_equal(p.view(np.uint16), e.astype(bf16).view(np.uint16))

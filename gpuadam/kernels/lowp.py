@@ -158,3 +158,62 @@ def store_param(x, lp, index):
     if lp[1] != 0 and lp[0] == BFLOAT16:
         return f32_to_bf16_stochastic(x, random16(lp[2], lp[3], index))
     return store_half(x, lp[0])
+
+
+# Element access that follows the array's storage, decided when a loop is compiled: uint16 arrays
+# hold half-precision bits, float arrays their values. One loop thus serves half params with half
+# state (every array uint16) and half params with float32 master weights and state (only the
+# gradient and the written-back param are uint16). In the simulator these run as plain Python.
+
+
+def load(a, i, fmt):
+    """Element ``i`` of ``a`` in float32 (widened from half bits) or in its own precision."""
+    return load_half(a[i], fmt) if a.dtype == np.uint16 else a[i]
+
+
+def store(a, i, x, fmt):
+    """Write ``x`` to element ``i`` of ``a``, rounded to nearest even when ``a`` holds half bits."""
+    if a.dtype == np.uint16:
+        a[i] = store_half(x, fmt)
+    else:
+        a[i] = x
+
+
+def store_updated(p, p16, i, x, lp):
+    """Write the updated parameter: into half ``p`` (rounded as ``lp`` says), or into the float32
+    master ``p`` and, rounded to nearest even, into the half param ``p16``."""
+    if p.dtype == np.uint16:
+        p[i] = store_param(x, lp, i)
+    else:
+        p[i] = x
+        p16[i] = store_half(x, lp[0])
+
+
+@overload(load)
+def _load(a, i, fmt):
+    if a.dtype == types.uint16:
+        return lambda a, i, fmt: load_half(a[i], fmt)
+    return lambda a, i, fmt: a[i]
+
+
+@overload(store)
+def _store(a, i, x, fmt):
+    if a.dtype == types.uint16:
+        def impl(a, i, x, fmt):
+            a[i] = store_half(x, fmt)
+    else:
+        def impl(a, i, x, fmt):
+            a[i] = x
+    return impl
+
+
+@overload(store_updated)
+def _store_updated(p, p16, i, x, lp):
+    if p.dtype == types.uint16:
+        def impl(p, p16, i, x, lp):
+            p[i] = store_param(x, lp, i)
+    else:
+        def impl(p, p16, i, x, lp):
+            p[i] = x
+            p16[i] = store_half(x, lp[0])
+    return impl

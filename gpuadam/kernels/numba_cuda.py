@@ -1,8 +1,16 @@
 """Numba CUDA grid-stride kernels over the scalar rules.
 
-Importing this module imports ``numba.cuda``, which raises on a machine without the CUDA runtime:
-``gpuadam.backends`` imports it only when the backend is probed or used. The kernels are
-compiled lazily, per dtype, at their first launch.
+Every kernel is made from ``rules.RULES`` (``_plain_kernel``, ``_half_kernel``), so a new rule is
+one entry of that table. Importing this module imports ``numba.cuda``, which raises on a machine
+without the CUDA runtime: ``gpuadam.backends`` imports it only when the backend is probed or used.
+The kernels are compiled lazily, per signature, at their first launch.
+
+Unsigned 64-bit indices on purpose: a signed induction variable lets LLVM prove the trip count and
+unroll the loop 4x, which holds four elements' loads in flight and pushes the float32 Adam kernel
+past 32 registers (below full occupancy); the unsigned loop compiles to one lean body.
+
+Each kernel starts with ``load_constants(c)``: ``c`` is a tuple argument, or a device array that
+``prepare_kernel`` wrote (clipping, skipping, capturable), read once per thread.
 """
 
 import math
@@ -11,36 +19,138 @@ import numpy as np
 from numba import cuda, float32, float64, uint64
 
 from gpuadam.kernels import rules
-from gpuadam.kernels.lowp import load_half, store_half, store_param
-from gpuadam.kernels.rules import N_CONSTANTS, SKIP, adam_rule, amsgrad_rule, grad_factor, load_constants
-
-# Unsigned 64-bit indices on purpose: a signed induction variable lets LLVM prove the trip count
-# and unroll the loop 4x, which holds four elements' loads in flight and pushes the float32 kernel
-# past 32 registers (below full occupancy); the unsigned loop compiles to one lean body.
+from gpuadam.kernels.lowp import load, store, store_updated
+from gpuadam.kernels.rules import N_CONSTANTS, SKIP, grad_factor, load_constants
 
 
-def adam_kernel(p, g, m, v, c):
-    c = load_constants(c)  # a tuple argument, or a device array written by prepare_kernel
-    if c[SKIP] != 0:
-        return
-    i = uint64(cuda.grid(1))
-    stride = uint64(cuda.gridsize(1))
-    n = uint64(p.size)
-    while i < n:
-        p[i], m[i], v[i] = adam_rule(p[i], g[i], m[i], v[i], c)
-        i += stride
+def _plain_kernel(rule, n_state):
+    if n_state == 0:
+        def kernel(p, g, c):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                p[i] = rule(p[i], g[i], c)
+                i += stride
+    elif n_state == 1:
+        def kernel(p, g, s0, c):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                p[i], s0[i] = rule(p[i], g[i], s0[i], c)
+                i += stride
+    elif n_state == 2:
+        def kernel(p, g, s0, s1, c):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                p[i], s0[i], s1[i] = rule(p[i], g[i], s0[i], s1[i], c)
+                i += stride
+    elif n_state == 3:
+        def kernel(p, g, s0, s1, s2, c):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                p[i], s0[i], s1[i], s2[i] = rule(p[i], g[i], s0[i], s1[i], s2[i], c)
+                i += stride
+    else:
+        raise ValueError(f"rules with 0 to 3 state arrays, got {n_state}")
+    return kernel
 
 
-def amsgrad_kernel(p, g, m, v, vmax, c):
-    c = load_constants(c)
-    if c[SKIP] != 0:
-        return
-    i = uint64(cuda.grid(1))
-    stride = uint64(cuda.gridsize(1))
-    n = uint64(p.size)
-    while i < n:
-        p[i], m[i], v[i], vmax[i] = amsgrad_rule(p[i], g[i], m[i], v[i], vmax[i], c)
-        i += stride
+def _half_kernel(rule, n_state):
+    # Half-precision storage (``lowp``): ``p`` is the half param, or the float32 master with the
+    # half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math is float32.
+    if n_state == 0:
+        def kernel(p, g, c, lp, p16):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            f = lp[0]
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                store_updated(p, p16, i, rule(load(p, i, f), load(g, i, f), c), lp)
+                i += stride
+    elif n_state == 1:
+        def kernel(p, g, s0, c, lp, p16):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            f = lp[0]
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                x, a = rule(load(p, i, f), load(g, i, f), load(s0, i, f), c)
+                store_updated(p, p16, i, x, lp)
+                store(s0, i, a, f)
+                i += stride
+    elif n_state == 2:
+        def kernel(p, g, s0, s1, c, lp, p16):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            f = lp[0]
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                x, a, b = rule(load(p, i, f), load(g, i, f), load(s0, i, f), load(s1, i, f), c)
+                store_updated(p, p16, i, x, lp)
+                store(s0, i, a, f)
+                store(s1, i, b, f)
+                i += stride
+    elif n_state == 3:
+        def kernel(p, g, s0, s1, s2, c, lp, p16):
+            c = load_constants(c)
+            if c[SKIP] != 0:
+                return
+            f = lp[0]
+            i = uint64(cuda.grid(1))
+            stride = uint64(cuda.gridsize(1))
+            n = uint64(p.size)
+            while i < n:
+                x, a, b, d = rule(load(p, i, f), load(g, i, f), load(s0, i, f), load(s1, i, f),
+                                  load(s2, i, f), c)
+                store_updated(p, p16, i, x, lp)
+                store(s0, i, a, f)
+                store(s1, i, b, f)
+                store(s2, i, d, f)
+                i += stride
+    else:
+        raise ValueError(f"rules with 0 to 3 state arrays, got {n_state}")
+    return kernel
+
+
+def _named(kernel, name):
+    kernel.__name__ = kernel.__qualname__ = name
+    return kernel
+
+
+#: Python kernels by name, with their count of arrays (p, g and the state): ``"adam"`` etc. take
+#: ``(p, g, *state, c)``, ``"adam/half"`` etc. ``(p, g, *state, c, lp, p16)``. ``gpuadam inspect``
+#: compiles every one.
+KERNELS = {}
+for _name, (_rule, _n) in rules.RULES.items():
+    KERNELS[_name] = (_named(_plain_kernel(_rule, _n), f"{_name}_kernel"), _n + 2)
+    KERNELS[f"{_name}/half"] = (_named(_half_kernel(_rule, _n), f"{_name}_half_kernel"), _n + 2)
 
 
 def _make_sumsq(scalar, fmt):
@@ -58,7 +168,7 @@ def _make_sumsq(scalar, fmt):
         acc = scalar(0)
         count = 0
         while i < n:
-            x = g[i] if fmt < 0 else load_half(g[i], fmt)
+            x = load(g, i, fmt)
             acc += x * x
             if not math.isfinite(x):
                 count += 1
@@ -115,146 +225,6 @@ def _make_prepare(constants_fn):
     return prepare_kernel
 
 
-#: Python kernels by name, with the number of array arguments: ``gpuadam inspect`` compiles these.
-KERNELS = {"adam": (adam_kernel, 4), "amsgrad": (amsgrad_kernel, 5)}
-
-
-# The rest of the family: ``device_kernel`` makes the loop of ``adam_kernel`` for any rule of
-# ``rules.FAMILY_RULES``, so a new rule is one entry of that table.
-
-
-def device_kernel(name, rule, n_state):
-    """The grid-stride kernel ``(p, g, *state, c)`` of ``rule`` with ``n_state`` state arrays."""
-    if n_state == 0:
-        def kernel(p, g, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                p[i] = rule(p[i], g[i], c)
-                i += stride
-    elif n_state == 1:
-        def kernel(p, g, s0, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                p[i], s0[i] = rule(p[i], g[i], s0[i], c)
-                i += stride
-    elif n_state == 2:
-        def kernel(p, g, s0, s1, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                p[i], s0[i], s1[i] = rule(p[i], g[i], s0[i], s1[i], c)
-                i += stride
-    elif n_state == 3:
-        def kernel(p, g, s0, s1, s2, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                p[i], s0[i], s1[i], s2[i] = rule(p[i], g[i], s0[i], s1[i], s2[i], c)
-                i += stride
-    else:
-        raise ValueError(f"device_kernel: rules with 0 to 3 state arrays, got {n_state}")
-    kernel.__name__ = kernel.__qualname__ = f"{name}_kernel"
-    return kernel
-
-
-KERNELS.update({name: (device_kernel(name, rule, n), n + 2) for name, (rule, n) in rules.FAMILY_RULES.items()})
-
-
-# Half-precision storage (float16/bfloat16 as uint16 bits, ``lp = (fmt, stochastic, seed, step)``),
-# float32 math. "master": float32 master weights and state, the half param rounded (to nearest
-# even) from the master in the same pass. "half": half param and state, each rounded back (the
-# param stochastically when asked).
-
-
-def adam_master_kernel(p16, g16, w, m, v, c, lp):
-    c = load_constants(c)
-    if c[SKIP] != 0:
-        return
-    i = uint64(cuda.grid(1))
-    stride = uint64(cuda.gridsize(1))
-    n = uint64(w.size)
-    while i < n:
-        x, m[i], v[i] = adam_rule(w[i], load_half(g16[i], lp[0]), m[i], v[i], c)
-        w[i] = x
-        p16[i] = store_half(x, lp[0])
-        i += stride
-
-
-def amsgrad_master_kernel(p16, g16, w, m, v, vmax, c, lp):
-    c = load_constants(c)
-    if c[SKIP] != 0:
-        return
-    i = uint64(cuda.grid(1))
-    stride = uint64(cuda.gridsize(1))
-    n = uint64(w.size)
-    while i < n:
-        x, m[i], v[i], vmax[i] = amsgrad_rule(w[i], load_half(g16[i], lp[0]), m[i], v[i], vmax[i], c)
-        w[i] = x
-        p16[i] = store_half(x, lp[0])
-        i += stride
-
-
-def adam_half_kernel(p16, g16, m16, v16, c, lp):
-    c = load_constants(c)
-    if c[SKIP] != 0:
-        return
-    fmt = lp[0]
-    i = uint64(cuda.grid(1))
-    stride = uint64(cuda.gridsize(1))
-    n = uint64(p16.size)
-    while i < n:
-        p, m, v = adam_rule(load_half(p16[i], fmt), load_half(g16[i], fmt), load_half(m16[i], fmt),
-                            load_half(v16[i], fmt), c)
-        p16[i] = store_param(p, lp, i)
-        m16[i] = store_half(m, fmt)
-        v16[i] = store_half(v, fmt)
-        i += stride
-
-
-def amsgrad_half_kernel(p16, g16, m16, v16, vmax16, c, lp):
-    c = load_constants(c)
-    if c[SKIP] != 0:
-        return
-    fmt = lp[0]
-    i = uint64(cuda.grid(1))
-    stride = uint64(cuda.gridsize(1))
-    n = uint64(p16.size)
-    while i < n:
-        p, m, v, vmax = amsgrad_rule(load_half(p16[i], fmt), load_half(g16[i], fmt), load_half(m16[i], fmt),
-                                     load_half(v16[i], fmt), load_half(vmax16[i], fmt), c)
-        p16[i] = store_param(p, lp, i)
-        m16[i] = store_half(m, fmt)
-        v16[i] = store_half(v, fmt)
-        vmax16[i] = store_half(vmax, fmt)
-        i += stride
-
-
-#: Half-precision kernels: name -> (kernel, array kinds: "h" half bits (uint16), "f" float32).
-HALF_KERNELS = {
-    "adam/master": (adam_master_kernel, "hhfff"),
-    "amsgrad/master": (amsgrad_master_kernel, "hhffff"),
-    "adam/half": (adam_half_kernel, "hhhh"),
-    "amsgrad/half": (amsgrad_half_kernel, "hhhhh"),
-}
-
 THREADS = 256
 BLOCKS_PER_SM = 8  # 8 x 256 threads fill an SM at <= 32 registers; more blocks only re-stride
 
@@ -266,7 +236,7 @@ _max_blocks: list = []
 def _launcher(name):
     kernel = _compiled.get(name)
     if kernel is None:
-        kernel = _compiled[name] = cuda.jit((KERNELS.get(name) or HALF_KERNELS[name])[0])
+        kernel = _compiled[name] = cuda.jit(KERNELS[name][0])
     return kernel
 
 

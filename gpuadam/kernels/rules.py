@@ -379,9 +379,11 @@ def radam_rule(p, g, m, v, c):
     return p, m, v
 
 
-#: The family's rules by kernel name: ``(rule, number of state arrays)``. The Numba CPU and CUDA
-#: modules build their loops from this table (the kernel arguments are ``p, g, *state, c``).
-FAMILY_RULES = {
+#: Every rule by kernel name: ``(rule, number of state arrays)``. The Numba CPU and CUDA modules
+#: build their loops from this table (the kernel arguments are ``p, g, *state, c``).
+RULES = {
+    "adam": (adam_rule, 2),
+    "amsgrad": (amsgrad_rule, 3),
     "sgd": (sgd_rule, 0),
     "sgd_momentum": (sgd_momentum_rule, 1),
     "rmsprop": (rmsprop_rule, 1),

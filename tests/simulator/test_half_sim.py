@@ -80,3 +80,18 @@ def test_every_target_rounds_each_element_alike():
     cuda.jit(body)[8, 256](cuda.to_device(x), dev_out, lp)
     np.testing.assert_array_equal(dev_out.copy_to_host(), host_out)
     assert len(set(host_out.tolist())) > 100
+
+
+def test_a_family_optimizer_with_master_weights_on_device():
+    params32, grads32 = problem(52, shapes=SHAPES, steps=3)
+    params = [p.astype(np.float16) for p in params32]
+    grads = [[g.astype(np.float16) for g in gs] for gs in grads32]
+    dev = [cuda.to_device(p) for p in params]
+    opt = gpuadam.RMSprop(dev, lr=1e-2, centered=True, momentum=0.9, master_weights=True)
+    host = [p.copy() for p in params]
+    ref = gpuadam.RMSprop(host, lr=1e-2, centered=True, momentum=0.9, master_weights=True, backend="numba-cpu")
+    for g in grads:
+        opt.step([cuda.to_device(x) for x in g])
+        ref.step(g)
+    for s, t in zip(opt.state, ref.state):
+        np.testing.assert_allclose(s["master"].copy_to_host(), t["master"], rtol=1e-5, atol=1e-6)
