@@ -192,7 +192,8 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
     try:
         from gpuadam.kernels import cupy_elementwise
 
-        jobs += [("cupy", k, cupy_elementwise.compile_ptx, DTYPES) for k in cupy_elementwise.SNIPPETS]
+        jobs += [("cupy", k + v, cupy_elementwise.compile_ptx, DTYPES)
+                 for k in cupy_elementwise.SNIPPETS for v in ("", DEVICE_CONSTANTS)]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
         problems.append(f"cupy: {exc}")
     for backend, kernel, compile_, dtypes in jobs:

@@ -17,7 +17,8 @@ from gpuadam.kernels.rules import N_CONSTANTS
 
 
 class DeviceSteps:
-    """The device arrays of one optimizer's device-side bookkeeping (Numba CUDA arrays)."""
+    """The device arrays of one optimizer's device-side bookkeeping (Numba CUDA arrays; the cupy
+    backend uses them too, through ``__cuda_array_interface__``)."""
 
     def __init__(self, n_groups: int, lrs: list[float] | None) -> None:
         from numba import cuda
@@ -25,6 +26,7 @@ class DeviceSteps:
         from gpuadam.kernels import numba_cuda
 
         self._kernels = numba_cuda
+        self._cuda = cuda
         self.red = cuda.to_device(np.zeros(2, np.float64))  # sum of squares, count of inf/NaN
         self.steps = cuda.to_device(np.zeros(n_groups, np.int64))
         # lr >= 0 replaces the host's lr (capturable); -1 means: use the host's value
@@ -37,6 +39,8 @@ class DeviceSteps:
         self._consts = [(c32[g], c64[g]) for g in range(n_groups)]
 
     def sumsq(self, g: Any, fmt: int | None = None) -> None:
+        if hasattr(g, "__cuda_array_interface__") and not isinstance(g, self._cuda.devicearray.DeviceNDArray):
+            g = self._cuda.as_cuda_array(g, sync=False)  # a CuPy array: no stream sync on the host
         self._kernels.grad_sumsq(g, self.red, fmt)
 
     def sync_lr(self, group: int, lr: float) -> None:

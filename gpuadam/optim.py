@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gpuadam import backends, flat
-from gpuadam.arrays import ArrayInfo, check_grad_count, check_like, check_param, describe
+from gpuadam.arrays import DEVICE, ArrayInfo, check_grad_count, check_like, check_param, describe
 from gpuadam.flat import FlatBuffer
 from gpuadam.hyper import AdamHyper, check_flag, check_positive
 from gpuadam.kernels.lowp import BFLOAT16
@@ -121,12 +121,15 @@ class Optimizer:
         # and used for clipping; its step counts are the truth when ``_device_counts``.
         self._device: DeviceSteps | None = None
         device_counts = self.skip_nonfinite or self.capturable
-        if be.name == "cupy" and device_counts:
-            raise ValueError("skip_nonfinite and capturable run on the numba-cuda backend; "
-                             "the cupy backend does not have them yet")
-        if be.name == "numba-cuda":
+        self._device_missing = ""
+        if be.kind == DEVICE:
             lrs = [float(g["lr"]) for g in self.param_groups] if self.capturable else None
-            self._device = DeviceSteps(len(self.param_groups), lrs)
+            try:
+                self._device = DeviceSteps(len(self.param_groups), lrs)
+            except Exception as exc:  # the cupy backend without numba-cuda: no device bookkeeping
+                self._device_missing = f"the device-side step bookkeeping needs numba-cuda ({exc})"
+                if device_counts:
+                    raise ValueError(f"skip_nonfinite/capturable on {be.name}: {self._device_missing}") from None
         elif self.capturable:
             raise ValueError("capturable=True keeps the step count on the GPU: it needs device arrays, "
                              "got host arrays")
@@ -256,9 +259,8 @@ class Optimizer:
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
         units = self._plan(grads, hypers)  # every check is done: from here on, nothing can refuse
         reduce = max_norm > 0.0 or self.skip_nonfinite
-        if reduce and self._backend.name == "cupy":
-            raise ValueError("max_grad_norm runs on the numba-cuda and numba-cpu backends; "
-                             "the cupy backend does not have it yet")
+        if reduce and self._device_missing:
+            raise ValueError(f"max_grad_norm on {self._backend.name}: {self._device_missing}")
         if self._device is not None and (reduce or self._device_counts):
             self._step_on_device(units, hypers, inv_scale, max_norm, reduce)
             return

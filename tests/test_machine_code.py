@@ -61,15 +61,17 @@ def test_float32_kernels_meet_the_bar(inspected, backend, kernel, loads, stores)
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
 
 
+@pytest.mark.parametrize("backend,registers", [("numba-cuda", 40), ("cupy", 48)])
 @pytest.mark.parametrize("kernel,loads,stores", [("adam", 4, 3), ("amsgrad", 5, 4)])
-def test_device_constant_variants_keep_the_traffic_and_float32(inspected, kernel, loads, stores):
+def test_device_constant_variants_keep_the_traffic_and_float32(inspected, backend, registers, kernel, loads, stores):
     """Clipping/skip/capturable read the constants from device memory once per thread: the loop
-    still moves one element's bytes, in float32; holding 12 constants costs registers (<= 40 here,
-    7 of 8 blocks per SM), which a memory-bound loop does not miss."""
+    still moves one element's bytes, in float32; holding 12 loaded constants costs registers (Numba
+    35-38: 7 of 8 blocks per SM; CuPy's 64-bit indexing 40-48: 5 or 6), which a memory-bound loop
+    misses little. Bounding them with __launch_bounds__ spills."""
     (k,) = [k for k in inspected["kernels"]
-            if (k["backend"], k["kernel"], k["dtype"]) == ("numba-cuda", kernel + "/device-constants", "float32")]
+            if (k["backend"], k["kernel"], k["dtype"]) == (backend, kernel + "/device-constants", "float32")]
     assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
-    assert k["registers"] <= 40
+    assert k["registers"] <= registers
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
 
 

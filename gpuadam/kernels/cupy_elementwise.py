@@ -182,11 +182,11 @@ def constant_params(rule: str) -> tuple[tuple[int, str], ...]:
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
-def kernel_name(rule: str) -> str:
-    return f"gpuadam_{rule}"
+def kernel_name(rule: str, device_constants: bool = False) -> str:
+    return f"gpuadam_{rule}" + ("_dc" if device_constants else "")
 
 
-def operation(rule: str) -> str:
+def operation(rule: str, device_constants: bool = False) -> str:
     """The kernel body: each array's element ``i`` bound to a reference, then ``SNIPPETS[rule]``.
 
     The binding is CuPy's own for non-raw parameters (``T &p = _raw_p[_ind.get()];``), with the
@@ -197,9 +197,18 @@ def operation(rule: str) -> str:
     return "".join(bind) + SNIPPETS[rule]
 
 
-def elementwise_params(rule: str) -> tuple[str, str]:
+def loop_prep(rule: str, device_constants: bool) -> str:
+    """Code before the element loop: with ``device_constants``, the constants read once from the
+    device array ``c`` (written on the device for clipping, skipping, capturable) under the names
+    the snippet uses. Inside the loop they would be re-read per element: the compiler cannot tell
+    ``c`` from the arrays the loop writes."""
+    return "".join(f"const T {n} = c[{k}];\n" for k, n in constant_params(rule)) if device_constants else ""
+
+
+def elementwise_params(rule: str, device_constants: bool = False) -> tuple[str, str]:
     """``(in_params, out_params)`` of the rule's ElementwiseKernel: g and the constants in, state out."""
-    ins = [f"raw T raw_{n}" for n in INPUTS[rule]] + [f"T {n}" for _, n in constant_params(rule)]
+    ins = [f"raw T raw_{n}" for n in INPUTS[rule]]
+    ins += ["raw T c"] if device_constants else [f"T {n}" for _, n in constant_params(rule)]
     return ", ".join(ins), ", ".join(f"raw T raw_{n}" for n in OUTPUTS[rule])
 
 
@@ -210,7 +219,7 @@ def _ctype(dtype: Any) -> str:
         raise TypeError(f"the CuPy kernels compute in float32 or float64, not {np.dtype(dtype)}") from None
 
 
-def cuda_source(rule: str, dtype: Any) -> tuple[str, str]:
+def cuda_source(rule: str, dtype: Any, device_constants: bool = False) -> tuple[str, str]:
     """``(kernel_name, source)``: the complete CUDA C++ kernel CuPy builds from ``SNIPPETS[rule]``.
 
     A self-contained equivalent of what ``ElementwiseKernel`` generates (``cupy_generated_source``
@@ -219,15 +228,16 @@ def cuda_source(rule: str, dtype: Any) -> tuple[str, str]:
     Plain pointers stand in for CuPy's ``CArray`` and ``CIndexer`` structs, whose indexing of a
     contiguous array is ``data_[i]``, so the source compiles without CuPy's headers.
     """
-    ctype, name = _ctype(dtype), kernel_name(rule)
+    ctype, name = _ctype(dtype), kernel_name(rule, device_constants)
     params = [f"const T* raw_{n}" for n in INPUTS[rule]]
-    params += [f"const T {n}" for _, n in constant_params(rule)]
+    params += ["const T* c"] if device_constants else [f"const T {n}" for _, n in constant_params(rule)]
     params += [f"T* raw_{n}" for n in OUTPUTS[rule]]
+    prep = "".join(f"  {line}\n" for line in loop_prep(rule, device_constants).splitlines())
     body = "".join(f"    {line}\n" for line in operation(rule).splitlines())
     source = f"""typedef {ctype} T;
 
 extern "C" __global__ void {name}({", ".join(params)}, const ptrdiff_t _n) {{
-  #pragma unroll 1
+{prep}  #pragma unroll 1
   for (ptrdiff_t i = static_cast<ptrdiff_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < _n;
        i += static_cast<ptrdiff_t>(blockDim.x) * gridDim.x) {{
 {body}  }}
@@ -239,18 +249,19 @@ extern "C" __global__ void {name}({", ".join(params)}, const ptrdiff_t _n) {{
 # ---------------------------------------------------------------------------------------------
 # CuPy: the kernels themselves, and CuPy's own generated source (needs CuPy, not a GPU)
 
-_kernels: dict[str, Any] = {}
+_kernels: dict[tuple, Any] = {}
 
 
-def elementwise_kernel(rule: str) -> Any:
+def elementwise_kernel(rule: str, device_constants: bool = False) -> Any:
     """The rule's ``cupy.ElementwiseKernel``, built once; CuPy compiles it per dtype at first call."""
-    kernel = _kernels.get(rule)
+    kernel = _kernels.get((rule, device_constants))
     if kernel is None:
         import cupy
 
-        ins, outs = elementwise_params(rule)
-        kernel = _kernels[rule] = cupy.ElementwiseKernel(
-            ins, outs, operation(rule), name=kernel_name(rule), no_return=True
+        ins, outs = elementwise_params(rule, device_constants)
+        kernel = _kernels[rule, device_constants] = cupy.ElementwiseKernel(
+            ins, outs, operation(rule), name=kernel_name(rule, device_constants), no_return=True,
+            loop_prep=loop_prep(rule, device_constants),
         )
     return kernel
 
@@ -258,11 +269,17 @@ def elementwise_kernel(rule: str) -> Any:
 def launch(rule: str, arrays: tuple, c: tuple) -> None:
     """Run ``rule`` in place on 1-D CuPy arrays ``(p, g, m, v[, vmax])`` with constants ``c``.
 
-    ``c`` holds NumPy scalars of the arrays' dtype, so ``T`` resolves to that dtype. The state
+    ``c`` holds NumPy scalars of the arrays' dtype, so ``T`` resolves to that dtype, or is a device
+    array of that dtype (``on_device.DeviceSteps``). The state
     arrays are passed as the outputs, so CuPy allocates nothing and writes them in place; with
     only raw arrays CuPy takes the loop length from ``size`` (shapes were validated upstream).
     """
     p, g, *state = arrays
+    if not isinstance(c, tuple):  # constants written on the device: any CUDA array of T
+        import cupy
+
+        elementwise_kernel(rule, True)(g, cupy.asarray(c), p, *state, size=p.size)
+        return
     scalars = c if rule not in RULE_CONSTANT_NAMES else [c[k] for k, _ in constant_params(rule)]
     elementwise_kernel(rule)(g, *scalars, p, *state, size=p.size)
 
@@ -397,6 +414,10 @@ def compile_source_ptx(source: str, name: str, arch: str = "sm_90", options: tup
 
 
 def compile_ptx(rule: str, dtype: Any, arch: str = "sm_90") -> str:
-    """PTX of ``cuda_source(rule, dtype)`` for ``arch``, compiled as CuPy would (``-ftz=true``)."""
-    name, source = cuda_source(rule, dtype)
+    """PTX of ``cuda_source(rule, dtype)`` for ``arch``, compiled as CuPy would (``-ftz=true``).
+
+    ``rule`` may end in ``/device-constants``: the variant that reads its constants from memory.
+    """
+    base, _, variant = rule.partition("/")
+    name, source = cuda_source(base, dtype, device_constants=bool(variant))
     return compile_source_ptx(source, name, arch)
