@@ -1,0 +1,42 @@
+"""Numba CUDA ceiling kernels for ``gpuadam.bench``: the loads and stores of a step, and no math.
+
+A module of its own because importing it imports ``numba.cuda`` (``bench`` does so only when a
+CUDA backend is benchmarked), and because Numba's simulator runs a kernel by swapping the ``cuda``
+module in its globals, which a kernel defined in a closure would not see. The loop and the launch
+shape are those of ``kernels.numba_cuda``, so the only difference from our kernels is the math.
+"""
+
+from numba import cuda, uint64
+
+from gpuadam.kernels import numba_cuda
+
+
+def move_adam(p, g, m, v):
+    i = uint64(cuda.grid(1))
+    stride = uint64(cuda.gridsize(1))
+    n = uint64(p.size)
+    while i < n:
+        p[i], m[i], v[i] = g[i], p[i], m[i] + v[i]
+        i += stride
+
+
+def move_amsgrad(p, g, m, v, w):
+    i = uint64(cuda.grid(1))
+    stride = uint64(cuda.gridsize(1))
+    n = uint64(p.size)
+    while i < n:
+        p[i], m[i], v[i], w[i] = g[i], p[i], m[i] + v[i], w[i] + v[i]
+        i += stride
+
+
+KERNELS = {"adam": move_adam, "amsgrad": move_amsgrad}
+_compiled: dict = {}
+
+
+def launch(rule: str, *arrays) -> None:
+    """Launch the ceiling kernel of ``rule`` on 1-D device arrays, asynchronously, like ``numba_cuda.launch``."""
+    kernel = _compiled.get(rule)
+    if kernel is None:
+        kernel = _compiled[rule] = cuda.jit(KERNELS[rule])
+    # numba_cuda._blocks is our kernels' own grid size: the ceiling must launch as they do.
+    kernel[numba_cuda._blocks(arrays[0].size), numba_cuda.THREADS](*arrays)
