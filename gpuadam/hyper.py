@@ -75,8 +75,8 @@ class Hyper:
         """
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
-        scalar = np.dtype(dtype).type
-        return tuple(scalar(x) for x in type(self).constants_fn(float(step), self.scalars(), float(grad_mul)))
+        # iterating an array yields its own scalar type: one rounding, no per-value constructor
+        return tuple(np.array(type(self).constants_fn(float(step), self.scalars(), float(grad_mul)), dtype))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Numba CPU loops over the scalar rules: ``prange`` for large arrays, a plain loop for small ones.
 
 Every loop is made by ``host_kernel`` from ``rules.RULES``, so a new rule is one entry of that
-table. Waking the thread pool costs more than updating a few thousand elements, so arrays under
-``PARALLEL_MIN`` elements take the serial loop; both call the same rule. Numba caches each loop
-under the rule's name (its cache key holds the rule too).
+table. Waking the thread pool costs more than updating a few hundred thousand elements (measured
+by ``gpuadam bench``, BENCHMARKS.md), so arrays under ``PARALLEL_MIN`` elements take the serial
+loop; both call the same rule. Numba caches each loop under the rule's name (its cache key holds
+the rule too).
 
 ``error_model="numpy"``: ``x / 0`` is inf or NaN, as in PyTorch and on the GPU, not a
 ZeroDivisionError raised halfway through the loop; without that check the loop vectorizes.
@@ -17,7 +18,7 @@ from numba import njit, prange
 from gpuadam.kernels import rules
 from gpuadam.kernels.lowp import load, load_half, store, store_updated
 
-PARALLEL_MIN = 1 << 15
+PARALLEL_MIN = 1 << 18  # with OMP_WAIT_POLICY=PASSIVE a parallel launch costs ~50 us to wake the pool
 
 
 def _named(func, name):
