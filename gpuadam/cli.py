@@ -74,7 +74,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", help="comma-separated numba-cpu,numba-cuda,cupy (default: every available one)")
     p.add_argument("--optimizers", default="adam", help="comma-separated adam,adamw,amsgrad (default adam)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
-                   help="float16/bfloat16 wait for master weights and are refused for now")
+                   help="float16/bfloat16 are refused for now: the bench has no ceiling for mixed storage yet")
     p.add_argument("--many", action="store_true",
                    help="400 tensors of 1e3-1e5 elements: one tensor vs separate arrays vs a FlatBuffer vs the "
                         "peers (the size sweep then runs only if --sizes is given)")
