@@ -73,6 +73,9 @@ class Optimizer:
         self._params = [p for group in self.param_groups for p in group["params"]]
         if not self._params:
             raise ValueError("params: expected at least one array, got an empty list")
+        # the indices of each group's params among all params (fixed at construction, like the state)
+        ends = np.cumsum([len(g["params"]) for g in self.param_groups]).tolist()
+        self._ranges = [range(end - len(g["params"]), end) for g, end in zip(self.param_groups, ends)]
         checked = [check_param(i, p, declared) for i, p in enumerate(self._params)]
         infos = [info for info, _ in checked]
         self._formats: list[int | None] = [fmt for _, fmt in checked]
@@ -97,20 +100,18 @@ class Optimizer:
         # float32 state and a float32 "master" copy with master_weights, half state without.
         self.state: list[dict[str, Any]] = []
         self._flat_groups: dict[int, tuple[FlatBuffer, dict[str, Any]]] = {}
-        start = 0
-        for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
-            names = self._state_names(hyper, self._formats[start])
+        for gi, (group, hyper, indices) in enumerate(zip(self.param_groups, hypers, self._ranges)):
+            fmt = self._formats[indices.start]
+            names = self._state_names(hyper, fmt)
             buf = flat.owner(group["params"])
             if buf is None:
-                for i, p in enumerate(group["params"], start):
-                    self.state.append(self._new_state(p, self._formats[i], names))
+                self.state.extend(self._new_state(p, fmt, names) for p in group["params"])
             else:
-                whole = self._new_state(buf.data, self._formats[start], names)
+                whole = self._new_state(buf.data, fmt, names)
                 self._flat_groups[gi] = (buf, whole)
                 for offset, p in zip(buf.offsets, group["params"]):
                     size = int(np.prod(_shape_of(p)))
                     self.state.append({n: a[offset : offset + size] for n, a in whole.items()})
-            start += len(group["params"])
         self._fill_initial_state(hypers)
         self._steps = [0] * len(self._params)
         self._calls = 0  # step() calls that reached the kernels: the stochastic rounding counter
@@ -149,12 +150,10 @@ class Optimizer:
     def _fill_initial_state(self, hypers: list) -> None:
         """Set the state ``state_init`` starts away from zero; a flat group's whole buffers (padding
         included: a zero gradient still moves nothing there)."""
-        start = 0
-        for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
-            count = len(group["params"])
+        for gi, (hyper, indices) in enumerate(zip(hypers, self._ranges)):
             init = {n: v for n, v in self.state_init(hyper).items() if v != 0}
             fused = self._flat_groups.get(gi)
-            targets = [] if not init else [fused[1]] if fused else self.state[start : start + count]
+            targets = [] if not init else [fused[1]] if fused else self.state[indices.start : indices.stop]
             for state in targets:
                 for name, value in init.items():
                     info = describe(state[name])
@@ -162,7 +161,6 @@ class Optimizer:
                         raise ValueError(f"state {name!r} starts at {value}: only float state can start "
                                          f"away from zero, got {info.dtype}")
                     self._backend.copy_from_host(state[name], np.full(info.shape, value, info.dtype))
-            start += count
 
     # --- storage precision -------------------------------------------------------------------
     def _check_precision_options(self, infos: list[ArrayInfo]) -> None:
@@ -172,9 +170,8 @@ class Optimizer:
             if self.stochastic_rounding and (fmt != BFLOAT16 or self.master_weights):
                 raise ValueError(f"param {i}: stochastic_rounding is for bfloat16 params without master "
                                  f"weights, got {info.dtype}{' with master weights' if self.master_weights else ''}")
-        for gi, group in enumerate(self.param_groups):
-            start = sum(len(g["params"]) for g in self.param_groups[:gi])
-            kinds = {self._formats[i] for i in range(start, start + len(group["params"]))}
+        for gi, indices in enumerate(self._ranges):
+            kinds = {self._formats[i] for i in indices}
             if len(kinds) > 1:
                 raise ValueError(f"param group {gi}: mixes half-precision params with float32/float64 ones; "
                                  "give each precision its own group")
@@ -225,13 +222,13 @@ class Optimizer:
         """Steps taken, per param (read from the GPU when it keeps the count: that synchronises)."""
         if self._device_counts:
             by_group = self._device.read_steps()
-            return [by_group[gi] for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            return [by_group[gi] for gi, indices in enumerate(self._ranges) for _ in indices]
         return list(self._steps)
 
     @property
     def steps_skipped(self) -> int:
         """Steps skipped for a non-finite gradient (``skip_nonfinite``); on a GPU, reading synchronises."""
-        if self._device is not None and self._device_counts:
+        if self._device_counts:
             return int(self._device.skipped.copy_to_host()[0])
         return self._steps_skipped
 
@@ -305,10 +302,7 @@ class Optimizer:
         launch over the whole buffers; anything else is one launch per tensor.
         """
         units = []
-        start = 0
-        for gi, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
-            indices = range(start, start + len(group["params"]))
-            start += len(indices)
+        for gi, (hyper, indices) in enumerate(zip(hypers, self._ranges)):
             fmt = self._formats[indices.start]
             names = self._state_names(hyper, fmt)
             rule_state = self.state_names(hyper)
@@ -342,7 +336,7 @@ class Optimizer:
                                     self._flat[i]))
         if self._device is not None and not self._device_counts:
             for unit in units:
-                if not self._same_steps(range(unit.params[0], unit.params[-1] + 1)):
+                if not self._same_steps(unit.params):
                     raise ValueError(f"param group {unit.group}: its params have different step counts; a GPU "
                                      "step that clips computes one set of constants per group")
         return units
@@ -359,13 +353,11 @@ class Optimizer:
             for unit in units:
                 dev.sumsq(unit.arrays[1], unit.fmt)
         last = len(self.param_groups) - 1
-        first_param = 0
-        for gi, (group, hyper) in enumerate(zip(self.param_groups, hypers)):
+        for gi, (group, hyper, indices) in enumerate(zip(self.param_groups, hypers, self._ranges)):
             if self.capturable:
                 dev.sync_lr(gi, float(group["lr"]))
-            host_step = 0 if self._device_counts else self._steps[first_param] + 1
+            host_step = 0 if self._device_counts else self._steps[indices.start] + 1
             dev.prepare(gi, hyper, inv_scale, max_norm, self.skip_nonfinite, host_step, gi == last)
-            first_param += len(group["params"])
         for unit in units:
             be.launch(unit.rule, unit.arrays, dev.constants(unit.group, unit.dtype), *self._rounding(unit))
         if not self._device_counts:
@@ -380,13 +372,8 @@ class Optimizer:
             i: {"step": steps[i], **{n: self._host_state(i, a) for n, a in s.items()}}
             for i, s in enumerate(self.state)
         }
-        groups = []
-        start = 0
-        for group in self.param_groups:
-            count = len(group["params"])
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": list(range(start, start + count))})
-            start += count
+        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(indices)}
+                  for group, indices in zip(self.param_groups, self._ranges)]
         # the counter that seeds stochastic rounding: a resumed run draws the same random bits
         return {"optimizer": type(self).__name__, "state": state, "param_groups": groups,
                 "rounding_counter": self._calls}
@@ -404,15 +391,11 @@ class Optimizer:
             got = len(groups) if isinstance(groups, list) else type(groups).__name__
             raise ValueError(f"state_dict: expected {len(self.param_groups)} param groups, got {got}")
         new_groups = []
-        start = 0
-        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            count = len(group["params"])
-            if list(saved.get("params", [])) != list(range(start, start + count)):
+        for gi, (saved, group, indices) in enumerate(zip(groups, self.param_groups, self._ranges)):
+            if list(saved.get("params", [])) != list(indices):
                 raise ValueError(
-                    f"state_dict: param group {gi} expected params {list(range(start, start + count))}, "
-                    f"got {saved.get('params')}"
+                    f"state_dict: param group {gi} expected params {list(indices)}, got {saved.get('params')}"
                 )
-            start += count
             new = {**{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
             new_groups.append((new, self._hyper(new, gi)))
         state = state_dict.get("state")
@@ -420,26 +403,22 @@ class Optimizer:
             got = len(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state_dict: expected state for {len(self._params)} params, got {got}")
         loaded = []
-        index = 0
-        for (_, hyper), group in zip(new_groups, self.param_groups):
-            names = self._state_names(hyper, self._formats[index])
-            for _ in group["params"]:
+        for (_, hyper), indices in zip(new_groups, self._ranges):
+            names = self._state_names(hyper, self._formats[indices.start])
+            for index in indices:
                 if set(names) != set(self.state[index]):
                     raise ValueError(
                         f"state_dict: param {index}: its hyperparameters need state {sorted(names)}, but this "
                         f"optimizer was built with {sorted(self.state[index])} (e.g. amsgrad differs)"
                     )
                 loaded.append(self._check_saved_state(index, state.get(index), names))
-                index += 1
         steps = [step for step, _ in loaded]
         if self._device_counts:  # the GPU counts per group: its params must agree
-            start = 0
-            for gi, group in enumerate(self.param_groups):
-                group_steps = set(steps[start : start + len(group["params"])])
+            for gi, indices in enumerate(self._ranges):
+                group_steps = {steps[i] for i in indices}
                 if len(group_steps) > 1:
                     raise ValueError(f"state_dict: param group {gi} has params at different steps "
                                      f"{sorted(group_steps)}; this optimizer counts steps per group")
-                start += len(group["params"])
         be = self._backend
         for i, (_, arrays) in enumerate(loaded):
             for name, value in arrays.items():
@@ -447,8 +426,7 @@ class Optimizer:
         self._steps = steps
         self._calls = int(calls)
         if self._device_counts:
-            firsts = np.cumsum([0] + [len(g["params"]) for g in self.param_groups])[:-1]
-            self._device.write_steps([steps[i] for i in firsts])
+            self._device.write_steps([steps[indices.start] for indices in self._ranges])
         for group, (new, _) in zip(self.param_groups, new_groups):
             group.clear()
             group.update(new)
