@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from gpuadam.kernels import rules
-from gpuadam.kernels.lowp import load, load_half, store, store_updated
+from gpuadam.kernels.lowp import BFLOAT16, FLOAT16, load, load_half, store, store_rounded
 
 PARALLEL_MIN = 1 << 18  # with OMP_WAIT_POLICY=PASSIVE a parallel launch costs ~50 us to wake the pool
 
@@ -50,48 +50,67 @@ def _plain_loop(rule, n_state):
     return loop
 
 
-def _half_loop(rule, n_state):
-    # Half-precision storage (``lowp``): ``p`` is the half param, or the float32 master with the
-    # half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math is float32.
+def _half_loop(rule, n_state, fmt, stochastic, master):
+    # Half-precision storage (``lowp``): ``p`` is the half param, or (``master``) the float32
+    # master with the half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math
+    # is float32. ``fmt``, ``stochastic`` and ``master`` are constants of the compiled loop, and the
+    # param is stored here rather than by ``lowp.store_updated``: with the conversion chosen at
+    # compile time and no array handed to a helper that stores, LLVM vectorizes the loop (bfloat16
+    # half state ran 22x faster; handing the arrays to the store helper kept it scalar).
+
     if n_state == 0:
         def loop(p, g, c, lp, p16):
-            f = lp[0]
+            lpc = (fmt, stochastic, lp[2], lp[3])
             for i in prange(p.size):
-                store_updated(p, p16, i, rule(load(p, i, f), load(g, i, f), c), lp)
+                x = rule(load(p, i, fmt), load(g, i, fmt), c)
+                store_rounded(p, i, x, lpc)
+                if master:
+                    store(p16, i, x, fmt)
     elif n_state == 1:
         def loop(p, g, s0, c, lp, p16):
-            f = lp[0]
+            lpc = (fmt, stochastic, lp[2], lp[3])
             for i in prange(p.size):
-                x, a = rule(load(p, i, f), load(g, i, f), load(s0, i, f), c)
-                store_updated(p, p16, i, x, lp)
-                store(s0, i, a, f)
+                x, a = rule(load(p, i, fmt), load(g, i, fmt), load(s0, i, fmt), c)
+                store_rounded(p, i, x, lpc)
+                if master:
+                    store(p16, i, x, fmt)
+                store(s0, i, a, fmt)
     elif n_state == 2:
         def loop(p, g, s0, s1, c, lp, p16):
-            f = lp[0]
+            lpc = (fmt, stochastic, lp[2], lp[3])
             for i in prange(p.size):
-                x, a, b = rule(load(p, i, f), load(g, i, f), load(s0, i, f), load(s1, i, f), c)
-                store_updated(p, p16, i, x, lp)
-                store(s0, i, a, f)
-                store(s1, i, b, f)
+                x, a, b = rule(load(p, i, fmt), load(g, i, fmt), load(s0, i, fmt), load(s1, i, fmt), c)
+                store_rounded(p, i, x, lpc)
+                if master:
+                    store(p16, i, x, fmt)
+                store(s0, i, a, fmt)
+                store(s1, i, b, fmt)
     elif n_state == 3:
         def loop(p, g, s0, s1, s2, c, lp, p16):
-            f = lp[0]
+            lpc = (fmt, stochastic, lp[2], lp[3])
             for i in prange(p.size):
-                x, a, b, d = rule(load(p, i, f), load(g, i, f), load(s0, i, f), load(s1, i, f),
-                                  load(s2, i, f), c)
-                store_updated(p, p16, i, x, lp)
-                store(s0, i, a, f)
-                store(s1, i, b, f)
-                store(s2, i, d, f)
+                x, a, b, d = rule(load(p, i, fmt), load(g, i, fmt), load(s0, i, fmt), load(s1, i, fmt),
+                                  load(s2, i, fmt), c)
+                store_rounded(p, i, x, lpc)
+                if master:
+                    store(p16, i, x, fmt)
+                store(s0, i, a, fmt)
+                store(s1, i, b, fmt)
+                store(s2, i, d, fmt)
     else:
         raise ValueError(f"rules with 0 to 3 state arrays, got {n_state}")
     return loop
 
 
-def host_kernel(name, loop):
-    """``fn(p, g, *state, c[, lp, p16])`` running ``loop`` in place, in parallel from ``PARALLEL_MIN``."""
+def _compiled(name, loop):
     parallel = njit(parallel=True, cache=True, error_model="numpy")(_named(loop, f"_{name}_parallel"))
     serial = njit(cache=True, error_model="numpy")(_named(loop, f"_{name}_serial"))  # prange is range here
+    return parallel, serial
+
+
+def host_kernel(name, loop):
+    """``fn(p, g, *state, c)`` running ``loop`` in place, in parallel from ``PARALLEL_MIN``."""
+    parallel, serial = _compiled(name, loop)
 
     def run(p, g, *rest):
         (parallel if p.size >= PARALLEL_MIN else serial)(p, g, *rest)
@@ -101,12 +120,38 @@ def host_kernel(name, loop):
     return run
 
 
+#: The half loops compiled: (format, stochastic rounding, master weights) -> name suffix.
+#: Stochastic rounding is for bfloat16 without master weights only.
+_HALF_VARIANTS = {
+    (BFLOAT16, 0, False): "bf16", (BFLOAT16, 1, False): "bf16_sr", (FLOAT16, 0, False): "f16",
+    (BFLOAT16, 0, True): "bf16_master", (FLOAT16, 0, True): "f16_master",
+}
+
+
+def half_kernel(name, rule, n_state):
+    """``fn(p, g, *state, c, lp, p16)``: the loop compiled for ``lp``'s format and rounding, and
+    for master weights when ``p`` is float32 (each compiled at its first call)."""
+    variants = {key: _compiled(f"{name}_{suffix}", _half_loop(rule, n_state, *key))
+                for key, suffix in _HALF_VARIANTS.items()}
+
+    def run(p, g, *rest):
+        lp = rest[-2]
+        master = p.dtype != np.uint16
+        stochastic = 1 if lp[1] and lp[0] == BFLOAT16 and not master else 0
+        parallel, serial = variants[lp[0], stochastic, master]
+        (parallel if p.size >= PARALLEL_MIN else serial)(p, g, *rest)
+
+    run.__name__ = run.__qualname__ = name
+    run.variants = variants
+    return run
+
+
 #: Host kernels by name: ``"adam"`` etc. take ``(p, g, *state, c)``; ``"adam/half"`` etc. take
 #: ``(p, g, *state, c, lp, p16)`` on half-precision storage (see ``_half_loop``).
 KERNELS = {}
 for _name, (_rule, _n) in rules.RULES.items():
     KERNELS[_name] = host_kernel(_name, _plain_loop(_rule, _n))
-    KERNELS[f"{_name}/half"] = host_kernel(f"{_name}_half", _half_loop(_rule, _n))
+    KERNELS[f"{_name}/half"] = half_kernel(f"{_name}_half", _rule, _n)
 
 
 @njit(parallel=True, cache=True)
