@@ -46,14 +46,18 @@ SCHEMA = "gpuadam-bench/1"
 CPU, GPU = "cpu", "gpu"
 DEFAULT_SIZES = (2**16, 2**20, 2**24)
 QUICK_SIZES = (2**12, 2**16)
-#: Refused for now: the ceiling and the byte accounting assume one storage dtype for every array.
+#: Stored in 16 bits, computed in float32: with half state, or (``--master-weights``) float32 master
+#: weights and state beside the half params.
 LOW_PRECISION = ("float16", "bfloat16")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", *LOW_PRECISION)
 
 L2_DEFAULT_BYTES = 50 * 2**20  # H100's L2, when the device does not say
 VERIFY_STEPS = 2  # step 1 from zero state hides beta2 and the bias corrections: p1 = p0 - lr*sign(g)
 VERIFY_SAMPLE = 1 << 16  # elements compared with the float64 reference (the rule is elementwise)
-VERIFY_ULPS = 4  # allowed error, in eps of the dtype, per step, of max|x| + max|change of x|
+VERIFY_ULPS = 4  # allowed error, in eps of the compute dtype, per step, of max|x| + max|change of x|
+#: Half storage: and, per element, this many units in the last place of the stored format (ours round
+#: once per step, to nearest even).
+VERIFY_STORAGE_ULPS = 1
 TINY = 64  # elements of the tensor that measures per-step host overhead
 MANY_COUNT = 400
 MANY_RANGE = (1_000, 100_000)
@@ -62,16 +66,34 @@ MANY_RANGE = (1_000, 100_000)
 #: 2^18 were best; unblocked was 1.9x slower at 2^24 elements).
 NUMPY_BLOCK = 1 << 18
 
-STATE_NAMES = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax"}
+STATE_NAMES = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax", "master": "w"}
 
 
 # =============================================================================================
 # Byte accounting and the problems
 
 
+def is_half(dtype: Any) -> bool:
+    """float16 or bfloat16 (``ml_dtypes``): stored in 16 bits, computed in float32."""
+    return np.dtype(dtype).name in LOW_PRECISION
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a ``--dtype`` name (bfloat16 is ``ml_dtypes.bfloat16``)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """An optimizer as benchmarked: its kernel rule, hyperparameters, and the arrays it moves."""
+    """An optimizer as benchmarked: its kernel rule, hyperparameters, and the arrays it moves.
+
+    Array names: ``p`` the params, ``g`` the gradients, ``m``, ``v``, ``vmax`` the state, and with
+    master weights ``w``, the float32 master the step updates (``p`` is then only written).
+    """
 
     name: str
     rule: str
@@ -84,20 +106,42 @@ class OptimizerSpec:
         """The state arrays (everything written except p), as ``m``, ``v``, ``vmax``."""
         return tuple(x for x in self.writes if x != "p")
 
-    def bytes_per_element(self, dtype: Any) -> int:
-        """Bytes one step must move per element: each array read once, each changed one written once."""
-        return (len(self.reads) + len(self.writes)) * np.dtype(dtype).itemsize
+    def io(self, master: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(reads, writes)``: with master weights the step reads and writes ``w`` and only writes ``p``."""
+        if not master:
+            return self.reads, self.writes
+        swap = tuple("w" if x == "p" else x for x in self.reads)
+        return swap, (*(x for x in self.writes if x != "p"), "w", "p")
 
-    def accounting(self, dtype: Any) -> dict:
-        size = np.dtype(dtype).itemsize
+    def itemsize(self, name: str, dtype: Any, master: bool = False) -> int:
+        """Bytes per element of array ``name``: params and gradients in ``dtype``, master and state in
+        float32 with master weights, else in ``dtype`` too."""
+        dtype = np.dtype(dtype)
+        return dtype.itemsize if name in ("p", "g") or not master else 4
+
+    def bytes_per_element(self, dtype: Any, master: bool = False) -> int:
+        """Bytes one step must move per element: each array read once, each changed one written once."""
+        reads, writes = self.io(master)
+        return sum(self.itemsize(x, dtype, master) for x in reads + writes)
+
+    def read_bytes(self, dtype: Any, master: bool = False) -> int:
+        return sum(self.itemsize(x, dtype, master) for x in self.io(master)[0])
+
+    def accounting(self, dtype: Any, master: bool = False) -> dict:
+        reads, writes = self.io(master)
+
+        def listed(names: tuple[str, ...]) -> str:
+            return ", ".join(f"{x} {self.itemsize(x, dtype, master)}" for x in names)
+
+        read_b = sum(self.itemsize(x, dtype, master) for x in reads)
+        total = self.bytes_per_element(dtype, master)
         return {
-            "bytes_per_element": self.bytes_per_element(dtype),
-            "reads": list(self.reads),
-            "writes": list(self.writes),
+            "bytes_per_element": total,
+            "reads": list(reads),
+            "writes": list(writes),
             "definition": (
-                f"reads {', '.join(self.reads)} ({len(self.reads) * size} B) and writes "
-                f"{', '.join(self.writes)} ({len(self.writes) * size} B) once per element = "
-                f"{self.bytes_per_element(dtype)} B/element; the ceiling moves the same arrays"
+                f"reads {listed(reads)} ({read_b} B) and writes {listed(writes)} ({total - read_b} B) once "
+                f"per element = {total} B/element; the ceiling moves the same arrays"
             ),
         }
 
@@ -114,7 +158,8 @@ OPTIMIZERS = {
 
 @dataclass
 class Problem:
-    """Host data of one benchmark point: the tensors' sizes, random p0 and two gradients."""
+    """Host data of one benchmark point: the tensors' sizes, random p0 and two gradients (in the
+    params' dtype), and whether the step keeps float32 master weights."""
 
     spec: OptimizerSpec
     dtype: np.dtype
@@ -123,6 +168,7 @@ class Problem:
     g1: np.ndarray
     g2: np.ndarray
     sample: np.ndarray  # indices the verification compares
+    master: bool = False
 
     @property
     def n(self) -> int:
@@ -130,7 +176,20 @@ class Problem:
 
     @property
     def bytes_per_step(self) -> int:
-        return self.spec.bytes_per_element(self.dtype) * self.n
+        return self.spec.bytes_per_element(self.dtype, self.master) * self.n
+
+    @property
+    def half(self) -> bool:
+        return is_half(self.dtype)
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """The precision of the math: float32 for half storage."""
+        return np.dtype(np.float32) if self.half else self.dtype
+
+    def storage(self, name: str) -> np.dtype:
+        """The dtype array ``name`` is stored in (``spec.itemsize``'s rule)."""
+        return self.dtype if name in ("p", "g") or not self.master else np.dtype(np.float32)
 
     @property
     def label(self) -> str:
@@ -142,18 +201,19 @@ class Problem:
         return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def make_problem(spec: OptimizerSpec, dtype: Any, sizes: Sequence[int], seed: int) -> Problem:
+def make_problem(spec: OptimizerSpec, dtype: Any, sizes: Sequence[int], seed: int, master: bool = False) -> Problem:
     """Random parameters and gradients (never zeros: they would flatter a kernel on some hardware)."""
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(seed)
     n = int(sum(sizes))
-    p0, g1, g2 = (rng.standard_normal(n, dtype=dtype) for _ in range(3))
+    draw = np.float32 if is_half(dtype) else dtype  # half values: float32 draws, rounded to nearest
+    p0, g1, g2 = (rng.standard_normal(n, dtype=draw).astype(dtype) for _ in range(3))
     if n <= VERIFY_SAMPLE:
         sample = np.arange(n)
     else:  # both ends (tails and remainders live there), and a random spread in between
         ends = np.r_[0:1024, n - 1024 : n]
         sample = np.unique(np.r_[ends, rng.integers(0, n, VERIFY_SAMPLE - ends.size)])
-    return Problem(spec, dtype, tuple(int(s) for s in sizes), p0, g1, g2, sample)
+    return Problem(spec, dtype, tuple(int(s) for s in sizes), p0, g1, g2, sample, master)
 
 
 def many_sizes(count: int, low: int, high: int, seed: int) -> tuple[int, ...]:
@@ -199,8 +259,12 @@ def _adam_kwargs(h: AdamHyper) -> dict:
 # =============================================================================================
 # (a) ceiling kernels: the same loads and stores as a step, and no math the compiler could elide
 #
-# Adam:    p, m, v = g, p, m + v          reads p g m v, writes p m v
-# AMSGrad: p, m, v, w = g, p, m + v, w + v  reads p g m v w, writes p m v w
+# Adam:    p, m, v = g, p, m + v              reads p g m v, writes p m v
+# AMSGrad: p, m, v, x = g, p, m + v, x + v    reads p g m v x, writes p m v x
+# Half state: the same on the 16-bit patterns (integer sums, wrapping). Master weights, float32
+# w, m, v (and x) beside the half p and g, as our kernels take them: (w, g, m, v[, x], p16):
+# Adam:    w, m, v, p16 = m, w, m + v, g            reads w g m v, writes w m v p16
+# AMSGrad: w, m, v, x, p16 = m, w, m + v, x + v, g  reads w g m v x, writes w m v x p16
 
 
 @njit(parallel=True, cache=True)
@@ -227,16 +291,47 @@ def _ceiling_amsgrad_serial(p, g, m, v, w):
         p[i], m[i], v[i], w[i] = g[i], p[i], m[i] + v[i], w[i] + v[i]
 
 
+@njit(parallel=True, cache=True)
+def _ceiling_adam_master_parallel(w, g, m, v, p16):
+    for i in prange(w.size):
+        w[i], m[i], v[i], p16[i] = m[i], w[i], m[i] + v[i], g[i]
+
+
+@njit(cache=True)
+def _ceiling_adam_master_serial(w, g, m, v, p16):
+    for i in range(w.size):
+        w[i], m[i], v[i], p16[i] = m[i], w[i], m[i] + v[i], g[i]
+
+
+@njit(parallel=True, cache=True)
+def _ceiling_amsgrad_master_parallel(w, g, m, v, x, p16):
+    for i in prange(w.size):
+        w[i], m[i], v[i], x[i], p16[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
+
+
+@njit(cache=True)
+def _ceiling_amsgrad_master_serial(w, g, m, v, x, p16):
+    for i in range(w.size):
+        w[i], m[i], v[i], x[i], p16[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
+
+
+def _threaded(parallel: Callable, serial: Callable) -> Callable:
+    """The threading (and threshold) of ``kernels.numba_cpu``."""
+
+    def kernel(*arrays: np.ndarray) -> None:
+        (parallel if arrays[0].size >= PARALLEL_MIN else serial)(*arrays)
+
+    return kernel
+
+
 def _cpu_ceiling() -> dict[str, Callable]:
-    """Numba CPU ceiling kernels, with the threading (and threshold) of ``kernels.numba_cpu``."""
-
-    def adam(p, g, m, v):
-        (_ceiling_adam_parallel if p.size >= PARALLEL_MIN else _ceiling_adam_serial)(p, g, m, v)
-
-    def amsgrad(p, g, m, v, w):
-        (_ceiling_amsgrad_parallel if p.size >= PARALLEL_MIN else _ceiling_amsgrad_serial)(p, g, m, v, w)
-
-    return {"adam": adam, "amsgrad": amsgrad}
+    """Numba CPU ceiling kernels, threaded as ours are."""
+    return {
+        "adam": _threaded(_ceiling_adam_parallel, _ceiling_adam_serial),
+        "amsgrad": _threaded(_ceiling_amsgrad_parallel, _ceiling_amsgrad_serial),
+        "adam/master": _threaded(_ceiling_adam_master_parallel, _ceiling_adam_master_serial),
+        "amsgrad/master": _threaded(_ceiling_amsgrad_master_parallel, _ceiling_amsgrad_master_serial),
+    }
 
 
 def _numba_cuda_ceiling() -> dict[str, Callable]:
@@ -247,6 +342,7 @@ def _numba_cuda_ceiling() -> dict[str, Callable]:
 
 
 #: CuPy ceiling bodies, bound like ``kernels.cupy_elementwise`` binds its arrays (raw, index i).
+#: ``T`` is the arrays' dtype (uint16 for half state); the master kernels name their types.
 CUPY_CEILING = {
     "adam": ("raw T raw_g", "raw T raw_p, raw T raw_m, raw T raw_v",
              "const T g = raw_g[i]; const T p = raw_p[i]; const T s = raw_m[i] + raw_v[i];\n"
@@ -255,6 +351,15 @@ CUPY_CEILING = {
                 "const T g = raw_g[i]; const T p = raw_p[i]; const T v = raw_v[i];\n"
                 "const T s = raw_m[i] + v; const T w = raw_w[i] + v;\n"
                 "raw_p[i] = g; raw_m[i] = p; raw_v[i] = s; raw_w[i] = w;"),
+    "adam/master": ("raw uint16 raw_g", "raw float32 raw_w, raw float32 raw_m, raw float32 raw_v, raw uint16 raw_p16",
+                    "const unsigned short g = raw_g[i]; const float w = raw_w[i]; const float m = raw_m[i];\n"
+                    "const float s = m + raw_v[i];\n"
+                    "raw_w[i] = m; raw_m[i] = w; raw_v[i] = s; raw_p16[i] = g;"),
+    "amsgrad/master": ("raw uint16 raw_g",
+                       "raw float32 raw_w, raw float32 raw_m, raw float32 raw_v, raw float32 raw_x, raw uint16 raw_p16",
+                       "const unsigned short g = raw_g[i]; const float w = raw_w[i]; const float m = raw_m[i];\n"
+                       "const float v = raw_v[i]; const float s = m + v; const float x = raw_x[i] + v;\n"
+                       "raw_w[i] = m; raw_m[i] = w; raw_v[i] = s; raw_x[i] = x; raw_p16[i] = g;"),
 }
 
 
@@ -264,15 +369,17 @@ def _cupy_ceiling() -> dict[str, Callable]:
 
     kernels = {}
     for rule, (ins, outs, body) in CUPY_CEILING.items():
-        k = cupy.ElementwiseKernel(ins, outs, body, name=f"gpuadam_ceiling_{rule}", no_return=True)
-        kernels[rule] = functools.partial(lambda k, p, g, *state: k(g, p, *state, size=p.size), k)
+        name = f"gpuadam_ceiling_{rule.replace('/', '_')}"
+        k = cupy.ElementwiseKernel(ins, outs, body, name=name, no_return=True)
+        kernels[rule] = functools.partial(lambda k, p, g, *rest: k(g, p, *rest, size=p.size), k)
     return kernels
 
 
-def ceiling_kernel(backend: str, rule: str) -> Callable:
-    """The ceiling kernel of ``backend`` for ``rule``: called as ``kernel(p, g, m, v[, vmax])``."""
+def ceiling_kernel(backend: str, rule: str, master: bool = False) -> Callable:
+    """The ceiling kernel of ``backend`` for ``rule``: ``kernel(p, g, m, v[, vmax])`` (any dtype,
+    16-bit patterns for half state), or with ``master`` ``kernel(w, g, m, v[, vmax], p16)``."""
     table = {"numba-cpu": _cpu_ceiling, "numba-cuda": _numba_cuda_ceiling, "cupy": _cupy_ceiling}
-    return table[backend]()[rule]
+    return table[backend]()[f"{rule}/master" if master else rule]
 
 
 # =============================================================================================
@@ -316,24 +423,46 @@ class Implementation:
     tolerance_eps = VERIFY_ULPS  # verification tolerance (see ``verify``)
     note = ""  # shown under the table: anything a reader must know to trust the row
 
-    def unavailable(self, spec: OptimizerSpec, dtype: np.dtype) -> str | None:
-        """Why this cannot run ``spec`` in ``dtype`` here, or None when it can."""
+    storage_ulps = VERIFY_STORAGE_ULPS  # half storage: the rounding allowed per element (see ``verify``)
+    #: Half storage computed op by op in the half format (no float32 math): its math budget is then
+    #: in eps of that format, and no per-element ulps (rounding each operation cancels to many).
+    half_arithmetic = False
+
+    def note_for(self, problem: Problem) -> str:
+        """What a reader must know to trust this row (shown under the table)."""
+        if problem.half and self.half_arithmetic:
+            return (f"computes op by op in {problem.dtype} (no float32 math): checked at {self.tolerance_eps} "
+                    f"{problem.dtype} eps of each array's scale, not per-element ulps")
+        return self.note
+
+    def unavailable(self, problem: Problem) -> str | None:
+        """Why this cannot run ``problem`` here, or None when it can."""
         return None
 
     def setup(self, problem: Problem, sets: int) -> Case:
         raise NotImplementedError
 
-    def expected(self, problem: Problem, idx: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """name -> (initial, after VERIFY_STEPS steps) at ``idx``: the float64 reference by default."""
-        spec, h = problem.spec, problem.spec.hyper
-        p0, g1, g2 = (x[idx].astype(np.float64) for x in (problem.p0, problem.g1, problem.g2))
-        zero = np.zeros_like(p0)
-        p, m, v, vmax = p0, zero, zero, (zero if h.amsgrad else None)
-        for t, g in enumerate((g1, g2), start=1):
-            p, m, v, vmax = adam_reference(p, g, m, v, vmax, h, t)
-        out = {"p": (p0, p), "m": (zero, m), "v": (zero, v)}
-        if "vmax" in spec.state:
-            out["vmax"] = (zero, vmax)
+    def initial(self, problem: Problem, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Every array's start at ``idx``, in float64: p0, zero state, the master a copy of p0."""
+        p0 = problem.p0[idx].astype(np.float64)
+        out = {"p": p0, **{name: np.zeros_like(p0) for name in problem.spec.state}}
+        if problem.master:
+            out["w"] = p0
+        return out
+
+    def expected_step(self, problem: Problem, before: dict[str, np.ndarray], g: np.ndarray,
+                      t: int) -> dict[str, np.ndarray]:
+        """Step ``t`` of the float64 reference from ``before`` (this implementation's own values after
+        the step before) with gradient ``g``, unrounded; with master weights ``p`` is the new master."""
+        vmax = before.get("vmax")
+        p = before["w" if problem.master else "p"]
+        p, m, v, vmax = adam_reference(p, g.astype(np.float64), before["m"], before["v"], vmax,
+                                       problem.spec.hyper, t)
+        out = {"p": p, "m": m, "v": v}
+        if "vmax" in problem.spec.state:
+            out["vmax"] = vmax
+        if problem.master:
+            out["w"] = p
         return out
 
 
@@ -363,8 +492,18 @@ def _events_for(backend: str) -> str | None:
     return {"numba-cuda": "numba", "cupy": "cupy"}.get(backend)
 
 
+def _half_format_code(dtype: np.dtype) -> int:
+    from gpuadam.kernels.lowp import BFLOAT16, FLOAT16
+
+    return BFLOAT16 if dtype.name == "bfloat16" else FLOAT16
+
+
 class _BackendCase(Case):
-    """Arrays of ours in one backend's memory: ``sets`` of (params, grads), per tensor."""
+    """Arrays of ours in one backend's memory: ``sets`` of (params, grads), per tensor.
+
+    bfloat16 has no ``__cuda_array_interface__`` type: on a GPU its arrays are uint16 storage,
+    declared to the optimizer with ``half_format="bfloat16"``.
+    """
 
     def __init__(self, backend: str, problem: Problem, sets: int) -> None:
         self.backend = backend
@@ -372,15 +511,29 @@ class _BackendCase(Case):
         self.problem = problem
         self.sets = sets
         self.events = _events_for(backend)
-        self.params = [[_to_backend(self.be, x) for x in problem.split(problem.p0)] for _ in range(sets)]
-        self.grads = [[_to_backend(self.be, x) for x in problem.split(problem.g1)] for _ in range(sets)]
+        self.bits16 = problem.dtype.name == "bfloat16" and _device_of(backend) == GPU
+        self.half_format = "bfloat16" if self.bits16 else None
+        self.params = [[self.upload(x) for x in problem.split(problem.p0)] for _ in range(sets)]
+        self.grads = [[self.upload(x) for x in problem.split(problem.g1)] for _ in range(sets)]
+
+    def upload(self, host: np.ndarray) -> Any:
+        return _to_backend(self.be, self.storable(host))
+
+    def storable(self, host: np.ndarray) -> np.ndarray:
+        return host.view(np.uint16) if self.bits16 and host.dtype == self.problem.dtype else host
+
+    def kernel_view(self, x: Any) -> Any:
+        """The 1-D view a kernel takes: half arrays as their 16-bit patterns."""
+        flat = self.be.flat(x)
+        return flat.view(np.uint16) if is_half(flat.dtype) or flat.dtype == np.uint16 else flat
 
     def set_grad(self, g: np.ndarray) -> None:
         for dst, src in zip(self.grads[0], self.problem.split(g)):
-            self.be.copy_from_host(dst, src)
+            self.be.copy_from_host(dst, self.storable(src))
 
-    def _host(self, arrays: Sequence[Any]) -> np.ndarray:
-        return np.concatenate([self.be.to_host(a).reshape(-1) for a in arrays])
+    def _host(self, arrays: Sequence[Any], dtype: Any = None) -> np.ndarray:
+        out = np.concatenate([self.be.to_host(a).reshape(-1) for a in arrays])
+        return out if dtype is None else out.view(dtype)
 
     def sync(self) -> None:
         _sync_backend(self.backend)
@@ -409,19 +562,24 @@ def _optimizer_class(spec: OptimizerSpec) -> type:
 class _OptimizerCase(_BackendCase):
     def __init__(self, backend: str, problem: Problem, sets: int) -> None:
         super().__init__(backend, problem, sets)
-        cls = _optimizer_class(problem.spec)
-        kwargs = _adam_kwargs(problem.spec.hyper)
-        self.opts = [cls(params, backend=backend, **kwargs) for params in self.params]
+        self.opts = [self.optimizer(params) for params in self.params]
+
+    def optimizer(self, params: list) -> Any:
+        problem = self.problem
+        return _optimizer_class(problem.spec)(
+            params, backend=self.backend, master_weights=problem.master, half_format=self.half_format,
+            **_adam_kwargs(problem.spec.hyper),
+        )
 
     def step(self, k: int) -> None:
         self.opts[k].step(self.grads[k])
 
     def state(self) -> dict[str, np.ndarray]:
-        opt = self.opts[0]
-        out = {"p": self._host(self.params[0])}
+        opt, problem = self.opts[0], self.problem
+        out = {"p": self._host(self.params[0], problem.dtype)}
         for name, short in STATE_NAMES.items():
             if name in opt.state[0]:
-                out[short] = self._host([s[name] for s in opt.state])
+                out[short] = self._host([s[name] for s in opt.state], problem.storage(short))
         return out
 
 
@@ -434,7 +592,7 @@ class OursFlatBuffer(OursOptimizer):
         super().__init__(backend)
         self.name = f"gpuadam {backend} FlatBuffer"
 
-    def unavailable(self, spec: OptimizerSpec, dtype: np.dtype) -> str | None:
+    def unavailable(self, problem: Problem) -> str | None:
         import gpuadam
 
         if not hasattr(gpuadam, "FlatBuffer"):
@@ -449,23 +607,21 @@ class _FlatCase(_OptimizerCase):
     def __init__(self, backend: str, problem: Problem, sets: int) -> None:
         import gpuadam
 
-        self.backend, self.problem, self.sets = backend, problem, sets
-        self.be = backends.get(backend)
-        self.events = _events_for(backend)
+        _BackendCase.__init__(self, backend, problem, 0)  # the buffers below are the arrays
+        self.sets = sets
         device = "cpu" if backend == "numba-cpu" else "cuda"
+        dtype = np.uint16 if self.bits16 else problem.dtype
         self.buffers = []
-        self.params, self.grads = [], []
         for _ in range(sets):
-            pbuf = gpuadam.FlatBuffer(list(problem.sizes), problem.dtype, device)
+            pbuf = gpuadam.FlatBuffer(list(problem.sizes), dtype, device)
             gbuf = pbuf.zeros_like()
             for buf, x in ((pbuf, problem.p0), (gbuf, problem.g1)):
                 for view, part in zip(buf.views, problem.split(x)):
-                    self.be.copy_from_host(view, part)
+                    self.be.copy_from_host(view, self.storable(part))
             self.buffers.append((pbuf, gbuf))
             self.params.append(pbuf.views)
             self.grads.append(gbuf.views)
-        kwargs = _adam_kwargs(problem.spec.hyper)
-        self.opts = [_optimizer_class(problem.spec)(params, backend=backend, **kwargs) for params in self.params]
+        self.opts = [self.optimizer(params) for params in self.params]
 
 
 class OursFunctional(OursOptimizer):
@@ -474,6 +630,11 @@ class OursFunctional(OursOptimizer):
     def __init__(self, backend: str) -> None:
         super().__init__(backend)
         self.name = f"gpuadam {backend} adam_step"
+
+    def unavailable(self, problem: Problem) -> str | None:
+        if problem.half:
+            return "adam_step takes float32/float64 arrays (half params need gpuadam.Adam's state)"
+        return None
 
     def setup(self, problem: Problem, sets: int) -> Case:
         return _RawCase(self.backend, problem, sets, functional=True)
@@ -491,25 +652,39 @@ class OursLaunch(OursOptimizer):
 
 
 class _RawCase(_BackendCase):
-    """State arrays owned here; steps through ``adam_step`` or straight through ``be.launch``."""
+    """State arrays owned here; steps through ``adam_step`` or straight through ``be.launch``.
+
+    Half params launch the ``/half`` kernel as ``Adam`` does: on the 16-bit patterns, with the
+    float32 master in front and the half param last when there are master weights.
+    """
 
     def __init__(self, backend: str, problem: Problem, sets: int, functional: bool) -> None:
         super().__init__(backend, problem, sets)
         self.functional = functional
-        n_state = len(problem.spec.state)
-        self.state_arrays = [[[self.be.zeros_like(p) for _ in range(n_state)] for p in params]
+        be, spec, master = self.be, problem.spec, problem.master
+        state_dtype = np.float32 if master else np.uint16 if self.bits16 else problem.dtype
+        self.state_arrays = [[[be.zeros_like(p, state_dtype) for _ in spec.state] for p in params]
                              for params in self.params]
+        self.masters = [[_to_backend(be, x.astype(np.float32)) for x in problem.split(problem.p0)]
+                        for _ in range(sets)] if master else None
         self.steps = [0] * sets
         h = problem.spec.hyper
         self.kwargs = {k: v for k, v in _adam_kwargs(h).items() if k != "amsgrad"}
         # Constants of the verified steps, then the last of them reused: the launch must not pay for
         # them, and the kernel's cost does not depend on their values.
-        self.constants = [h.constants(t, problem.dtype) for t in range(1, VERIFY_STEPS + 1)]
-        be = self.be
-        self.launch_args = [
-            [(be.flat(p), be.flat(g), *st) for p, g, st in zip(params, grads, states)]
-            for params, grads, states in zip(self.params, self.grads, self.state_arrays)
-        ]
+        self.constants = [h.constants(t, problem.compute_dtype) for t in range(1, VERIFY_STEPS + 1)]
+        self.rule = f"{spec.rule}/half" if problem.half else spec.rule
+        self.extra: list = []  # per set and tensor: the half kernels' (format, stochastic, seed, counter), p16
+        self.launch_args = []
+        for k, (params, grads, states) in enumerate(zip(self.params, self.grads, self.state_arrays)):
+            args, extra = [], []
+            for j, (p, g, st) in enumerate(zip(params, grads, states)):
+                first = be.flat(self.masters[k][j]) if master else self.kernel_view(p)
+                args.append((first, self.kernel_view(g), *(self.kernel_view(s) for s in st)))
+                lp = (_half_format_code(problem.dtype), 0, 0, 0)
+                extra.append((lp, self.kernel_view(p)) if problem.half else ())
+            self.launch_args.append(args)
+            self.extra.append(extra)
 
     def step(self, k: int) -> None:
         t = self.steps[k] = self.steps[k] + 1
@@ -519,22 +694,26 @@ class _RawCase(_BackendCase):
             for p, g, st in zip(self.params[k], self.grads[k], self.state_arrays[k]):
                 adam_step(p, g, *st, step=t, backend=self.backend, **self.kwargs)
         else:
-            launch, rule = self.be.launch, self.problem.spec.rule
+            launch, rule = self.be.launch, self.rule
             c = self.constants[min(t, VERIFY_STEPS) - 1]
-            for arrays in self.launch_args[k]:
-                launch(rule, arrays, c)
+            for arrays, extra in zip(self.launch_args[k], self.extra[k]):
+                launch(rule, arrays, c, *extra)
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {"p": self._host(self.params[0])}
-        for j, name in enumerate(self.problem.spec.state):
-            out[name] = self._host([st[j] for st in self.state_arrays[0]])
+        problem = self.problem
+        out = {"p": self._host(self.params[0], problem.dtype)}
+        for j, name in enumerate(problem.spec.state):
+            out[name] = self._host([st[j] for st in self.state_arrays[0]], problem.storage(name))
+        if self.masters is not None:
+            out["w"] = self._host(self.masters[0])
         return out
 
 
 class Ceiling(Implementation):
-    """The same-bytes kernel: p, m, v = g, p, m + v (AMSGrad also w = w + v)."""
+    """The same-bytes kernel: p, m, v = g, p, m + v (AMSGrad also x = x + v); see (a)."""
 
     group = "ceiling"
+    storage_ulps = 0  # it computes nothing that rounds: its results are exact
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
@@ -544,44 +723,76 @@ class Ceiling(Implementation):
     def setup(self, problem: Problem, sets: int) -> Case:
         return _CeilingCase(self.backend, problem, sets)
 
-    def expected(self, problem: Problem, idx: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        s = _ceiling_start(problem)
-        p, m, v, w = (s[k][idx] for k in ("p", "m", "v", "vmax"))
-        start = {"p": p, "m": m, "v": v, "vmax": w}
-        for g in (problem.g1[idx], problem.g2[idx]):  # in the dtype: the ceiling's sums are exact to it
-            p, m, v, w = g, p, m + v, w + v
-        out = {"p": p, "m": m, "v": v, "vmax": w}
-        return {k: (start[k].astype(np.float64), out[k].astype(np.float64)) for k in ("p", *problem.spec.state)}
+    def initial(self, problem: Problem, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: x[idx].astype(np.float64) for k, x in _ceiling_start(problem).items()
+                if k in ("p", "w" if problem.master else "p", *problem.spec.state)}
+
+    def expected_step(self, problem: Problem, before: dict[str, np.ndarray], g: np.ndarray,
+                      t: int) -> dict[str, np.ndarray]:
+        # In the arrays' own storage, where the ceiling's sums are exact (16-bit patterns wrap).
+        def stored(name: str) -> np.ndarray:
+            return before[name].astype(_ceiling_storage(problem, name))
+
+        g = g.view(np.uint16) if problem.half else g
+        m, v = stored("m"), stored("v")
+        if problem.master:
+            out = {"w": m, "m": stored("w"), "v": m + v, "p": g}
+        else:
+            out = {"p": g, "m": stored("p"), "v": m + v}
+        if "vmax" in problem.spec.state:
+            out["vmax"] = stored("vmax") + v
+        return {k: x.astype(np.float64) for k, x in out.items()}
+
+
+def _ceiling_storage(problem: Problem, name: str) -> np.dtype:
+    """What the ceiling moves array ``name`` as: 16-bit patterns for half storage."""
+    dtype = problem.storage(name)
+    return np.dtype(np.uint16) if is_half(dtype) else dtype
 
 
 def _ceiling_start(problem: Problem) -> dict[str, np.ndarray]:
-    # Random state too (a sum of zeros would be a cheaper kind of traffic on some hardware).
-    return {"p": problem.p0, "m": problem.g2, "v": problem.p0 * problem.p0, "vmax": problem.g1 * problem.g1}
+    """The ceiling's arrays at the start, as it moves them. Random state too (a sum of zeros would
+    be a cheaper kind of traffic on some hardware)."""
+    p0, g1, g2 = problem.p0, problem.g1, problem.g2
+    if not problem.half:
+        return {"p": p0, "m": g2, "v": p0 * p0, "vmax": g1 * g1}
+    bits = {"p": p0.view(np.uint16)}
+    if not problem.master:
+        return {**bits, "m": g2.view(np.uint16), "v": p0.view(np.uint16) ^ g1.view(np.uint16),
+                "vmax": g1.view(np.uint16)}
+    w, g1, g2 = (x.astype(np.float32) for x in (p0, g1, g2))
+    return {**bits, "w": w, "m": g2, "v": w * w, "vmax": g1 * g1}
 
 
 class _CeilingCase(_BackendCase):
     def __init__(self, backend: str, problem: Problem, sets: int) -> None:
         super().__init__(backend, problem, sets)
-        self.kernel = ceiling_kernel(backend, problem.spec.rule)
+        master = problem.master
+        self.kernel = ceiling_kernel(backend, problem.spec.rule, master)
         start = _ceiling_start(problem)
-        self.state_arrays = [
-            [[_to_backend(self.be, part) for part in problem.split(start[name])] for name in problem.spec.state]
-            for _ in range(sets)
-        ]
+        self.names = ("w", *problem.spec.state) if master else problem.spec.state
         be = self.be
-        self.args = [
-            [(be.flat(p), be.flat(g), *(s[j] for s in state)) for j, (p, g) in enumerate(zip(params, grads))]
-            for params, grads, state in zip(self.params, self.grads, self.state_arrays)
-        ]
+        self.arrays = [{name: [_to_backend(be, part) for part in problem.split(start[name])] for name in self.names}
+                       for _ in range(sets)]
+        self.args = []
+        for params, grads, arrays in zip(self.params, self.grads, self.arrays):
+            args = []
+            for j, (p, g) in enumerate(zip(params, grads)):
+                own = [be.flat(arrays[name][j]) for name in self.names]  # w first with master weights
+                g = self.kernel_view(g)
+                args.append((own[0], g, *own[1:], self.kernel_view(p)) if master else
+                            (self.kernel_view(p), g, *own))
+            self.args.append(args)
 
     def step(self, k: int) -> None:
         for arrays in self.args[k]:
             self.kernel(*arrays)
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {"p": self._host(self.params[0])}
-        for name, arrays in zip(self.problem.spec.state, self.state_arrays[0]):
-            out[name] = self._host(arrays)
+        bits = np.uint16 if self.problem.half else None
+        out = {"p": self._host(self.params[0], bits)}
+        for name in self.names:
+            out[name] = self._host(self.arrays[0][name])
         return out
 
 
@@ -598,6 +809,14 @@ class NumpyPeer(Implementation):
 
     name = "numpy (in place, blocked)"
     backend = "numpy"
+
+    def unavailable(self, problem: Problem) -> str | None:
+        if problem.dtype.name == "bfloat16":
+            try:
+                import ml_dtypes  # noqa: F401
+            except ImportError:
+                return "bfloat16 on the host needs ml_dtypes"
+        return None
 
     def setup(self, problem: Problem, sets: int) -> Case:
         return _NumpyCase(problem)
@@ -639,22 +858,45 @@ def numpy_adam(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, vmax:
 
 
 class _NumpyCase(Case):
+    """Half storage: each block widened to float32 scratch, stepped there, rounded back (NumPy's and
+    ml_dtypes' casts round to nearest even); with master weights only g is widened and p rounded."""
+
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.p = problem.p0.copy()
         self.g = problem.g1.copy()
-        self.st = {name: np.zeros_like(self.p) for name in problem.spec.state}
+        self.st = {name: np.zeros(problem.n, problem.storage(name)) for name in problem.spec.state}
+        if problem.master:
+            self.st["w"] = problem.p0.astype(np.float32)
         block = min(NUMPY_BLOCK, max(problem.sizes))
-        self.s1, self.s2 = np.empty(block, problem.dtype), np.empty(block, problem.dtype)
-        self.parts = [problem.split(x) for x in (self.p, self.g, *self.st.values())]
+        compute = problem.compute_dtype
+        self.s1, self.s2 = np.empty(block, compute), np.empty(block, compute)
+        # the arrays the math reads, in the order numpy_adam takes them; the master stands in for p
+        self.names = ("w" if problem.master else "p", "g", "m", "v", "vmax")
+        self.wide = {name: np.empty(block, compute) for name in self.names
+                     if self._array(name) is not None and is_half(self._array(name).dtype)}
         self.t = 0
+
+    def _array(self, name: str) -> np.ndarray | None:
+        return {"p": self.p, "g": self.g}.get(name, self.st.get(name))
 
     def step(self, k: int) -> None:
         self.t += 1
-        c = self.problem.spec.hyper.constants(self.t, self.problem.dtype)
-        has_vmax = "vmax" in self.st
-        for p, g, m, v, *rest in zip(*self.parts):
-            numpy_adam(p, g, m, v, rest[0] if has_vmax else None, c, self.s1, self.s2)
+        problem = self.problem
+        c = problem.spec.hyper.constants(self.t, problem.compute_dtype)
+        arrays = [self._array(name) for name in self.names]
+        for lo, hi in zip(*_bounds(problem.sizes, self.s1.size)):
+            blocks = [None if a is None else a[lo:hi] for a in arrays]
+            if self.wide:
+                for j, name in enumerate(self.names):
+                    if name in self.wide:
+                        blocks[j] = _widen(blocks[j], self.wide[name][: hi - lo])
+            numpy_adam(*blocks, c, self.s1, self.s2)
+            for j, name in enumerate(self.names):
+                if name in self.wide and name != "g":
+                    np.copyto(arrays[j][lo:hi], blocks[j], casting="unsafe")
+            if problem.master:
+                np.copyto(self.p[lo:hi], blocks[0], casting="unsafe")
 
     def set_grad(self, g: np.ndarray) -> None:
         np.copyto(self.g, g)
@@ -663,10 +905,42 @@ class _NumpyCase(Case):
         return {"p": self.p, **self.st}
 
 
+def _bounds(sizes: tuple[int, ...], block: int) -> tuple[list[int], list[int]]:
+    """Block bounds that never cross a tensor boundary: each tensor is stepped on its own."""
+    los, his, start = [], [], 0
+    for size in sizes:
+        for lo in range(start, start + size, block):
+            los.append(lo)
+            his.append(min(start + size, lo + block))
+        start += size
+    return los, his
+
+
+def _widen(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def _torch() -> Any:
     import torch
 
     return torch
+
+
+def _to_torch(torch: Any, x: np.ndarray) -> Any:
+    """A CPU tensor holding a copy of ``x`` (bfloat16 through its bits: NumPy has no such type)."""
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def _from_torch(torch: Any, t: Any) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 class TorchPeer(Implementation):
@@ -679,15 +953,18 @@ class TorchPeer(Implementation):
         self.device = CPU if device == "cpu" else GPU
         self.name = f"torch {mode} ({device})"
         self.launches = "one" if mode == "fused" else "grouped"
+        self.half_arithmetic = mode == "foreach"  # fused computes half params in float32, as we do
 
-    def unavailable(self, spec: OptimizerSpec, dtype: np.dtype) -> str | None:
+    def unavailable(self, problem: Problem) -> str | None:
         try:
             torch = _torch()
         except Exception as exc:
             return f"torch not importable ({type(exc).__name__}: {exc})"
         if self.torch_device == "cuda" and not torch.cuda.is_available():
             return "torch has no CUDA device here"
-        h = spec.hyper
+        if problem.master:
+            return "torch.optim keeps no float32 master weights (its half params keep half state)"
+        h = problem.spec.hyper
         if h.eps_root or not h.bias_correction:
             return "torch.optim.Adam has no eps_root and always corrects the bias"
         return None
@@ -707,8 +984,8 @@ class _TorchCase(Case):
         for _ in range(sets):
             params = []
             for p, g in zip(problem.split(problem.p0), problem.split(problem.g1)):
-                t = torch.nn.Parameter(torch.from_numpy(p.copy()).to(self.device))
-                t.grad = torch.from_numpy(g.copy()).to(self.device)
+                t = torch.nn.Parameter(_to_torch(torch, p).to(self.device))
+                t.grad = _to_torch(torch, g).to(self.device)
                 params.append(t)
             self.params.append(params)
             self.opts.append(cls(
@@ -721,11 +998,11 @@ class _TorchCase(Case):
 
     def set_grad(self, g: np.ndarray) -> None:
         for t, part in zip(self.params[0], self.problem.split(g)):
-            t.grad.copy_(self.torch.from_numpy(part.copy()))
+            t.grad.copy_(_to_torch(self.torch, part))
 
     def state(self) -> dict[str, np.ndarray]:
         def host(ts: Sequence[Any]) -> np.ndarray:
-            return np.concatenate([t.detach().cpu().numpy().reshape(-1) for t in ts])
+            return np.concatenate([_from_torch(self.torch, t).reshape(-1) for t in ts])
 
         opt, params = self.opts[0], self.params[0]
         out = {"p": host(params)}
@@ -749,8 +1026,9 @@ class OptaxPeer(Implementation):
         self.device = CPU if device == "cpu" else GPU
         self.name = f"optax (jax.jit, donated, {device})"
         self.launches = "one (XLA fuses)"
+        self.half_arithmetic = True  # its moments and update in the params' dtype
 
-    def unavailable(self, spec: OptimizerSpec, dtype: np.dtype) -> str | None:
+    def unavailable(self, problem: Problem) -> str | None:
         try:
             import jax
             import optax  # noqa: F401
@@ -758,7 +1036,9 @@ class OptaxPeer(Implementation):
             return f"jax/optax not importable ({type(exc).__name__}: {exc})"
         if self.jax_device == "gpu" and not any(d.platform == "gpu" for d in jax.devices()):
             return "jax has no GPU here"
-        h = spec.hyper
+        if problem.master:
+            return "optax.adam keeps no float32 master weights (its moments take the params' dtype)"
+        h = problem.spec.hyper
         if h.amsgrad:  # optax.amsgrad keeps the max of the bias-corrected nu, PyTorch of the raw one
             return "optax's AMSGrad is a different algorithm (max of the bias-corrected second moment)"
         if h.maximize or not h.bias_correction or (h.weight_decay and not h.decoupled_weight_decay):
@@ -827,15 +1107,15 @@ class DeepSpeedPeer(Implementation):
     tolerance_eps = 512
     note = "checked at 512 eps, not 4: it rounds beta2 to float32 before 1 - beta2 (v off by 1.3e-5 relative)"
 
-    def unavailable(self, spec: OptimizerSpec, dtype: np.dtype) -> str | None:
+    def unavailable(self, problem: Problem) -> str | None:
         try:
             import deepspeed.ops.adam  # noqa: F401
         except Exception as exc:
             return f"deepspeed not importable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
-        h = spec.hyper
+        h = problem.spec.hyper
         if h.amsgrad or h.maximize or h.eps_root or not h.bias_correction:
             return "DeepSpeedCPUAdam has no amsgrad, maximize or eps_root"
-        if dtype != np.float32:
+        if problem.dtype != np.float32:
             return "DeepSpeedCPUAdam keeps float32 parameters"
         return None
 
@@ -964,33 +1244,73 @@ def _sample(entry: Entry, k: int) -> float:
     return (time.perf_counter() - t0) / k
 
 
-def verify(entry: Entry) -> float:
-    """Run VERIFY_STEPS steps on set 0 and return the worst error as a fraction of its budget."""
-    case, problem = entry.case, entry.problem
-    case.step(0)
-    case.set_grad(problem.g2)
-    case.step(0)
-    case.sync()
-    got = case.state()
+#: (mantissa bits, exponent of the smallest normal) of the half formats
+_HALF_FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
+
+
+def verify(entry: Entry) -> tuple[float, str]:
+    """Run VERIFY_STEPS steps on set 0, each compared with the float64 reference's step from the
+    implementation's own values before it: the worst error as a fraction of its budget, and where.
+
+    Per array, the budget is ``tolerance_eps`` eps of the compute dtype of ``max|x| + max|change|``
+    (the math), plus, for half storage, ``storage_ulps`` units in the last place of the stored
+    format at each element (the rounding: a max-norm budget would be blind there, an update is
+    smaller than the params' ulp). Stepping from its own values keeps one step's rounding from
+    compounding into the next step's budget.
+    """
+    case, problem, impl = entry.case, entry.problem, entry.impl
     idx = problem.sample
-    eps = float(np.finfo(problem.dtype).eps)
-    worst = 0.0
-    for name, (start, want) in entry.impl.expected(problem, idx).items():
-        if name not in got:
-            raise KeyError(f"the implementation does not expose its {name!r}")
-        have = np.asarray(got[name]).reshape(-1)[idx].astype(np.float64)
-        scale = np.abs(want).max() + np.abs(want - start).max()
-        budget = VERIFY_STEPS * entry.impl.tolerance_eps * eps * scale
-        err = np.abs(have - want).max() / max(budget, np.finfo(np.float64).tiny)
-        worst = max(worst, float(err) if np.isfinite(err) else math.inf)
-    return worst
+    before = impl.initial(problem, idx)
+    worst, where = 0.0, ""
+    for t, g in enumerate((problem.g1, problem.g2)[:VERIFY_STEPS], start=1):
+        if t > 1:
+            case.set_grad(g)
+        case.step(0)
+        case.sync()
+        got = case.state()
+        want = impl.expected_step(problem, before, g[idx], t)
+        have = {}
+        for name, target in want.items():
+            if name not in got:
+                raise KeyError(f"the implementation does not expose its {name!r}")
+            x = have[name] = np.asarray(got[name]).reshape(-1)[idx].astype(np.float64)
+            err = _step_error(impl, problem, name, x, target, before[name])
+            if not err <= worst:
+                bad = ~np.isfinite(x) & np.isfinite(target)
+                worst = math.inf if np.isnan(err) else err
+                where = (f"{name} at step {t} holds inf/NaN where the reference is finite" if bad.any() else
+                         f"{name} at step {t}: error {err:.3g}x its budget")
+        before = {**before, **have}
+    return worst, where
+
+
+def _step_error(impl: Implementation, problem: Problem, name: str, have: np.ndarray, want: np.ndarray,
+                start: np.ndarray) -> float:
+    """max |have - want| over its budget (see ``verify``)."""
+    storage = problem.storage(name)
+    half_math = impl.half_arithmetic and is_half(storage)
+    eps = 2.0 ** -_HALF_FORMATS[storage.name][0] if half_math else float(np.finfo(problem.compute_dtype).eps)
+    budget = impl.tolerance_eps * eps * (np.abs(want).max() + np.abs(want - start).max())
+    if impl.storage_ulps and is_half(storage) and not half_math:
+        budget = budget + impl.storage_ulps * ulp(want, storage)
+    err = (np.abs(have - want) / np.maximum(budget, np.finfo(np.float64).tiny)).max()
+    return float(err) if np.isfinite(err) else math.inf
+
+
+def ulp(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """The unit in the last place of half-precision ``dtype`` at each value of ``x`` (float64)."""
+    bits, emin = _HALF_FORMATS[np.dtype(dtype).name]
+    _, e = np.frexp(np.abs(x))  # |x| = f * 2**e, 0.5 <= f < 1
+    exponent = np.where(x == 0, emin, np.maximum(e - 1, emin))
+    return np.ldexp(1.0, exponent - bits)
 
 
 def _buffer_sets(entry: Entry, config: Config, l2_bytes: int) -> int:
     """GPU: enough buffer sets that their sum exceeds twice the L2 cache (capped); CPU: one."""
     if entry.impl.device != GPU or entry.host_timer:
         return 1
-    footprint = len(entry.problem.spec.reads) * entry.problem.dtype.itemsize * entry.problem.n
+    problem = entry.problem
+    footprint = problem.spec.read_bytes(problem.dtype, problem.master) * problem.n
     if footprint >= l2_bytes:
         return 1
     return int(min(config.max_sets, math.ceil(2 * l2_bytes / footprint)))
@@ -1020,7 +1340,7 @@ def run_entries(entries: list[Entry], config: Config, progress: Progress) -> Non
     live = []
     for e in entries:
         progress.note(f"{e.impl.name} {e.problem.label}")
-        reason = e.impl.unavailable(e.problem.spec, e.problem.dtype)
+        reason = e.impl.unavailable(e.problem)
         if reason is not None:
             e.status, e.reason = "unavailable", reason
             progress.advance(1 + config.repeat)
@@ -1030,14 +1350,14 @@ def run_entries(entries: list[Entry], config: Config, progress: Progress) -> Non
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. JAX on donation, torch on fused defaults
                 e.case = e.impl.setup(e.problem, e.sets)
-                e.verify_error = verify(e)
+                e.verify_error, where = verify(e)
         except Exception as exc:
             e.status, e.reason, e.case = "error", _reason(exc), None
             progress.advance(1 + config.repeat)
             continue
         if not e.verify_error <= 1.0:
             e.status, e.case = "failed", None
-            e.reason = f"disagrees with the float64 reference: error {e.verify_error:.3g}x the float tolerance"
+            e.reason = f"disagrees with the float64 reference: {where}"
             progress.advance(1 + config.repeat)
             continue
         e.verified = True
@@ -1074,6 +1394,7 @@ class Config:
     backends: tuple[str, ...] | None = None  # None: every available one
     optimizers: tuple[str, ...] = ("adam",)
     dtype: str = "float32"
+    master_weights: bool = False  # half params with float32 master weights and state
     peers: bool = True
     repeat: int = 7
     min_time: float = 0.02  # seconds per sample
@@ -1092,14 +1413,16 @@ class Config:
         return cls(**{**base, **kw})
 
     def check(self) -> None:
-        if self.dtype in LOW_PRECISION:
-            raise ValueError(
-                f"--dtype {self.dtype}: not timed yet. The optimizers take {self.dtype} params (master_weights=True, "
-                "or half state), but the bench has no ceiling or byte accounting for mixed storage yet; "
-                "use float32 or float64"
-            )
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.master_weights and self.dtype not in LOW_PRECISION:
+            raise ValueError(f"--master-weights: float32 master weights are for float16/bfloat16 params, "
+                             f"got --dtype {self.dtype}")
+        if self.dtype == "bfloat16":
+            try:
+                numpy_dtype(self.dtype)
+            except ImportError:
+                raise ValueError("--dtype bfloat16 needs ml_dtypes on the host: pip install 'gpuadam[half]'") from None
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
         if unknown or not self.optimizers:
             raise ValueError(f"--optimizers: unknown {unknown}; expected some of {', '.join(OPTIMIZERS)}")
@@ -1173,7 +1496,8 @@ class Batch:
 
 def build_batches(config: Config, use: list[str], extra: Sequence[Implementation] = ()) -> list[Batch]:
     """What to run, in batches: each size of each optimizer, the many-tensor case, the overhead."""
-    dtype = np.dtype(config.dtype)
+    dtype = numpy_dtype(config.dtype)
+    master = config.master_weights
     devices = {_device_of(b) for b in use}
     peers = peer_implementations(devices) if config.peers else []
     others = peers + list(extra)
@@ -1182,13 +1506,13 @@ def build_batches(config: Config, use: list[str], extra: Sequence[Implementation
         spec = OPTIMIZERS[opt_name]
         if config.sweep:
             for n in config.sizes:
-                make = functools.partial(make_problem, spec, dtype, (n,), config.seed)
+                make = functools.partial(make_problem, spec, dtype, (n,), config.seed, master)
                 impls = [i for b in use for i in our_implementations(b)] + others
                 batches.append(Batch("sizes", {"one": make}, [(i, "one", "one tensor") for i in impls]))
         if config.many:
             sizes = many_sizes(config.many_count, *config.many_range, config.seed)
-            problems = {"one": functools.partial(make_problem, spec, dtype, (sum(sizes),), config.seed),
-                        "many": functools.partial(make_problem, spec, dtype, sizes, config.seed)}
+            problems = {"one": functools.partial(make_problem, spec, dtype, (sum(sizes),), config.seed, master),
+                        "many": functools.partial(make_problem, spec, dtype, sizes, config.seed, master)}
             items = []
             for b in use:
                 items += [(Ceiling(b), "one", "one tensor"), (OursOptimizer(b), "one", "one tensor"),
@@ -1197,7 +1521,7 @@ def build_batches(config: Config, use: list[str], extra: Sequence[Implementation
             batches.append(Batch("many", problems, items))
     if config.overhead:
         spec = OPTIMIZERS[config.optimizers[0]]
-        make = functools.partial(make_problem, spec, dtype, (TINY,), config.seed)
+        make = functools.partial(make_problem, spec, dtype, (TINY,), config.seed, master)
         impls: list[Implementation] = []
         for b in use:
             impls += [OursOptimizer(b), OursFunctional(b), OursLaunch(b)]
@@ -1258,8 +1582,8 @@ def _others_cpus(a: tuple | None, b: tuple | None) -> float | None:
 def _shell(problem: Problem) -> Problem:
     """The problem without its arrays (the report needs its shape, not its data)."""
     empty = np.empty(0, problem.dtype)
-    shell = Problem(problem.spec, problem.dtype, problem.sizes, empty, empty, empty, np.empty(0, np.int64))
-    return shell
+    return Problem(problem.spec, problem.dtype, problem.sizes, empty, empty, empty, np.empty(0, np.int64),
+                   problem.master)
 
 
 # =============================================================================================
@@ -1280,10 +1604,12 @@ def _ceiling_for(entry: Entry, entries: list[Entry]) -> Entry | None:
 def _row(e: Entry, entries: list[Entry]) -> dict:
     row = {
         "suite": e.suite, "optimizer": e.problem.spec.name, "dtype": str(e.problem.dtype),
+        "master_weights": e.problem.master,
         "size": e.problem.n, "tensors": len(e.problem.sizes), "layout": e.layout,
         "implementation": e.impl.name, "group": e.impl.group, "backend": e.impl.backend, "device": e.impl.device,
-        "launches": e.impl.launches, "status": e.status, "reason": e.reason, "note": e.impl.note or None,
+        "launches": e.impl.launches, "status": e.status, "reason": e.reason, "note": e.impl.note_for(e.problem) or None,
         "verified": e.verified, "verify_error": e.verify_error, "verify_tolerance_eps": e.impl.tolerance_eps,
+        "verify_storage_ulps": e.impl.storage_ulps if e.problem.half else None,
         "timer": e.timer, "event_timing": e.event_timing,
         "buffer_sets": e.sets, "steps_per_sample": e.steps_per_sample, "samples_s": e.samples,
         "bytes_per_step": e.problem.bytes_per_step,
@@ -1383,7 +1709,7 @@ def machine_info() -> dict:
 
 def report(config: Config, entries: list[Entry], skipped: dict[str, str], seconds: float) -> dict:
     """The JSON document: machine, configuration, accounting, every row, and the ratios."""
-    dtype = np.dtype(config.dtype)
+    dtype = numpy_dtype(config.dtype)
     rows = [_row(e, entries) for e in entries]
     return {
         "schema": SCHEMA,
@@ -1392,13 +1718,17 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
             "sizes": list(config.sizes) if config.sweep else [], "many": config.many, "overhead": config.overhead,
             "backends": sorted({e.impl.backend for e in entries if e.impl.group == "ours"}),
             "backends_unavailable": skipped, "optimizers": list(config.optimizers), "dtype": config.dtype,
+            "master_weights": config.master_weights,
             "peers": config.peers, "repeat": config.repeat, "min_time_s": config.min_time,
             "max_buffer_sets": config.max_sets, "quick": config.quick, "seed": config.seed,
             "many_tensors": config.many_count if config.many else 0, "many_range": list(config.many_range),
             "overhead_elements": TINY, "verify": {
                 "steps": VERIFY_STEPS, "sampled_elements": VERIFY_SAMPLE, "tolerance_eps": VERIFY_ULPS,
-                "definition": "error / (steps * tolerance_eps * eps(dtype) * (max|x| + max|x - x0|)) <= 1 "
-                              "for p, m, v (and vmax), against gpuadam.reference.adam_reference in float64",
+                "storage_ulps": VERIFY_STORAGE_ULPS,
+                "definition": "each step from the implementation's own previous values, against "
+                              "gpuadam.reference.adam_reference in float64: |x - ref| <= tolerance_eps * "
+                              "eps(compute dtype) * (max|ref| + max|ref - x_before|) [+ storage_ulps * "
+                              "ulp(ref) per element for half storage], for p, m, v (vmax, master)",
             },
             "timing": {
                 "cpu": "perf_counter around a sample of back-to-back steps, implementations interleaved "
@@ -1409,7 +1739,8 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
                             "per sample)",
             },
         },
-        "accounting": {name: OPTIMIZERS[name].accounting(dtype) for name in config.optimizers},
+        "accounting": {name: OPTIMIZERS[name].accounting(dtype, config.master_weights)
+                       for name in config.optimizers},
         "results": rows,
         "ratios": _ratios(rows),
         "seconds": round(seconds, 2),
@@ -1418,6 +1749,11 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.3f}" if x < 1 else f"{x * 1e3:.0f}"
+
+
+def _storage(doc: dict) -> str:
+    config = doc["config"]
+    return f"{config['dtype']} + float32 master weights" if config.get("master_weights") else config["dtype"]
 
 
 def format_table(doc: dict) -> str:
@@ -1434,7 +1770,7 @@ def format_table(doc: dict) -> str:
         lines.append(f"WARNING: other processes kept {others:.2f} CPUs busy during the run: the figures are skewed")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     for name, acc in doc["accounting"].items():
-        lines.append(f"{name} ({doc['config']['dtype']}): {acc['definition']}")
+        lines.append(f"{name} ({_storage(doc)}): {acc['definition']}")
     for b, why in doc["config"]["backends_unavailable"].items():
         lines.append(f"backend {b}: unavailable ({why})")
     rows = doc["results"]
@@ -1450,7 +1786,7 @@ def format_table(doc: dict) -> str:
 
     sweep = [r for r in rows if r["suite"] == "sizes"]
     for opt in dict.fromkeys(r["optimizer"] for r in sweep):
-        lines += ["", f"== {opt}, {doc['config']['dtype']}: time per step, bandwidth at "
+        lines += ["", f"== {opt}, {_storage(doc)}: time per step, bandwidth at "
                       f"{doc['accounting'][opt]['bytes_per_element']} B/element, fraction of the ceiling", head]
         for r in (r for r in sweep if r["optimizer"] == opt):
             lines.append(line(r, size_label(r["size"])))
@@ -1516,7 +1852,7 @@ def plot(doc: dict, path: str) -> None:
         ax.set_ylabel(f"GB/s at {doc['accounting'][opt]['bytes_per_element']} B/element")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-        ax.set_title(f"{opt} {doc['config']['dtype']} on {device}: bytes the step must move / median time")
+        ax.set_title(f"{opt} {_storage(doc)} on {device}: bytes the step must move / median time")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     m = doc["machine"]
     fig.suptitle(f"gpuadam bench: {m['cpu_model']}, {m['cpus_usable']} CPUs", fontsize=10)
@@ -1535,7 +1871,8 @@ def config_from_args(args: Any) -> Config:
     """A ``Config`` from the ``gpuadam bench`` arguments (``--quick`` changes the defaults only)."""
     split = (lambda s: tuple(x.strip() for x in s.split(",") if x.strip()))  # noqa: E731
     kw: dict[str, Any] = dict(
-        optimizers=split(args.optimizers), dtype=args.dtype, many=args.many, peers=args.peers,
+        optimizers=split(args.optimizers), dtype=args.dtype, master_weights=args.master_weights,
+        many=args.many, peers=args.peers,
         overhead=not args.no_overhead, progress=not args.no_progress,
         sweep=args.sizes is not None or not args.many,
     )

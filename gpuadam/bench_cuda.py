@@ -29,7 +29,28 @@ def move_amsgrad(p, g, m, v, w):
         i += stride
 
 
-KERNELS = {"adam": move_adam, "amsgrad": move_amsgrad}
+def move_adam_master(w, g, m, v, p16):
+    i = uint64(cuda.grid(1))
+    stride = uint64(cuda.gridsize(1))
+    n = uint64(w.size)
+    while i < n:
+        w[i], m[i], v[i], p16[i] = m[i], w[i], m[i] + v[i], g[i]
+        i += stride
+
+
+def move_amsgrad_master(w, g, m, v, x, p16):
+    i = uint64(cuda.grid(1))
+    stride = uint64(cuda.gridsize(1))
+    n = uint64(w.size)
+    while i < n:
+        w[i], m[i], v[i], x[i], p16[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
+        i += stride
+
+
+#: By rule; ``/master``: float32 master, moments (and max) beside the 16-bit g and p16. Half state
+#: runs the plain kernels on the 16-bit patterns.
+KERNELS = {"adam": move_adam, "amsgrad": move_amsgrad,
+           "adam/master": move_adam_master, "amsgrad/master": move_amsgrad_master}
 _compiled: dict = {}
 
 

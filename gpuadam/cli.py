@@ -74,7 +74,10 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", help="comma-separated numba-cpu,numba-cuda,cupy (default: every available one)")
     p.add_argument("--optimizers", default="adam", help="comma-separated adam,adamw,amsgrad (default adam)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
-                   help="float16/bfloat16 are refused for now: the bench has no ceiling for mixed storage yet")
+                   help="the params' dtype (default float32); float16/bfloat16 keep half state and compute "
+                        "in float32, as torch does")
+    p.add_argument("--master-weights", action="store_true",
+                   help="with --dtype float16/bfloat16: float32 master weights and state (28 B/element for Adam)")
     p.add_argument("--many", action="store_true",
                    help="400 tensors of 1e3-1e5 elements: one tensor vs separate arrays vs a FlatBuffer vs the "
                         "peers (the size sweep then runs only if --sizes is given)")

@@ -131,15 +131,15 @@ def test_wrong_implementation_fails_and_is_not_timed_and_timing_follows_verifica
     assert wrong["samples_s"] == [] and wrong["median_s"] is None and wrong["bandwidth_gbs"] is None
     assert "reference" in wrong["reason"]
     assert rows["spy"]["status"] == "ok" and rows["spy"]["verified"]
-    first_read = spy.log.index("state")
-    assert spy.log[:first_read] == ["step"] * bench.VERIFY_STEPS  # nothing ran before the check
-    assert spy.log.count("state") == 1 and len(spy.log) > first_read + 1  # timed only afterwards
+    checked = 2 * bench.VERIFY_STEPS
+    assert spy.log[:checked] == ["step", "state"] * bench.VERIFY_STEPS  # each step checked, before any timing
+    assert spy.log.count("state") == bench.VERIFY_STEPS and len(spy.log) > checked + 1  # timed only afterwards
     assert "deliberately wrong" not in " ".join(r["ours"] for r in doc["ratios"])
 
 
 def test_cli_exit_code_and_messages(capsys):
-    assert cli_main(["bench", "--dtype", "float16", "--no-progress"]) == 2
-    assert "not timed yet" in capsys.readouterr().err
+    assert cli_main(["bench", "--master-weights", "--no-progress"]) == 2
+    assert "float16/bfloat16" in capsys.readouterr().err
     assert cli_main(["bench", "--sizes", "2^x", "--no-progress"]) == 2
     assert "2^x" in capsys.readouterr().err
 
@@ -162,6 +162,20 @@ def test_bytes_per_element():
     acc = bench.OPTIMIZERS["adam"].accounting(np.float32)
     assert acc["reads"] == ["p", "g", "m", "v"] and acc["writes"] == ["p", "m", "v"]
     assert "28 B/element" in acc["definition"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_bytes_per_element_of_half_storage(dtype):
+    dtype = bench.numpy_dtype(dtype)
+    adam, amsgrad = bench.OPTIMIZERS["adam"], bench.OPTIMIZERS["amsgrad"]
+    assert adam.bytes_per_element(dtype) == 14  # half state: 7 arrays of 2 B
+    assert amsgrad.bytes_per_element(dtype) == 18
+    # master weights: w, m, v (and vmax) in float32 read and written, g read and p written in 16 bits
+    assert adam.bytes_per_element(dtype, master=True) == 28  # w4 g2 m4 v4 read, m4 v4 w4 p2 written
+    assert amsgrad.bytes_per_element(dtype, master=True) == 36
+    acc = adam.accounting(dtype, master=True)
+    assert acc["reads"] == ["w", "g", "m", "v"] and acc["writes"] == ["m", "v", "w", "p"]
+    assert "(14 B) and writes" in acc["definition"] and "28 B/element" in acc["definition"]
 
 
 def test_bandwidth_and_ceiling_fraction_are_bytes_over_time(quick_doc):
@@ -194,14 +208,88 @@ def test_cpu_ceiling_reads_and_writes_every_array(rule, n):
         np.testing.assert_array_equal(arrays[4], before[4] + v)
 
 
+@pytest.mark.parametrize("rule", ["adam", "amsgrad"])
+@pytest.mark.parametrize("n", [1000, PARALLEL_MIN + 3])
+def test_cpu_ceiling_of_half_storage(rule, n):
+    """Half state: the same moves on 16-bit patterns (sums wrap); master weights: w, m, v (x) float32
+    beside the half g and p16."""
+    rng = np.random.default_rng(1)
+    bits = [rng.integers(0, 1 << 16, n).astype(np.uint16) for _ in range(5 if rule == "amsgrad" else 4)]
+    before = [a.copy() for a in bits]
+    bench.ceiling_kernel("numba-cpu", rule)(*bits)
+    np.testing.assert_array_equal(bits[0], before[1])
+    np.testing.assert_array_equal(bits[2], before[0])
+    np.testing.assert_array_equal(bits[3], before[2] + before[3])  # uint16: wraps as the kernel's store does
+    f32 = [rng.standard_normal(n).astype(np.float32) for _ in range(4 if rule == "amsgrad" else 3)]
+    g, p16 = (rng.integers(0, 1 << 16, n).astype(np.uint16) for _ in range(2))
+    w, m, v = (x.copy() for x in f32[:3])
+    arrays = (f32[0], g, f32[1], f32[2], *f32[3:], p16)
+    bench.ceiling_kernel("numba-cpu", rule, master=True)(*arrays)
+    np.testing.assert_array_equal(arrays[0], m)
+    np.testing.assert_array_equal(arrays[2], w)
+    np.testing.assert_array_equal(arrays[3], m + v)
+    np.testing.assert_array_equal(p16, g)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("master", [False, True], ids=["half-state", "master-weights"])
+def test_half_storage_runs_verified_with_its_own_ceiling(dtype, master):
+    doc = bench.run(quick_config(dtype=dtype, master_weights=master, sizes=(1000,), optimizers=("adam", "amsgrad"),
+                                 overhead=False))
+    assert doc["config"]["dtype"] == dtype and doc["config"]["master_weights"] is master
+    assert doc["accounting"]["adam"]["bytes_per_element"] == (28 if master else 14)
+    rows = [r for r in doc["results"] if r["status"] != "unavailable"]
+    assert {r["implementation"] for r in rows} == {
+        "ceiling numba-cpu (same bytes, no math)", "gpuadam numba-cpu Adam.step", "gpuadam numba-cpu launch"}
+    for r in rows:
+        assert r["status"] == "ok" and r["verified"] and r["verify_error"] <= 1.0, r
+        assert r["dtype"] == dtype and r["master_weights"] is master
+        assert r["verify_storage_ulps"] == (0 if r["group"] == "ceiling" else 1)
+        assert r["ceiling_fraction"] > 0
+    # ours round once per step: within half an ulp of the reference (plus float32 math), never 1
+    assert all(r["verify_error"] <= 0.6 for r in rows if r["group"] == "ours")
+    functional = [r for r in doc["results"] if r["implementation"].endswith("adam_step")]
+    assert not functional  # adam_step is not in the sweep; its refusal of half params is in test_half
+
+
+class _ThreeTimesTheStep(bench.OursOptimizer):
+    """Our optimizer with lr 3e-3 where 1e-3 was asked: m and v right, p off by 2 lr, which is
+    less than half an ulp of most half-precision params."""
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.name = "three times the step"
+
+    def setup(self, problem, sets):
+        spec = bench.OPTIMIZERS["adam"]
+        wrong = bench.OptimizerSpec(spec.name, spec.rule, bench.AdamHyper(lr=3e-3), spec.reads, spec.writes)
+        return super().setup(bench.Problem(wrong, problem.dtype, problem.sizes, problem.p0, problem.g1,
+                                           problem.g2, problem.sample, problem.master), sets)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_verification_catches_a_wrong_step(dtype):
+    """Per-element ulps have teeth where a max-norm budget would not: the params a wrong step size
+    moves by less than their ulp hide it, the small ones show it."""
+    wrong = _ThreeTimesTheStep("numba-cpu")
+    doc = bench.run(quick_config(dtype=dtype, sizes=(4000,), overhead=False), extra=[wrong])
+    row = next(r for r in doc["results"] if r["implementation"] == "three times the step")
+    assert row["status"] == "failed" and not row["samples_s"], row
+    assert "reference: p at step" in row["reason"]  # caught on p: m and v are right
+
+
 def test_cuda_ceiling_compiles_to_the_same_loads_and_stores():
-    """For sm_90 (no GPU needed, only NVVM): 4 loads and 3 stores for Adam, 5 and 4 for AMSGrad."""
+    """For sm_90 (no GPU needed, only NVVM): 4 loads and 3 stores for Adam, 5 and 4 for AMSGrad; with
+    master weights one more store (the half param)."""
     code = (
         "import re\n"
-        "from numba import cuda, float32\n"
+        "from numba import cuda, float32, uint16\n"
         "from gpuadam import bench_cuda\n"
-        "for f, n in ((bench_cuda.move_adam, 4), (bench_cuda.move_amsgrad, 5)):\n"
-        "    ptx, _ = cuda.compile_ptx(f, (float32[::1],) * n, cc=(9, 0))\n"
+        "f, h = float32[::1], uint16[::1]\n"
+        "for f, sig in ((bench_cuda.move_adam, (f,) * 4), (bench_cuda.move_amsgrad, (f,) * 5),\n"
+        "               (bench_cuda.move_adam_master, (f, h, f, f, h)),\n"
+        "               (bench_cuda.move_amsgrad_master, (f, h, f, f, f, h))):\n"
+        "    ptx, _ = cuda.compile_ptx(f, sig, cc=(9, 0))\n"
         "    print(len(re.findall(r'ld\\.global', ptx)), len(re.findall(r'st\\.global', ptx)),"
         " len(re.findall(r'\\.f64', ptx)))\n"
     )
@@ -209,14 +297,15 @@ def test_cuda_ceiling_compiles_to_the_same_loads_and_stores():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         pytest.skip(f"cannot compile PTX here: {out.stderr.strip().splitlines()[-1:]}")
-    assert out.stdout.split() == ["4", "3", "0", "5", "4", "0"]
+    assert out.stdout.split() == ["4", "3", "0", "5", "4", "0", "4", "4", "0", "5", "5", "0"]
 
 
-def test_peers_on_the_cpu_verify():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_peers_on_the_cpu_verify(dtype):
     """NumPy always; PyTorch and optax when installed (DeepSpeed's op build is too slow for a test)."""
     extra = [bench.NumpyPeer(), bench.TorchPeer("foreach", "cpu"), bench.TorchPeer("fused", "cpu"),
              bench.OptaxPeer("cpu")]
-    doc = bench.run(quick_config(sizes=(PARALLEL_MIN + 5,), overhead=False, repeat=1,
+    doc = bench.run(quick_config(sizes=(PARALLEL_MIN + 5,), overhead=False, repeat=1, dtype=dtype,
                                  optimizers=("adamw",)), extra=extra)
     rows = {r["implementation"]: r for r in doc["results"]}
     assert rows["numpy (in place, blocked)"]["status"] == "ok"
@@ -227,8 +316,11 @@ def test_peers_on_the_cpu_verify():
 # --- the GPU timing path, in Numba's CUDA simulator --------------------------------------
 
 
-def test_gpu_timing_path_in_the_simulator(tmp_path):
-    """CUDA events, buffer sets rotated past the L2 cache, verification: all in the simulator.
+@pytest.mark.parametrize("storage", [(), ("--dtype", "bfloat16"), ("--dtype", "float16", "--master-weights")],
+                         ids=["float32", "bfloat16-as-uint16", "float16-master"])
+def test_gpu_timing_path_in_the_simulator(tmp_path, storage):
+    """CUDA events, buffer sets rotated past the L2 cache, verification: all in the simulator, for
+    float32, for bfloat16 (uint16 on the device, declared) and for float16 with master weights.
 
     Its own process: NUMBA_ENABLE_CUDASIM must be set before numba.cuda is first imported.
     """
@@ -236,7 +328,7 @@ def test_gpu_timing_path_in_the_simulator(tmp_path):
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "GPUADAM_BACKEND": ""}
     out = subprocess.run(
         [sys.executable, "-m", "gpuadam", "bench", "--quick", "--sizes", "100", "--backends", "numba-cuda",
-         "--no-peers", "--repeat", "2", "--max-buffer-sets", "3", "--no-progress", "--json", str(path)],
+         "--no-peers", "--repeat", "2", "--max-buffer-sets", "3", "--no-progress", "--json", str(path), *storage],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -252,5 +344,7 @@ def test_gpu_timing_path_in_the_simulator(tmp_path):
         assert r["buffer_sets"] == 3  # 100 elements fit in any L2: rotated, up to the cap
         assert len(r["samples_s"]) == 2 and r["ceiling_fraction"] > 0
     over = [r for r in doc["results"] if r["suite"] == "overhead"]
+    refused = {r["implementation"] for r in over if r["status"] == "unavailable"}
+    assert refused == ({"gpuadam numba-cuda adam_step"} if storage else set())  # it takes float32/float64
     assert over and all(r["status"] == "ok" and r["timer"] == "perf_counter" and r["buffer_sets"] == 1
-                        for r in over)
+                        for r in over if r["status"] != "unavailable")
