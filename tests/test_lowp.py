@@ -75,6 +75,29 @@ def test_narrowing_rounds_to_nearest_even_and_quiets_nan(fmt, dtype):
     np.testing.assert_array_equal(got[pick], spec)
 
 
+@njit
+def _stochastic(x, lp, out):
+    for i in range(x.size):
+        out[i] = lowp.store_param(x[i], lp, i)
+
+
+def test_stochastic_rounding_compiled_is_the_specification():
+    """The hash and the stochastic rounding in 32-bit machine arithmetic draw the bits the 64-bit
+    Python specification draws, for seeds and counters past 2**31."""
+    bits = _patterns(20_000)
+    x = bits.view(np.float32)
+    for seed, counter in ((0, 1), (1234, 17), (2**32 - 1, 2**31 + 5), (2**31, 2**40 + 3)):
+        lp = (lowp.BFLOAT16, 1, seed, counter)
+        got = np.empty(x.size, np.uint16)
+        _stochastic(x, lp, got)
+        pick = np.r_[0:3000, x.size - 3000 : x.size]
+        spec = np.array([lowp.store_param(x[i], lp, int(i)) for i in pick], dtype=np.uint16)
+        np.testing.assert_array_equal(got[pick], spec)
+        finite = np.isfinite(x)
+        up = got[finite] != (bits[finite] >> 16).astype(np.uint16)
+        assert 0.2 < up.mean() < 0.8  # both ways, as the distances to the two neighbours say
+
+
 _VECTORIZED = """
 import re
 from numba import types

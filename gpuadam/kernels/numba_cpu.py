@@ -3,26 +3,34 @@
 Every loop is made by ``host_kernel`` from ``rules.RULES``, so a new rule is one entry of that
 table. Waking the thread pool costs more than updating a few hundred thousand elements (measured
 by ``gpuadam bench``, BENCHMARKS.md), so arrays under ``PARALLEL_MIN`` elements take the serial
-loop; both call the same rule. Numba caches each loop under the rule's name (its cache key holds
-the rule too).
+loop; both call the same rule. Numba caches each loop under the rule's name and a stamp of the
+code it compiles in (see ``_named``).
 
 ``error_model="numpy"``: ``x / 0`` is inf or NaN, as in PyTorch and on the GPU, not a
 ZeroDivisionError raised halfway through the loop; without that check the loop vectorizes.
 """
 
+import hashlib
 import types
+from pathlib import Path
 
 import numpy as np
 from numba import njit, prange
 
-from gpuadam.kernels import rules
+from gpuadam.kernels import lowp, rules
 from gpuadam.kernels.lowp import BFLOAT16, FLOAT16, load, load_half, store, store_rounded
 
 PARALLEL_MIN = 1 << 18  # with OMP_WAIT_POLICY=PASSIVE a parallel launch costs ~50 us to wake the pool
 
+# Numba's cache checks only the file that defines a function, not the functions it inlines: an
+# edit of the rules or conversions kept running the old machine code (seen: a cached half loop
+# ran the conversions of three commits before). Each cached name carries a stamp of their source.
+_STAMP = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (rules, lowp))).hexdigest()[:10]
+
 
 def _named(func, name):
-    """A copy of ``func`` named ``name``: Numba names the cache files (and the symbols) after it."""
+    """A copy of ``func`` named ``name`` and the stamp: Numba names the cache files after it."""
+    name = f"{name}_{_STAMP}"
     copy = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__, func.__closure__)
     copy.__qualname__ = name
     return copy
@@ -154,7 +162,6 @@ for _name, (_rule, _n) in rules.RULES.items():
     KERNELS[f"{_name}/half"] = half_kernel(f"{_name}_half", _rule, _n)
 
 
-@njit(parallel=True, cache=True)
 def _sumsq(g, fmt):
     total = 0.0
     bad = 0.0
@@ -166,14 +173,23 @@ def _sumsq(g, fmt):
     return total, bad
 
 
+_sumsq = njit(parallel=True, cache=True)(_named(_sumsq, "_sumsq"))
+
+
 def sumsq(g, fmt=None):
     """``(sum of squares, count of non-finite)`` of a 1-D host array (half bits when ``fmt`` is
     given), accumulated in float64."""
     return _sumsq(g, -1 if fmt is None else fmt)
 
 
-@njit(parallel=True, cache=True)
-def half_to_float32(h, fmt, out):
-    """Widen half-precision bits to float32 (a master copy of half params)."""
+def _half_to_float32(h, fmt, out):
     for i in prange(h.size):
         out[i] = load_half(h[i], fmt)
+
+
+_half_to_float32 = njit(parallel=True, cache=True)(_named(_half_to_float32, "_half_to_float32"))
+
+
+def half_to_float32(h, fmt, out):
+    """Widen half-precision bits to float32 (a master copy of half params)."""
+    _half_to_float32(h, fmt, out)
