@@ -133,8 +133,8 @@ class CuPy:
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         self.flat(dst).set(np.ascontiguousarray(src).reshape(-1))
 
-    def launch(self, rule: str, arrays: tuple, c: tuple) -> None:
-        self._launch(rule, arrays, c)
+    def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
+        self._launch(rule, arrays, c, *extra)
 
 
 _FACTORIES = {"numba-cpu": NumbaCPU, "numba-cuda": NumbaCUDA, "cupy": CuPy}

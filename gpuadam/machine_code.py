@@ -194,6 +194,9 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
 
         jobs += [("cupy", k + v, cupy_elementwise.compile_ptx, DTYPES)
                  for k in cupy_elementwise.SNIPPETS for v in ("", DEVICE_CONSTANTS)]
+        jobs += [("cupy", f"{k}/{layout}{v}", cupy_elementwise.compile_ptx, ("float32",))
+                 for k in cupy_elementwise.SNIPPETS for layout in cupy_elementwise.HALF_LAYOUTS
+                 for v in ("", DEVICE_CONSTANTS)]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
         problems.append(f"cupy: {exc}")
     for backend, kernel, compile_, dtypes in jobs:

@@ -90,9 +90,6 @@ class Optimizer:
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
         self._backend = backends.choose(backend, infos[0])
         be = self._backend
-        if be.name == "cupy" and any(f is not None for f in self._formats):
-            raise ValueError("float16/bfloat16 params run on the numba-cuda and numba-cpu backends; "
-                             "the cupy backend does not have them yet")
         self._flat = [self._kernel_view(p, fmt) for p, fmt in zip(self._params, self._formats)]
         # state[i]: name -> 1-D state array of param i, allocated here, never in step(). A group whose
         # params are the views of one FlatBuffer gets its state as one allocation per name, and

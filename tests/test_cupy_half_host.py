@@ -1,30 +1,46 @@
-"""The CuPy backend's float16/bfloat16 code without a GPU.
+"""The CuPy backend's float16/bfloat16 kernels without a GPU.
 
 1. ``cupy_lowp.LOWP_SOURCE`` compiled with g++ is bit for bit ``kernels.lowp`` (run by Numba on the
    CPU): every half pattern widened, float32 patterns narrowed around every rounding boundary and
    at random, the hash, stochastic rounding.
+2. The half kernels' ``cuda_source`` — the very text compiled to PTX — compiled with g++ (the grid
+   is one thread there) and run against the Numba CPU half kernels, for every rule, both layouts,
+   scalar and device constants, with and without stochastic rounding: bit for bit.
+3. The same sources as PTX (NVRTC, in a child process): float32 only, no local memory, one pass
+   over each element, full occupancy, and CuPy's own generated kernel does the same.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import json
+import re
 import shutil
 import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
+from family_cases import CASES, case_id, describe
+from helpers import FLAG_GRID, adam_kwargs
 from numba import njit
 
+from gpuadam.hyper import AdamHyper
+from gpuadam.kernels import cupy_elementwise as ce
 from gpuadam.kernels import lowp
 from gpuadam.kernels.cupy_lowp import LOWP_SOURCE
+from gpuadam.kernels.numba_cpu import KERNELS
+from gpuadam.kernels.rules import SKIP
 
 FORMATS = {"bfloat16": lowp.BFLOAT16, "float16": lowp.FLOAT16}
 MASK32 = 0xFFFFFFFF
 
 # -ffp-contract=off: each operation rounds once, as Numba's CPU loops do; -Wdouble-promotion
-# -Werror: a float silently widened to double is an error.
+# -Werror: a float silently widened to double is an error. CUDA's loop pragma means nothing here.
 GXX_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra",
-             "-Wdouble-promotion", "-Werror"]
+             "-Wdouble-promotion", "-Wno-unknown-pragmas", "-Werror"]
 
 
 def _build(tmp_path_factory, name: str, source: str) -> ctypes.CDLL:
@@ -234,3 +250,345 @@ def test_store_param_matches_lowp_across_the_index_wrap(clib, lp):
     got = np.empty(x.size, np.uint16)
     clib.store_param(_ptr(x), _ptr(got), x.size, lp[0], lp[1], lp[2] & MASK32, lp[3] & MASK32, first)
     _assert_same_bits(got, want, x.view(np.uint32))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The kernels' CUDA source on the host, against the Numba CPU half kernels
+
+# The CUDA names a kernel's text uses, for a grid of one thread.
+_HOST_CUDA = """
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+using std::fabs;
+using std::max;
+using std::sqrt;
+#define __global__
+struct HostDim { unsigned int x; };
+static const HostDim blockIdx = {0}, threadIdx = {0}, blockDim = {1}, gridDim = {1};
+"""
+
+LAYOUTS = ce.HALF_LAYOUTS
+_C_ARG = {"float32": ctypes.c_float, "int32": ctypes.c_int, "uint32": ctypes.c_uint}
+
+
+def _host_kernels_source() -> str:
+    """One translation unit: the half preamble once, then every half kernel's ``cuda_source``."""
+    parts = [_HOST_CUDA, ce.HALF_PREAMBLE]
+    for rule in ce.SNIPPETS:
+        for layout in LAYOUTS:
+            for device_constants in (False, True):
+                _, source = ce.cuda_source(rule, "float32", device_constants, layout)
+                assert source.startswith(ce.HALF_PREAMBLE)
+                parts.append(source[len(ce.HALF_PREAMBLE):])
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def klib(tmp_path_factory):
+    return _build(tmp_path_factory, "half_kernels", _host_kernels_source())
+
+
+def _c_kernel(lib, rule, layout, device_constants):
+    """The kernel as ``cupy_elementwise.launch`` calls it: ``(arrays, c, lp, p16)``."""
+    fn = getattr(lib, ce.kernel_name(rule, device_constants, layout))
+    ins, outs = ce.kernel_params(rule, device_constants, layout)
+    fn.argtypes = [ctypes.c_void_p if raw else _C_ARG[t] for raw, t, _ in ins + outs] + [ctypes.c_ssize_t]
+    fn.restype = None
+
+    def run(arrays, c, lp, p16):
+        p, g, *state = arrays
+        fmt, stochastic, seed, counter = lp
+        if device_constants:
+            c = np.ascontiguousarray(c, np.float32)
+            constants = [_ptr(c)]
+        else:
+            constants = [c[k] for k, _ in ce.constant_params(rule)]
+        scalars = [fmt, stochastic, seed & MASK32, counter & MASK32] if layout == "half" else [fmt]
+        out = [p, *state] + ([p16] if layout == "master" else [])
+        fn(_ptr(g), *constants, *scalars, *(_ptr(a) for a in out), p.size)
+
+    return run
+
+
+def _cases():
+    """``(id, optimizer name, keywords)``: Adam's flag grid and the family's cases."""
+    adam = [("Adam-" + (",".join(f"{k}={v}" for k, v in f.items()) or "default"), "Adam", adam_kwargs(AdamHyper(**f)))
+            for f in FLAG_GRID]
+    return adam + [(case_id(c), *c) for c in CASES]
+
+
+CASE_LIST = _cases()
+SIZES = (1, 7, 1001)
+STEPS = 8
+
+
+def _halves(x: np.ndarray, fmt: int) -> np.ndarray:
+    out = np.empty(x.size, np.uint16)
+    _lowp_narrow(np.ascontiguousarray(x, np.float32), fmt, out)
+    return out
+
+
+def _start(rng, size, fmt, layout, names, init):
+    """A param, gradients and the state, as the optimizer would hold them in ``layout``."""
+    # magnitudes from 1e-5 (float16 subnormals) to 1e2, signs mixed, a few exact zeros in p
+    p = rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(-5, 2, size)
+    p[rng.random(size) < 0.05] = 0.0
+    grads = [_halves(rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(-4, 1.5, size), fmt) for _ in range(STEPS)]
+    p16 = _halves(p, fmt)
+    if layout == "half":
+        state = [_halves(np.full(size, init.get(n, 0.0)), fmt) for n in names]
+        return p16, grads, state, p16
+    master = np.empty(size, np.float32)
+    _lowp_widen(p16, fmt, master)
+    state = [np.full(size, init.get(n, 0.0), np.float32) for n in names]
+    return master, grads, state, p16
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASE_LIST, ids=[c[0] for c in CASE_LIST])
+def test_half_kernel_source_matches_numba_cpu_bit_for_bit(klib, case, layout, fmt):
+    """Every rule, both layouts, scalar and device constants, RNE and (bfloat16 half state)
+    stochastic rounding, with a counter that wraps past 2**32: the same bits as Numba's loops."""
+    case_name, name, kw = case
+    hyper, rule, names, init = describe(name, kw)
+    numba_kernel = KERNELS[f"{rule}/half"]
+
+    def numba_run(arrays, c, lp, p16):
+        numba_kernel(*arrays, c, lp, p16)
+
+    f = FORMATS[fmt]
+    rng = np.random.default_rng(zlib.crc32(f"{case_name}-{layout}-{fmt}".encode()))
+    for size in SIZES:
+        p0, grads, state0, p16_0 = _start(rng, size, f, layout, names, init)
+        for device_constants in (False, True):
+            c_run = _c_kernel(klib, rule, layout, device_constants)
+            for stochastic in (0, 1) if layout == "half" else (0,):
+                results = []
+                for run in (c_run, numba_run):
+                    p, state = p0.copy(), [s.copy() for s in state0]
+                    p16 = p if layout == "half" else p16_0.copy()  # half state: the param is its own copy
+                    for t, g in enumerate(grads, start=1):
+                        lp = (f, stochastic, 2**32 - 2, 2**32 - 4 + t)  # the counter wraps mid-run
+                        run((p, g, *state), hyper.constants(t, np.float32), lp, p16)
+                    results.append([p, *state, p16])
+                for k, (a, b) in enumerate(zip(*results)):
+                    bits = np.uint16 if a.dtype == np.uint16 else np.uint32
+                    np.testing.assert_array_equal(a.view(bits), b.view(bits), err_msg=(
+                        f"array {k} of (p, *state, p16), size {size}, device constants {device_constants}, "
+                        f"stochastic {stochastic}"))
+                if size == SIZES[-1]:
+                    assert not np.array_equal(results[0][0], p0), "the params did not move"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_skipped_step_changes_nothing(klib, layout):
+    """The skip flag (a non-finite gradient under skip_nonfinite) returns before any store."""
+    hyper, rule, names, init = describe("Adam", {"amsgrad": True})
+    rng = np.random.default_rng(15)
+    p, grads, state, p16 = _start(rng, 101, lowp.BFLOAT16, layout, names, init)
+    c = list(hyper.constants(1, np.float32))
+    c[SKIP] = np.float32(1)
+    for device_constants in (False, True):
+        before = [a.copy() for a in (p, *state, p16)]
+        _c_kernel(klib, rule, layout, device_constants)((p, grads[0], *state), tuple(c), (0, 1, 3, 4), p16)
+        for a, b in zip((p, *state, p16), before):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_stochastic_rounding_draws_per_element_and_per_step(klib):
+    """bfloat16 half state with stochastic rounding: a step far below one ulp moves some elements
+    and not others, and the next counter moves a different set (not one draw for all)."""
+    hyper, rule, names, _ = describe("SGD", {"lr": 2.0**-12})
+    kernel = _c_kernel(klib, rule, "half", False)
+    moved = []
+    for counter in (1, 2):
+        p = _halves(np.ones(4096), lowp.BFLOAT16)
+        kernel((p, _halves(np.ones(4096), lowp.BFLOAT16)), hyper.constants(1, np.float32),
+               (lowp.BFLOAT16, 1, 9, counter), p)
+        moved.append(p != _halves(np.ones(1), lowp.BFLOAT16)[0])
+    # an update of 2**-12 against an ulp of 2**-8 below 1.0: a sixteenth of the elements move
+    for m in moved:
+        assert 150 < m.sum() < 370
+    assert not np.array_equal(moved[0], moved[1])
+
+
+def test_launch_hands_the_kernel_what_numba_gets():
+    """``launch`` without CuPy's kernels: the layout from the param's dtype, the 32-bit words, the
+    outputs in place (the kernel objects are replaced by recorders)."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, key):
+            self.key = key
+
+        def __call__(self, *args, size):
+            calls.append((self.key, args, size))
+
+    saved = dict(ce._kernels)
+    try:
+        for rule in ("adam", "sgd"):
+            for dc in (False, True):
+                for layout in (None, *LAYOUTS):
+                    ce._kernels[rule, dc, layout] = Recorder((rule, dc, layout))
+        p16, g, m16, v16 = (np.zeros(5, np.uint16) for _ in range(4))
+        master, m, v = (np.zeros(5, np.float32) for _ in range(3))
+        c = AdamHyper().constants(1, np.float32)
+        ce.launch("adam/half", (p16, g, m16, v16), c, (1, 1, 2**32 + 0xF0000003, 2**33 + 0xF0000009), p16)
+        (key, args, size), = calls[-1:]
+        assert key == ("adam", False, "half") and size == 5
+        assert args[0] is g and args[1:13] == c
+        assert [type(a) for a in args[13:17]] == [np.int32, np.int32, np.uint32, np.uint32]
+        assert args[13:17] == (1, 1, 0xF0000003, 0xF0000009)  # seed and counter as the hash's 32-bit words
+        assert [a is b for a, b in zip(args[17:], (p16, m16, v16))] == [True] * 3 and len(args) == 20
+        ce.launch("adam/half", (master, g, m, v), c, (0, 0, 5, 6), p16)
+        (key, args, size), = calls[-1:]
+        assert key == ("adam", False, "master") and args[13] == 0 and type(args[13]) is np.int32
+        assert [a is b for a, b in zip(args[14:], (master, m, v, p16))] == [True] * 4 and len(args) == 18
+        sgd = describe("SGD", {})[0].constants(1, np.float32)
+        ce.launch("sgd/half", (master, g), sgd, (0, 0, 5, 6), p16)
+        (key, args, size), = calls[-1:]
+        assert key == ("sgd", False, "master") and args[1:6] == (sgd[0], sgd[1], sgd[2], sgd[SKIP], 0)
+        ce.launch("sgd", (master, master), sgd)
+        assert calls[-1][0] == ("sgd", False, None)
+    finally:
+        ce._kernels.clear()
+        ce._kernels.update(saved)
+
+
+def test_kernel_names_parse_and_refuse():
+    assert ce.parse_kernel("adam") == ("adam", False, None)
+    assert ce.parse_kernel("adam/device-constants") == ("adam", True, None)
+    assert ce.parse_kernel("radam/master") == ("radam", False, "master")
+    assert ce.parse_kernel("sgd/half/device-constants") == ("sgd", True, "half")
+    for bad in ("adam/quarter", "adam/device-constants/half", "nope/half", "adam/half/master"):
+        with pytest.raises(ValueError):
+            ce.parse_kernel(bad)
+    with pytest.raises(TypeError, match="float32"):
+        ce.cuda_source("adam", "float64", layout="half")
+
+
+def test_no_float_literal_or_double_in_the_c_sources():
+    """g++ -Wdouble-promotion catches a double in what the host compiles; a float literal could
+    still hide in a float context: none may appear (hex integer literals are the bit patterns)."""
+    for text in (LOWP_SOURCE, ce.HALF_PREAMBLE, *(ce.operation(r, layout=lay) for r in ce.SNIPPETS for lay in LAYOUTS)):
+        code = re.sub(r"0x[0-9A-Fa-f]+u?", "", re.sub(r"/\*.*?\*/", "", text, flags=re.S))
+        assert not re.search(r"(?<![\w.])\d+\.\d*|\d+[eE][-+]?\d|\bdouble\b", code), code
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The half kernels as PTX (compiled in a child process)
+
+ARCH = "sm_90"
+VARIANTS = [f"/{layout}{dc}" for layout in LAYOUTS for dc in ("", "/device-constants")]
+
+_COMPILE = """
+import json, sys
+from gpuadam import machine_code as mc
+from gpuadam.kernels import cupy_elementwise as ce
+try:
+    import cupy  # noqa: F401  (CuPy's own generator needs CuPy, not a GPU)
+except Exception:
+    cupy = None
+out = {}
+for rule in ce.SNIPPETS:
+    for variant in VARIANTS:
+        kernel = rule + variant
+        sources = {"ours": ce.compile_ptx(kernel, "float32", ARCH)}
+        if cupy is not None:
+            for bits in (32, 64):
+                name, src, options = ce.cupy_generated_source(kernel, "float32", index_32_bits=bits == 32)
+                sources[f"cupy{bits}"] = ce.compile_source_ptx(src, name, ARCH, options)
+        for origin, ptx in sources.items():
+            try:
+                resources = mc.ptxas_resources(ptx, ARCH)
+            except mc.ToolMissing:
+                resources = None
+            out[f"{kernel}|{origin}"] = {"ptx": ptx, "resources": resources}
+json.dump(out, sys.stdout)
+""".replace("ARCH", repr(ARCH)).replace("VARIANTS", repr(VARIANTS))
+
+
+@pytest.fixture(scope="module")
+def ptx():
+    if ce._find_nvrtc() is None and shutil.which("nvcc") is None:
+        pytest.skip("neither libnvrtc (nvidia-cuda-nvrtc wheel) nor nvcc is available")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _instructions(text: str) -> list[str]:
+    lines = (line.split("//")[0].strip() for line in text.splitlines())
+    return [ln for ln in lines if ln and not ln.startswith((".", "$", "{", "}", ")", "("))]
+
+
+def _loop_traffic(text: str) -> list[tuple[int, int]]:
+    """``(global loads, global stores)`` of each element loop: from a label that heads a not-unrolled
+    loop (the kernels' ``#pragma unroll 1``) to the last branch back to it. The conversions' merge
+    blocks make other backward branches inside the loop: they are no loops of their own."""
+    loops = []
+    for head in re.finditer(r"^(\$L__\w+):\s*\.pragma \"nounroll\";", text, re.M):
+        latches = [b for b in re.finditer(rf"\bbra(?:\.uni)?\s+{re.escape(head.group(1))};", text)
+                   if b.start() > head.end()]
+        if latches:
+            body = _instructions(text[head.end() : latches[-1].start()])
+            loops.append((sum(i.startswith("ld.global") for i in body), sum(i.startswith("st.global") for i in body)))
+    return loops
+
+
+def _per_element(rule: str, layout: str) -> tuple[int, int]:
+    """Loads and stores per element: g, p and the state in; p and the state out (and p16)."""
+    arrays = 1 + len(ce.OUTPUTS[rule])
+    return arrays, arrays - 1 + (layout == "master")
+
+
+def _math(text: str) -> collections.Counter:
+    """The float arithmetic and the global loads/stores from the loops on, register numbers erased."""
+    body = re.sub(r"%(\w+?)\d+", r"%\1", text[text.index('.pragma "nounroll"'):])
+    return collections.Counter(i for i in _instructions(body) if re.search(r"\.f32\b|^(ld|st)\.global", i))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rule", list(ce.SNIPPETS))
+def test_half_ptx_is_float32_one_pass_full_occupancy(ptx, rule, variant):
+    """Every half kernel, ours and CuPy's generated one: no float64, no local memory, each element
+    read and written once per loop (a flag the loop does not change, such as the format, may copy
+    the loop once per value), the device constants read once before it, and at most 32 registers
+    with no spill (full occupancy on sm_90), device constants included."""
+    layout = variant.split("/")[1]
+    per_element = _per_element(rule, layout)
+    constants = len(ce.constant_params(rule)) if variant.endswith("/device-constants") else 0
+    origins = [k.split("|")[1] for k in ptx if k.startswith(f"{rule}{variant}|")]
+    assert "ours" in origins
+    for origin in origins:
+        entry = ptx[f"{rule}{variant}|{origin}"]
+        text = entry["ptx"]
+        assert re.findall(r"\.entry\s+(\w+)", text) == [ce.kernel_name(rule, bool(constants), layout)]
+        code = _instructions(text)
+        loops = _loop_traffic(text)
+        assert loops and all(t == per_element for t in loops) and len(loops) <= 2, (origin, loops, per_element)
+        loads = sum(i.startswith("ld.global") for i in code)
+        stores = sum(i.startswith("st.global") for i in code)
+        assert (loads, stores) == (len(loops) * per_element[0] + constants, len(loops) * per_element[1]), origin
+        assert not [i for i in code if re.match(r"(ld|st)\.local", i)], origin
+        assert not [i for i in code if re.search(r"\.f64\b", i)], origin
+        if entry["resources"] is not None:
+            registers, spills, stack = entry["resources"]
+            assert (spills, stack) == (0, 0), origin
+            assert registers <= 32, (origin, registers)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rule", list(ce.SNIPPETS))
+def test_half_cuda_source_does_cupys_arithmetic(ptx, rule, variant):
+    """``cuda_source`` is faithful: CuPy's generated kernel has the very same float instructions and
+    global loads/stores. Not the same loop text, as for the float32/float64 kernels: around the loops
+    copied per format, the integer and predicate code for CuPy's ``CArray``/``CIndexer`` structs
+    lands in other blocks than for plain pointers (and the labels are numbered differently)."""
+    if f"{rule}{variant}|cupy32" not in ptx:
+        pytest.skip("CuPy is not importable here")
+    ours = _math(ptx[f"{rule}{variant}|ours"]["ptx"])
+    for bits in (32, 64):
+        assert _math(ptx[f"{rule}{variant}|cupy{bits}"]["ptx"]) == ours

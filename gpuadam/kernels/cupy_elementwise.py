@@ -2,9 +2,11 @@
 
 This is the one other copy of ``kernels.rules`` (the house rule: one rule per language): each
 snippet does exactly the operations of ``adam_moments`` then ``adam_param``, in the same order and
-with the same association, on the type placeholder ``T`` so one text serves float32 and float64.
+with the same association, on the type placeholder ``T`` so one text serves float32 and float64,
+and float16/bfloat16 storage with float32 math (``HALF_LAYOUTS``, conversions from ``cupy_lowp``).
 ``tests/test_cupy_snippets_host.py`` compiles the very same strings with g++ and checks them against
-``gpuadam.reference``, and compiles ``cuda_source`` to PTX.
+``gpuadam.reference``, and compiles ``cuda_source`` to PTX; ``tests/test_cupy_half_host.py`` runs
+the half-precision ``cuda_source`` on the host against the Numba CPU half kernels.
 
 The snippets read every input into a local before the first store and store each output once at
 the end: the arrays are bound as plain references that the compiler cannot prove distinct, and a
@@ -32,6 +34,8 @@ import tempfile
 from typing import Any
 
 import numpy as np
+
+from gpuadam.kernels.cupy_lowp import LOWP_SOURCE
 
 #: Scalar parameter names in the order of the constants tuple ``c`` of ``kernels.rules`` (Adam's
 #: layout; the other rules' names are ``RULE_CONSTANT_NAMES``, their parameters ``constant_params``).
@@ -179,22 +183,113 @@ def constant_params(rule: str) -> tuple[tuple[int, str], ...]:
     return tuple((k, n) for k, n in enumerate(RULE_CONSTANT_NAMES.get(rule, CONSTANT_NAMES)) if n)
 
 
+# ---------------------------------------------------------------------------------------------
+# Half-precision storage (``kernels.lowp``): the same snippets in float32 math on 16-bit storage,
+# in one of two layouts, as the Numba kernels have them:
+#   "half"    every array holds half bits; the param is rounded as ``lowp.store_param`` says
+#             (to nearest even, or stochastically for bfloat16), the state to nearest even;
+#   "master"  the param is a float32 master with float32 state, the gradient holds half bits, and
+#             the half param ``p16`` gets the new master rounded to nearest even in the same pass.
+# Each element is read BY VALUE into a float local widened from its storage, the snippet runs on
+# the locals, and each output is stored once after it: the snippet text stays the one of float32.
+# On the host (g++, no contraction) the result is bit for bit the Numba CPU loops'; on a GPU, NVRTC
+# fuses multiply-adds and CuPy's -ftz=true makes float32 (and bfloat16) subnormals zero in the math,
+# as for the float32 kernels, so the last bit may differ there.
+
+HALF_LAYOUTS = ("half", "master")
+
+#: The half format and stochastic rounding's ``(stochastic, seed, counter)``, as ``lowp``'s ``lp``;
+#: a master kernel always rounds to nearest even and takes the format only.
+_HALF_SCALARS = {"half": (("int32", "fmt"), ("int32", "stochastic"), ("uint32", "seed"), ("uint32", "counter")),
+                 "master": (("int32", "fmt"),)}
+
+#: C spelling of the CuPy type names the kernels use ("T" is CuPy's type placeholder).
+_C_NAMES = {"T": "T", "float32": "float", "uint16": "unsigned short", "int32": "int", "uint32": "unsigned int"}
+
+# CuPy resolves a type placeholder from arrays only, never from scalars, and no array of the half
+# layout is float32: the half kernels name only concrete types, and T (the snippets' type) is
+# float by this preamble.
+#
+# The stores index through ``opaque_index(i)``, a copy of ``i`` the optimizer cannot see through.
+# Indexed by ``i`` itself, each array's 64-bit address is kept live from its load across the
+# sqrt/div slow-path calls to its store, or strength-reduced into a pointer carried around the loop:
+# two registers per array, and the master kernels then need 35-36 (sm_90, NVRTC 13.0). Recomputed
+# after the math for an add per store, every half kernel fits in 32, device constants included.
+HALF_PREAMBLE = LOWP_SOURCE + r"""typedef float T;
+
+GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
+#ifdef __CUDA_ARCH__
+  asm("mov.b64 %0, %0;" : "+l"(i));
+#endif
+  return i;
+}
+"""
+
+
+def _check_layout(layout: str | None) -> None:
+    if layout is not None and layout not in HALF_LAYOUTS:
+        raise ValueError(f"layout: expected None or one of {HALF_LAYOUTS}, got {layout!r}")
+
+
+def kernel_params(rule: str, device_constants: bool = False,
+                  layout: str | None = None) -> tuple[tuple[tuple[bool, str, str], ...], ...]:
+    """``(inputs, outputs)`` of the rule's kernel, each parameter ``(raw, CuPy type, name)``: the
+    gradient, the constants (scalars, or the device array ``c``) and the half format's scalars in;
+    the param and the state (and a master kernel's half param) out, written in place."""
+    _check_layout(layout)
+    half, f32 = ("uint16", "float32") if layout else ("T", "T")
+    ins = [(True, half, f"raw_{n}") for n in INPUTS[rule]]
+    ins += [(True, f32, "c")] if device_constants else [(False, f32, n) for _, n in constant_params(rule)]
+    ins += [(False, t, n) for t, n in _HALF_SCALARS.get(layout, ())]
+    outs = [(True, half if layout == "half" else f32, f"raw_{n}") for n in OUTPUTS[rule]]
+    outs += [(True, "uint16", "raw_p16")] if layout == "master" else []
+    return tuple(ins), tuple(outs)
+
+
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
-def kernel_name(rule: str, device_constants: bool = False) -> str:
-    return f"gpuadam_{rule}" + ("_dc" if device_constants else "")
+def kernel_name(rule: str, device_constants: bool = False, layout: str | None = None) -> str:
+    return f"gpuadam_{rule}" + (f"_{layout}" if layout else "") + ("_dc" if device_constants else "")
 
 
-def operation(rule: str, device_constants: bool = False) -> str:
-    """The kernel body: each array's element ``i`` bound to a reference, then ``SNIPPETS[rule]``.
+def parse_kernel(kernel: str) -> tuple[str, bool, str | None]:
+    """``(rule, device_constants, layout)`` of a kernel named ``rule[/half|/master][/device-constants]``
+    (the names of ``gpuadam inspect``)."""
+    rule, *variants = kernel.split("/")
+    device_constants = variants[-1:] == ["device-constants"]
+    layouts = variants[:-1] if device_constants else variants
+    if rule not in SNIPPETS or len(layouts) > 1 or (layouts and layouts[0] not in HALF_LAYOUTS):
+        raise ValueError(f"unknown CuPy kernel {kernel!r}: expected RULE[/half|/master][/device-constants] "
+                         f"with RULE one of {', '.join(SNIPPETS)}")
+    return rule, device_constants, layouts[0] if layouts else None
 
-    The binding is CuPy's own for non-raw parameters (``T &p = _raw_p[_ind.get()];``), with the
-    contiguous index ``i`` in place of the strided one.
+
+def operation(rule: str, device_constants: bool = False, layout: str | None = None) -> str:
+    """The kernel body: each array's element ``i`` bound to a local, then ``SNIPPETS[rule]``.
+
+    float32/float64: the binding is CuPy's own for non-raw parameters (``T &p = _raw_p[_ind.get()];``),
+    with the contiguous index ``i`` in place of the strided one. Half storage (``layout``): each
+    element widened to a float local, the snippet, then each output rounded to its storage once.
     """
-    bind = [f"const T &{n} = raw_{n}[i];\n" for n in INPUTS[rule]]
-    bind += [f"T &{n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
-    return "".join(bind) + SNIPPETS[rule]
+    _check_layout(layout)
+    if layout is None:
+        bind = [f"const T &{n} = raw_{n}[i];\n" for n in INPUTS[rule]]
+        bind += [f"T &{n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
+        return "".join(bind) + SNIPPETS[rule]
+    bind = [f"const T {n} = lowp_load_half(raw_{n}[i], fmt);\n" for n in INPUTS[rule]]
+    store = ["const ptrdiff_t i_store = opaque_index(i);\n"]  # see HALF_PREAMBLE
+    if layout == "half":
+        bind += [f"T {n} = lowp_load_half(raw_{n}[i], fmt);\n" for n in OUTPUTS[rule]]
+        # the element's index seeds stochastic rounding: modulo 2**32, as lowp masks it
+        store += ["raw_p[i_store] = lowp_store_param(p, fmt, stochastic, seed, counter, "
+                  "static_cast<unsigned int>(i_store));\n"]
+        store += [f"raw_{n}[i_store] = lowp_store_half({n}, fmt);\n" for n in OUTPUTS[rule] if n != "p"]
+    else:
+        bind += [f"T {n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
+        store += [f"raw_{n}[i_store] = {n};\n" for n in OUTPUTS[rule]]
+        store += ["raw_p16[i_store] = lowp_store_half(p, fmt);\n"]
+    return "".join(bind) + SNIPPETS[rule] + "".join(store)
 
 
 def loop_prep(rule: str, device_constants: bool) -> str:
@@ -205,11 +300,10 @@ def loop_prep(rule: str, device_constants: bool) -> str:
     return "".join(f"const T {n} = c[{k}];\n" for k, n in constant_params(rule)) if device_constants else ""
 
 
-def elementwise_params(rule: str, device_constants: bool = False) -> tuple[str, str]:
+def elementwise_params(rule: str, device_constants: bool = False, layout: str | None = None) -> tuple[str, str]:
     """``(in_params, out_params)`` of the rule's ElementwiseKernel: g and the constants in, state out."""
-    ins = [f"raw T raw_{n}" for n in INPUTS[rule]]
-    ins += ["raw T c"] if device_constants else [f"T {n}" for _, n in constant_params(rule)]
-    return ", ".join(ins), ", ".join(f"raw T raw_{n}" for n in OUTPUTS[rule])
+    ins, outs = kernel_params(rule, device_constants, layout)
+    return tuple(", ".join(("raw " if raw else "") + f"{t} {n}" for raw, t, n in ps) for ps in (ins, outs))
 
 
 def _ctype(dtype: Any) -> str:
@@ -219,23 +313,30 @@ def _ctype(dtype: Any) -> str:
         raise TypeError(f"the CuPy kernels compute in float32 or float64, not {np.dtype(dtype)}") from None
 
 
-def cuda_source(rule: str, dtype: Any, device_constants: bool = False) -> tuple[str, str]:
+def _check_half_dtype(dtype: Any, layout: str | None) -> None:
+    if layout is not None and np.dtype(dtype) != np.float32:
+        raise TypeError(f"the {layout} kernels compute in float32, not {np.dtype(dtype)}")
+
+
+def cuda_source(rule: str, dtype: Any, device_constants: bool = False, layout: str | None = None) -> tuple[str, str]:
     """``(kernel_name, source)``: the complete CUDA C++ kernel CuPy builds from ``SNIPPETS[rule]``.
 
     A self-contained equivalent of what ``ElementwiseKernel`` generates (``cupy_generated_source``
-    gives CuPy's own text; the tests check both compile to the same PTX): the ``T`` typedef, an
-    ``extern "C"`` grid-stride loop over ``ptrdiff_t i`` that is not unrolled, and ``operation``.
-    Plain pointers stand in for CuPy's ``CArray`` and ``CIndexer`` structs, whose indexing of a
-    contiguous array is ``data_[i]``, so the source compiles without CuPy's headers.
+    gives CuPy's own text; the tests check both compile to the same PTX loop, or for half storage
+    to the same arithmetic and memory instructions): the ``T`` typedef (half storage:
+    ``HALF_PREAMBLE``), an ``extern "C"`` grid-stride loop over ``ptrdiff_t i`` that is not unrolled,
+    and ``operation``. Plain pointers stand in for CuPy's ``CArray`` and ``CIndexer`` structs, whose
+    indexing of a contiguous array is ``data_[i]``, so the source compiles without CuPy's headers.
     """
-    ctype, name = _ctype(dtype), kernel_name(rule, device_constants)
-    params = [f"const T* raw_{n}" for n in INPUTS[rule]]
-    params += ["const T* c"] if device_constants else [f"const T {n}" for _, n in constant_params(rule)]
-    params += [f"T* raw_{n}" for n in OUTPUTS[rule]]
+    ctype, name = _ctype(dtype), kernel_name(rule, device_constants, layout)
+    _check_half_dtype(dtype, layout)
+    ins, outs = kernel_params(rule, device_constants, layout)
+    params = [f"const {_C_NAMES[t]}{'*' if raw else ''} {n}" for raw, t, n in ins]
+    params += [f"{_C_NAMES[t]}* {n}" for _, t, n in outs]
     prep = "".join(f"  {line}\n" for line in loop_prep(rule, device_constants).splitlines())
-    body = "".join(f"    {line}\n" for line in operation(rule).splitlines())
-    source = f"""typedef {ctype} T;
-
+    body = "".join(f"    {line}\n" for line in operation(rule, layout=layout).splitlines())
+    head = HALF_PREAMBLE if layout else f"typedef {ctype} T;\n"
+    source = f"""{head}
 extern "C" __global__ void {name}({", ".join(params)}, const ptrdiff_t _n) {{
 {prep}  #pragma unroll 1
   for (ptrdiff_t i = static_cast<ptrdiff_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < _n;
@@ -252,66 +353,85 @@ extern "C" __global__ void {name}({", ".join(params)}, const ptrdiff_t _n) {{
 _kernels: dict[tuple, Any] = {}
 
 
-def elementwise_kernel(rule: str, device_constants: bool = False) -> Any:
+def elementwise_kernel(rule: str, device_constants: bool = False, layout: str | None = None) -> Any:
     """The rule's ``cupy.ElementwiseKernel``, built once; CuPy compiles it per dtype at first call."""
-    kernel = _kernels.get((rule, device_constants))
+    key = (rule, device_constants, layout)
+    kernel = _kernels.get(key)
     if kernel is None:
         import cupy
 
-        ins, outs = elementwise_params(rule, device_constants)
-        kernel = _kernels[rule, device_constants] = cupy.ElementwiseKernel(
-            ins, outs, operation(rule), name=kernel_name(rule, device_constants), no_return=True,
-            loop_prep=loop_prep(rule, device_constants),
+        ins, outs = elementwise_params(rule, device_constants, layout)
+        kernel = _kernels[key] = cupy.ElementwiseKernel(
+            ins, outs, operation(rule, layout=layout), name=kernel_name(rule, device_constants, layout),
+            no_return=True, preamble=HALF_PREAMBLE if layout else "", loop_prep=loop_prep(rule, device_constants),
         )
     return kernel
 
 
-def launch(rule: str, arrays: tuple, c: tuple) -> None:
-    """Run ``rule`` in place on 1-D CuPy arrays ``(p, g, m, v[, vmax])`` with constants ``c``.
+def launch(rule: str, arrays: tuple, c: tuple, *extra) -> None:
+    """Run ``rule`` in place on 1-D CuPy arrays ``(p, g, *state)`` with constants ``c``.
 
-    ``c`` holds NumPy scalars of the arrays' dtype, so ``T`` resolves to that dtype, or is a device
-    array of that dtype (``on_device.DeviceSteps``). The state
-    arrays are passed as the outputs, so CuPy allocates nothing and writes them in place; with
-    only raw arrays CuPy takes the loop length from ``size`` (shapes were validated upstream).
+    ``c`` holds NumPy scalars of the arrays' dtype (float32 for half storage), or is a device array
+    of that dtype (``on_device.DeviceSteps``). The state arrays are passed as the outputs, so CuPy
+    allocates nothing and writes them in place; with only raw arrays CuPy takes the loop length
+    from ``size`` (shapes were validated upstream).
+
+    Half storage (``rule`` ``NAME/half``, as the Numba kernels are named) passes ``extra = (lp,
+    p16)`` as they take it, ``lp = (format, stochastic, seed, counter)``: uint16 ``p`` is the half
+    param (the "half" layout; ``p16`` is ``p`` itself), float32 ``p`` the master of ``p16``.
     """
+    base = rule.removesuffix("/half")
     p, g, *state = arrays
+    layout, outs, half_scalars = None, (p, *state), ()
+    if extra:
+        (fmt, stochastic, seed, counter), p16 = extra
+        if p.dtype == np.uint16:
+            # seed and counter are lowp's 32-bit words: the counter wraps as its hash masks it
+            layout, half_scalars = "half", (np.int32(fmt), np.int32(stochastic), np.uint32(seed & 0xFFFFFFFF),
+                                            np.uint32(counter & 0xFFFFFFFF))
+        else:
+            layout, half_scalars, outs = "master", (np.int32(fmt),), (p, *state, p16)
     if not isinstance(c, tuple):  # constants written on the device: any CUDA array of T
         import cupy
 
-        elementwise_kernel(rule, True)(g, cupy.asarray(c), p, *state, size=p.size)
+        elementwise_kernel(base, True, layout)(g, cupy.asarray(c), *half_scalars, *outs, size=p.size)
         return
-    scalars = c if rule not in RULE_CONSTANT_NAMES else [c[k] for k, _ in constant_params(rule)]
-    elementwise_kernel(rule)(g, *scalars, p, *state, size=p.size)
+    scalars = [c[k] for k, _ in constant_params(base)]
+    elementwise_kernel(base, False, layout)(g, *scalars, *half_scalars, *outs, size=p.size)
 
 
-def cupy_generated_source(rule: str, dtype: Any, index_32_bits: bool = True) -> tuple[str, str, tuple]:
+def cupy_generated_source(kernel: str, dtype: Any, index_32_bits: bool = True) -> tuple[str, str, tuple]:
     """``(kernel_name, source, options)``: the kernel exactly as CuPy generates and compiles it.
 
-    Calls CuPy's private code generator (``cupy._core._kernel``, checked with CuPy 14.2), which
-    needs CuPy importable but no GPU, with the arguments ``launch`` passes: 1-D C-contiguous arrays
-    and NumPy scalars. ``index_32_bits`` is CuPy's choice for arrays below 2**31 elements. The
-    options are CuPy's include paths and flags plus the ``-ftz=true`` its compiler adds; the
-    architecture is the caller's. Private API: the tests compare it with ``cuda_source``.
+    ``kernel`` is a rule name with the variants of ``parse_kernel``. Calls CuPy's private code
+    generator (``cupy._core._kernel``, checked with CuPy 14.2), which needs CuPy importable but no
+    GPU, with the arguments ``launch`` passes: 1-D C-contiguous arrays and NumPy scalars.
+    ``index_32_bits`` is CuPy's choice for arrays below 2**31 elements. The options are CuPy's
+    include paths and flags plus the ``-ftz=true`` its compiler adds; the architecture is the
+    caller's. Private API: the tests compare it with ``cuda_source``.
     """
     from cupy import ndarray
     from cupy._core import _carray, _kernel, core
 
+    rule, device_constants, layout = parse_kernel(kernel)
     _ctype(dtype)
+    _check_half_dtype(dtype, layout)
     scalar = np.dtype(dtype).type
     array_kind, indexer_kind, scalar_kind = 1, 2, 3  # _ArgKind in cupy/_core/_kernel.pyx
-    array = _kernel._ArgInfo(array_kind, ndarray, scalar, 1, True, index_32_bits)
-    args = (array,) * len(INPUTS[rule])
-    args += (_kernel._ArgInfo(scalar_kind, scalar, scalar, 0, True, True),) * len(constant_params(rule))
-    args += (array,) * len(OUTPUTS[rule])
-    args += (_kernel._ArgInfo(indexer_kind, _carray.Indexer, None, 1, True, index_32_bits),)
-    kernel = elementwise_kernel(rule)
+    args = []
+    for raw, t, _ in (p for ps in kernel_params(rule, device_constants, layout) for p in ps):
+        typ = scalar if t == "T" else np.dtype(t).type
+        args.append(_kernel._ArgInfo(array_kind, ndarray, typ, 1, True, index_32_bits) if raw
+                    else _kernel._ArgInfo(scalar_kind, typ, typ, 0, True, True))
+    args.append(_kernel._ArgInfo(indexer_kind, _carray.Indexer, None, 1, True, index_32_bits))
+    k = elementwise_kernel(rule, device_constants, layout)
+    type_map = _kernel._TypeMap(() if layout else (("T", scalar),))
     code = _kernel._get_elementwise_kernel_code(
-        args, _kernel._TypeMap((("T", scalar),)), kernel.params, kernel.operation, kernel.name,
-        kernel.preamble,
+        tuple(args), type_map, k.params, k.operation, k.name, k.preamble, k.kwargs.get("loop_prep", ""),
     )
     header = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
     options = tuple(core.assemble_cupy_compiler_options(())) + (FTZ_OPTION,)
-    return kernel.name, header + code, options
+    return k.name, header + code, options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,11 +533,12 @@ def compile_source_ptx(source: str, name: str, arch: str = "sm_90", options: tup
     )
 
 
-def compile_ptx(rule: str, dtype: Any, arch: str = "sm_90") -> str:
-    """PTX of ``cuda_source(rule, dtype)`` for ``arch``, compiled as CuPy would (``-ftz=true``).
+def compile_ptx(kernel: str, dtype: Any, arch: str = "sm_90") -> str:
+    """PTX of ``cuda_source`` for ``arch``, compiled as CuPy would (``-ftz=true``).
 
-    ``rule`` may end in ``/device-constants``: the variant that reads its constants from memory.
+    ``kernel`` is a rule name, optionally with a half-precision layout (``/half``, ``/master``;
+    float32 only) and then ``/device-constants`` (the variant that reads its constants from memory).
     """
-    base, _, variant = rule.partition("/")
-    name, source = cuda_source(base, dtype, device_constants=bool(variant))
+    rule, device_constants, layout = parse_kernel(kernel)
+    name, source = cuda_source(rule, dtype, device_constants, layout)
     return compile_source_ptx(source, name, arch)
