@@ -12,6 +12,7 @@ import pytest
 
 from gpuadam import bench
 from gpuadam.cli import main as cli_main
+from gpuadam.hyper import AdamHyper
 from gpuadam.kernels.numba_cpu import PARALLEL_MIN
 
 ROW_KEYS = {
@@ -262,7 +263,7 @@ class _ThreeTimesTheStep(bench.OursOptimizer):
 
     def setup(self, problem, sets):
         spec = bench.OPTIMIZERS["adam"]
-        wrong = bench.OptimizerSpec(spec.name, spec.rule, bench.AdamHyper(lr=3e-3), spec.reads, spec.writes)
+        wrong = bench.OptimizerSpec(spec.name, spec.rule, AdamHyper(lr=3e-3), spec.reads, spec.writes)
         return super().setup(bench.Problem(wrong, problem.dtype, problem.sizes, problem.p0, problem.g1,
                                            problem.g2, problem.sample, problem.master), sets)
 
@@ -284,7 +285,7 @@ def test_cuda_ceiling_compiles_to_the_same_loads_and_stores():
     code = (
         "import re\n"
         "from numba import cuda, float32, uint16\n"
-        "from gpuadam import bench_cuda\n"
+        "from gpuadam.bench import ceiling_cuda as bench_cuda\n"
         "f, h = float32[::1], uint16[::1]\n"
         "for f, sig in ((bench_cuda.move_adam, (f,) * 4), (bench_cuda.move_amsgrad, (f,) * 5),\n"
         "               (bench_cuda.move_adam_master, (f, h, f, f, h)),\n"

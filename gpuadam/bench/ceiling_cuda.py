@@ -1,6 +1,6 @@
 """Numba CUDA ceiling kernels for ``gpuadam.bench``: the loads and stores of a step, and no math.
 
-A module of its own because importing it imports ``numba.cuda`` (``bench`` does so only when a
+A module of its own because importing it imports ``numba.cuda`` (``ceiling`` does so only when a
 CUDA backend is benchmarked), and because Numba's simulator runs a kernel by swapping the ``cuda``
 module in its globals, which a kernel defined in a closure would not see. The loop and the launch
 shape are those of ``kernels.numba_cuda``, so the only difference from our kernels is the math.

@@ -1,0 +1,220 @@
+"""Timing and verification: CUDA events or ``perf_counter``, buffer sets rotated past the L2
+cache, and every implementation checked against the float64 reference before it is timed."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpuadam.bench.cases import Case, Implementation
+from gpuadam.bench.peers import import_torch
+from gpuadam.bench.problems import GPU, L2_DEFAULT_BYTES, VERIFY_STEPS, Problem, is_half
+
+if TYPE_CHECKING:
+    from gpuadam.bench.suite import Config, Progress
+
+@dataclass
+class Entry:
+    """One implementation on one problem, and everything measured about it."""
+
+    suite: str  # "sizes" | "many" | "overhead"
+    impl: Implementation
+    problem: Problem
+    layout: str = "one tensor"
+    host_timer: bool = False  # overhead: host wall-clock even on a GPU
+    status: str = "pending"  # -> "ok" | "failed" | "error" | "unavailable"
+    reason: str | None = None
+    verified: bool = False
+    verify_error: float | None = None
+    timer: str | None = None
+    event_timing: bool | None = None
+    sets: int = 1
+    steps_per_sample: int = 0
+    samples: list[float] = field(default_factory=list)  # seconds per step
+    case: Case | None = None
+    _next_set: int = 0
+
+    def median(self) -> float | None:
+        return float(np.median(self.samples)) if self.samples else None
+
+
+def _events(lib: str) -> tuple[Callable[[], Any], Callable[[Any, Any], float]]:
+    """(new event, elapsed ms between two) for one library's CUDA events."""
+    if lib == "numba":
+        from numba import cuda
+
+        return cuda.event, lambda a, b: a.elapsed_time(b)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.cuda.Event, cupy.cuda.get_elapsed_time
+    if lib == "torch":
+        torch = import_torch()
+        return functools.partial(torch.cuda.Event, enable_timing=True), lambda a, b: a.elapsed_time(b)
+    raise ValueError(f"no CUDA events for {lib!r}")
+
+
+def _sample(entry: Entry, k: int) -> float:
+    """Seconds per step over ``k`` back-to-back steps (rotating the buffer sets on a GPU)."""
+    case = entry.case
+    use_events = case.events is not None and not entry.host_timer
+    if use_events:
+        new_event, elapsed_ms = _events(case.events)
+        start, end = new_event(), new_event()
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(k):
+        case.step(entry._next_set)
+        entry._next_set = (entry._next_set + 1) % case.sets
+    if use_events:
+        end.record()
+        end.synchronize()
+        wall = time.perf_counter() - t0
+        ms = elapsed_ms(start, end)
+        # Numba's simulator records no times (elapsed is -1): the wall clock is all there is.
+        entry.event_timing = ms > 0
+        return (ms / 1e3 if ms > 0 else wall) / k
+    case.sync()
+    return (time.perf_counter() - t0) / k
+
+
+#: (mantissa bits, exponent of the smallest normal) of the half formats
+_HALF_FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
+
+
+def verify(entry: Entry) -> tuple[float, str]:
+    """Run VERIFY_STEPS steps on set 0, each compared with the float64 reference's step from the
+    implementation's own values before it: the worst error as a fraction of its budget, and where.
+
+    Per array, the budget is ``tolerance_eps`` eps of the compute dtype of ``max|x| + max|change|``
+    (the math), plus, for half storage, ``storage_ulps`` units in the last place of the stored
+    format at each element (the rounding: a max-norm budget would be blind there, an update is
+    smaller than the params' ulp). Stepping from its own values keeps one step's rounding from
+    compounding into the next step's budget.
+    """
+    case, problem, impl = entry.case, entry.problem, entry.impl
+    idx = problem.sample
+    before = impl.initial(problem, idx)
+    worst, where = 0.0, ""
+    for t, g in enumerate((problem.g1, problem.g2)[:VERIFY_STEPS], start=1):
+        if t > 1:
+            case.set_grad(g)
+        case.step(0)
+        case.sync()
+        got = case.state()
+        want = impl.expected_step(problem, before, g[idx], t)
+        have = {}
+        for name, target in want.items():
+            if name not in got:
+                raise KeyError(f"the implementation does not expose its {name!r}")
+            x = have[name] = np.asarray(got[name]).reshape(-1)[idx].astype(np.float64)
+            err = _step_error(impl, problem, name, x, target, before[name])
+            if not err <= worst:
+                bad = ~np.isfinite(x) & np.isfinite(target)
+                worst = math.inf if np.isnan(err) else err
+                where = (f"{name} at step {t} holds inf/NaN where the reference is finite" if bad.any() else
+                         f"{name} at step {t}: error {err:.3g}x its budget")
+        before = {**before, **have}
+    return worst, where
+
+
+def _step_error(impl: Implementation, problem: Problem, name: str, have: np.ndarray, want: np.ndarray,
+                start: np.ndarray) -> float:
+    """max |have - want| over its budget (see ``verify``)."""
+    storage = problem.storage(name)
+    half_math = impl.half_arithmetic and is_half(storage)
+    eps = 2.0 ** -_HALF_FORMATS[storage.name][0] if half_math else float(np.finfo(problem.compute_dtype).eps)
+    budget = impl.tolerance_eps * eps * (np.abs(want).max() + np.abs(want - start).max())
+    if impl.storage_ulps and is_half(storage) and not half_math:
+        budget = budget + impl.storage_ulps * ulp(want, storage)
+    err = (np.abs(have - want) / np.maximum(budget, np.finfo(np.float64).tiny)).max()
+    return float(err) if np.isfinite(err) else math.inf
+
+
+def ulp(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """The unit in the last place of half-precision ``dtype`` at each value of ``x`` (float64)."""
+    bits, emin = _HALF_FORMATS[np.dtype(dtype).name]
+    _, e = np.frexp(np.abs(x))  # |x| = f * 2**e, 0.5 <= f < 1
+    exponent = np.where(x == 0, emin, np.maximum(e - 1, emin))
+    return np.ldexp(1.0, exponent - bits)
+
+
+def _buffer_sets(entry: Entry, config: Config, l2_bytes: int) -> int:
+    """GPU: enough buffer sets that their sum exceeds twice the L2 cache (capped); CPU: one."""
+    if entry.impl.device != GPU or entry.host_timer:
+        return 1
+    problem = entry.problem
+    footprint = problem.spec.read_bytes(problem.dtype, problem.master) * problem.n
+    if footprint >= l2_bytes:
+        return 1
+    return int(min(config.max_sets, math.ceil(2 * l2_bytes / footprint)))
+
+
+def _gpu_l2_bytes() -> int:
+    for probe in (
+        lambda: __import__("numba.cuda", fromlist=["cuda"]).get_current_device().L2_CACHE_SIZE,
+        lambda: __import__("cupy").cuda.Device().attributes["L2CacheSize"],
+    ):
+        try:
+            value = int(probe())
+            if value > 0:
+                return value
+        except Exception:  # no device, the simulator, or no such attribute: try the next
+            pass
+    return L2_DEFAULT_BYTES
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def run_entries(entries: list[Entry], config: Config, progress: Progress) -> None:
+    """Set up, verify, then time ``entries`` (interleaved round-robin); fills each entry in place."""
+    l2 = _gpu_l2_bytes() if any(e.impl.device == GPU for e in entries) else L2_DEFAULT_BYTES
+    live = []
+    for e in entries:
+        progress.note(f"{e.impl.name} {e.problem.label}")
+        reason = e.impl.unavailable(e.problem)
+        if reason is not None:
+            e.status, e.reason = "unavailable", reason
+            progress.advance(1 + config.repeat)
+            continue
+        try:
+            e.sets = _buffer_sets(e, config, l2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. JAX on donation, torch on fused defaults
+                e.case = e.impl.setup(e.problem, e.sets)
+                e.verify_error, where = verify(e)
+        except Exception as exc:
+            e.status, e.reason, e.case = "error", _reason(exc), None
+            progress.advance(1 + config.repeat)
+            continue
+        if not e.verify_error <= 1.0:
+            e.status, e.case = "failed", None
+            e.reason = f"disagrees with the float64 reference: {where}"
+            progress.advance(1 + config.repeat)
+            continue
+        e.verified = True
+        e.timer = "cuda-events" if e.case.events and not e.host_timer else "perf_counter"
+        # Warm up every buffer set, then size a sample so the timer's resolution does not matter.
+        for k in range(e.case.sets):
+            e.case.step(k)
+        e.case.sync()
+        first = _sample(e, 1)
+        e.steps_per_sample = int(min(config.max_steps, max(1, math.ceil(config.min_time / max(first, 1e-9)))))
+        live.append(e)
+        progress.advance(1)
+    for r in range(config.repeat):
+        shift = r % max(1, len(live))  # rotate the order so no implementation always runs first
+        for e in live[shift:] + live[:shift]:
+            e.samples.append(_sample(e, e.steps_per_sample))
+            progress.advance(1)
+    for e in live:
+        e.status, e.case = "ok", None
