@@ -13,16 +13,21 @@ one float operation (a float16 subnormal's mantissa times 2**-24) takes the fact
 
 from gpuadam.kernels.lowp import BFLOAT16, FLOAT16
 
-LOWP_SOURCE = (
-    "#ifndef GPUADAM_LOWP\n#define GPUADAM_LOWP\n"
-    f"enum {{ LOWP_BFLOAT16 = {BFLOAT16}, LOWP_FLOAT16 = {FLOAT16} }};\n"
-    + r"""
+#: The qualifier of every C helper function of the CuPy kernels, here and in ``cupy_elementwise``:
+#: guarded, as a kernel's preamble may take in more than one source that needs it.
+FN_SOURCE = r"""#ifndef GPUADAM_FN
 #ifdef __CUDACC__
 #define GPUADAM_FN static __device__ __forceinline__
 #else
 #define GPUADAM_FN static inline  /* g++: the host tests */
 #endif
+#endif
+"""
 
+LOWP_SOURCE = (
+    "#ifndef GPUADAM_LOWP\n#define GPUADAM_LOWP\n"
+    f"enum {{ LOWP_BFLOAT16 = {BFLOAT16}, LOWP_FLOAT16 = {FLOAT16} }};\n"
+    + FN_SOURCE + r"""
 GPUADAM_FN unsigned int lowp_f32_bits(float x) {
 #ifdef __CUDA_ARCH__
   return __float_as_uint(x);
@@ -51,7 +56,9 @@ GPUADAM_FN float lowp_f16_to_f32(unsigned short h) {
   const unsigned int sign = (h & 0x8000u) << 16;
   const unsigned int exp = (h >> 10) & 0x1Fu;
   const unsigned int mant = h & 0x3FFu;
-  if (exp == 0x1Fu) return lowp_f32_from_bits(sign | 0x7F800000u | (mant << 13));  /* inf / nan */
+  if (exp == 0x1Fu) {  /* inf, or a NaN made quiet with its payload kept */
+    return lowp_f32_from_bits(sign | 0x7F800000u | (mant ? 0x400000u : 0u) | (mant << 13));
+  }
   if (exp != 0u) return lowp_f32_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
   /* zero or subnormal: mant * 2**-24 is exact and normal in float32 (so -ftz cannot touch it) */
   const float value = static_cast<float>(mant) * lowp_f32_from_bits(0x33800000u);
