@@ -161,6 +161,11 @@ class Optimizer:
 
     # --- storage precision -------------------------------------------------------------------
     def _check_precision_options(self, infos: list[ArrayInfo]) -> None:
+        if self.stochastic_rounding and self.capturable:
+            # The counter that draws the random bits is a kernel argument: a captured graph would
+            # replay it unchanged, rounding every step with the same bits (a bias, not noise).
+            raise ValueError("stochastic_rounding with capturable=True: a captured CUDA graph would replay "
+                             "the same random bits every step; use master_weights, or no capture")
         for i, (info, fmt) in enumerate(zip(infos, self._formats)):
             if self.master_weights and fmt is None:
                 raise ValueError(f"param {i}: master_weights is for float16/bfloat16 params, got {info.dtype}")

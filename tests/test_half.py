@@ -80,6 +80,7 @@ def test_stochastic_rounding_is_reproducible_and_unbiased():
 @pytest.mark.parametrize("kw,match", [
     ({"master_weights": True}, "master_weights is for float16/bfloat16"),
     ({"stochastic_rounding": True}, "stochastic_rounding is for bfloat16"),
+    ({"stochastic_rounding": True, "capturable": True}, "same random bits every step"),
 ])
 def test_precision_options_refused_where_they_mean_nothing(kw, match):
     with pytest.raises(ValueError, match=match):
