@@ -1,13 +1,15 @@
 """The CuPy kernels without a GPU: their C snippets run on the host, their full source as PTX.
 
-1. Every string of ``cupy_elementwise.SNIPPETS`` (the very objects CuPy is given) is pasted into
-   a C++ loop, compiled with g++ (no fast-math, no FMA contraction, float promotion an error) and
-   run through ctypes against ``gpuadam.reference`` over many steps and every flag combination,
-   for every rule (Adam's, and the family's of ``tests/family_cases.py``).
-2. ``cuda_source`` of each rule and dtype is compiled to PTX with NVRTC (or nvcc) in a child
-   process, as the house does for PTX checks: loads and stores per element, no float64 in the
-   float32 kernels, no local memory, and, with ptxas, registers, stack and spills. Where CuPy is
-   importable, CuPy's own generated kernel must compile to the same loop.
+1. Every kernel body ``cupy_elementwise.operation`` (the very string CuPy is given: the element
+   reads, the rule's snippet, the stores through ``opaque_index``) is pasted into a C++ loop after
+   ``INDEX_SOURCE``, compiled with g++ (no fast-math, no FMA contraction, float promotion an error)
+   and run through ctypes against ``gpuadam.reference`` over many steps and every flag
+   combination, for every rule (Adam's, and the family's of ``tests/family_cases.py``).
+2. ``cuda_source`` of each rule and dtype, with scalar and with device constants, is compiled to
+   PTX with NVRTC (or nvcc) in a child process, as the house does for PTX checks: loads and stores
+   per element, no float64 in the float32 kernels, no local memory, and, with ptxas, registers,
+   stack and spills. Where CuPy is importable, CuPy's own generated kernel must compile to the
+   same loop.
 """
 
 from __future__ import annotations
@@ -38,20 +40,18 @@ STEPS = 20
 
 
 def _host_function(rule: str, dtype: str) -> str:
-    """A C++ loop over ``SNIPPETS[rule]``, the state bound by reference as CuPy binds it."""
+    """A C++ loop over the kernel body ``operation(rule)``, on the arrays CuPy passes."""
     arrays = [f"const T* raw_{n}" for n in ce.INPUTS[rule]] + [f"T* raw_{n}" for n in ce.OUTPUTS[rule]]
     scalars = [f"const T {n}" for _, n in ce.constant_params(rule)]
-    bind = "".join(f"    const T &{n} = raw_{n}[i];\n" for n in ce.INPUTS[rule])
-    bind += "".join(f"    T &{n} = raw_{n}[i];\n" for n in ce.OUTPUTS[rule])
     return (
         f'extern "C" void {rule}_{dtype}(const ptrdiff_t n, {", ".join(arrays + scalars)}) {{\n'
-        f"  for (ptrdiff_t i = 0; i < n; ++i) {{\n{bind}{ce.SNIPPETS[rule]}  }}\n}}\n"
+        f"  for (ptrdiff_t i = 0; i < n; ++i) {{\n{ce.operation(rule)}  }}\n}}\n"
     )
 
 
 def _host_source() -> str:
     parts = ["#include <algorithm>\n#include <cmath>\n#include <cstddef>\n"
-             "using std::fabs;\nusing std::max;\nusing std::sqrt;\n"]
+             "using std::fabs;\nusing std::max;\nusing std::sqrt;\n", ce.INDEX_SOURCE]
     for dtype, (ctype, _) in CTYPES.items():
         # One namespace per dtype gives each its own T; the functions keep C names.
         parts.append(f"namespace {dtype} {{\ntypedef {ctype} T;\n")
@@ -156,9 +156,11 @@ def test_one_snippet_feeds_every_copy():
     """The ElementwiseKernel body and the inspected CUDA source contain the same snippet text."""
     assert len(ce.CONSTANT_NAMES) == len(AdamHyper().constants(1, np.float32))
     for rule, snippet in ce.SNIPPETS.items():
-        assert ce.operation(rule).endswith(snippet)
+        assert snippet in ce.operation(rule)
         for dtype in DTYPES:
-            assert snippet in "\n".join(line.strip() for line in ce.cuda_source(rule, dtype)[1].splitlines())
+            for device_constants in (False, True):
+                source = ce.cuda_source(rule, dtype, device_constants)[1]
+                assert snippet in "\n".join(line.strip() for line in source.splitlines())
         # No numeric literal (a digit that does not continue a name) may reach the float32 code.
         code = re.sub(r"/\*.*?\*/", "", snippet)
         assert not re.search(r"(?<!\w)\d", code), code
@@ -218,22 +220,26 @@ def test_imports_and_builds_source_without_cupy():
 
 ARCH = "sm_90"
 
+VARIANTS = ["", "/device-constants"]
+
 _COMPILE = """
 import json, sys
 from gpuadam.kernels import cupy_elementwise as ce
 out = {}
 for rule in ce.SNIPPETS:
-    for dtype in ("float32", "float64"):
-        out[f"{rule}-{dtype}"] = ce.compile_ptx(rule, dtype, ARCH)
-        try:
-            import cupy  # noqa: F401  (CuPy's own generator needs CuPy, not a GPU)
-        except Exception:
-            continue
-        for bits in (32, 64):
-            name, src, options = ce.cupy_generated_source(rule, dtype, index_32_bits=bits == 32)
-            out[f"{rule}-{dtype}-cupy{bits}"] = ce.compile_source_ptx(src, name, ARCH, options)
+    for variant in VARIANTS:
+        kernel = rule + variant
+        for dtype in ("float32", "float64"):
+            out[f"{kernel}-{dtype}"] = ce.compile_ptx(kernel, dtype, ARCH)
+            try:
+                import cupy  # noqa: F401  (CuPy's own generator needs CuPy, not a GPU)
+            except Exception:
+                continue
+            for bits in (32, 64):
+                name, src, options = ce.cupy_generated_source(kernel, dtype, index_32_bits=bits == 32)
+                out[f"{kernel}-{dtype}-cupy{bits}"] = ce.compile_source_ptx(src, name, ARCH, options)
 json.dump(out, sys.stdout)
-""".replace("ARCH", repr(ARCH))
+""".replace("ARCH", repr(ARCH)).replace("VARIANTS", repr(VARIANTS))
 
 
 @pytest.fixture(scope="module")
@@ -251,16 +257,18 @@ def _instructions(text: str) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith((".", "$", "{", "}", ")", "("))]
 
 
-def _loop_traffic(text: str) -> list[tuple[int, int]]:
-    """``(global loads, global stores)`` of each loop: a label and the backward branch to it."""
+def _loop_bodies(text: str) -> list[list[str]]:
+    """The instructions of each loop: from a label to the backward branch to it."""
     labels = {m.group(1): m.end() for m in re.finditer(r"^(\$L__\w+):", text, re.M)}
-    loops = []
-    for branch in re.finditer(r"\bbra(?:\.uni)?\s+(\$L__\w+);", text):
-        start = labels.get(branch.group(1))
-        if start is not None and start < branch.start():
-            body = _instructions(text[start : branch.start()])
-            loops.append((sum(i.startswith("ld.global") for i in body), sum(i.startswith("st.global") for i in body)))
-    return loops
+    return [_instructions(text[labels[b.group(1)] : b.start()])
+            for b in re.finditer(r"\bbra(?:\.uni)?\s+(\$L__\w+);", text)
+            if labels.get(b.group(1), b.start()) < b.start()]
+
+
+def _loop_traffic(text: str) -> list[tuple[int, int]]:
+    """``(global loads, global stores)`` of each loop."""
+    return [(sum(i.startswith("ld.global") for i in body), sum(i.startswith("st.global") for i in body))
+            for body in _loop_bodies(text)]
 
 
 def _loop(text: str) -> str:
@@ -269,21 +277,24 @@ def _loop(text: str) -> str:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rule", list(ce.SNIPPETS))
-def test_ptx_traffic_and_precision(ptx, rule, dtype):
-    text = ptx[f"{rule}-{dtype}"]
-    name = ce.kernel_name(rule)
+def test_ptx_traffic_and_precision(ptx, rule, variant, dtype):
+    text = ptx[f"{rule}{variant}-{dtype}"]
+    name = ce.kernel_name(rule, bool(variant))
     assert re.findall(r"\.entry\s+(\w+)", text) == [name]
     code = _instructions(text)
     loads = [i for i in code if i.startswith("ld.global")]
     stores = [i for i in code if i.startswith("st.global")]
     # Each element read once and written once: Adam 4 loads : 3 stores, AMSGrad 5 : 4. A flag the
     # loop does not change (SGD's nesterov, RAdam's rectification) may be hoisted out of it, the
-    # loop then copied once per value: each copy moves one element's bytes, and nothing else does.
+    # loop then copied once per value: each copy moves one element's bytes, and nothing else does
+    # but the device constants, read once before the loop.
     per_element = (len(ce.INPUTS[rule]) + len(ce.OUTPUTS[rule]), len(ce.OUTPUTS[rule]))
+    constants = len(ce.constant_params(rule)) if variant else 0
     loops = _loop_traffic(text)
     assert loops and all(traffic == per_element for traffic in loops), (loops, per_element)
-    assert (len(loads), len(stores)) == (len(loops) * per_element[0], len(loops) * per_element[1])
+    assert (len(loads), len(stores)) == (len(loops) * per_element[0] + constants, len(loops) * per_element[1])
     assert len(loops) <= 2
     assert not [i for i in code if re.match(r"(ld|st)\.local", i)]
     if dtype == "float32":
@@ -303,14 +314,24 @@ def _ptxas() -> str | None:
     return found
 
 
+#: Register bounds per (dtype, variant), sm_90. 32 registers let 2048 threads share an SM's 64K
+#: registers: full occupancy, which every float32 kernel has, device constants included, since
+#: the stores go through ``opaque_index`` (before: up to 48). float64 needs more, at most 36 with
+#: scalar constants and 56 with device constants (NVRTC 13.0; before the opaque stores: 43 and 66):
+#: bounds that catch a regression.
+REGISTER_BOUNDS = {("float32", ""): 32, ("float32", "/device-constants"): 32,
+                   ("float64", ""): 40, ("float64", "/device-constants"): 60}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rule", list(ce.SNIPPETS))
-def test_ptxas_resources(ptx, tmp_path, rule, dtype):
+def test_ptxas_resources(ptx, tmp_path, rule, variant, dtype):
     ptxas = _ptxas()
     if ptxas is None:
         pytest.skip("ptxas is not available")
     path = tmp_path / f"{rule}-{dtype}.ptx"
-    path.write_text(ptx[f"{rule}-{dtype}"])
+    path.write_text(ptx[f"{rule}{variant}-{dtype}"])
     proc = subprocess.run([ptxas, "-v", f"-arch={ARCH}", str(path), "-o", str(tmp_path / "k.cubin")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -318,17 +339,33 @@ def test_ptxas_resources(ptx, tmp_path, rule, dtype):
     stack, spill_st, spill_ld = map(int, re.search(
         r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr).groups())
     assert (stack, spill_st, spill_ld) == (0, 0, 0), proc.stderr
-    # 32 registers let 2048 threads share an SM's 64K registers: full occupancy. float64 needs more
-    # (38 for Adam, 43 for AMSGrad with NVRTC 13.0): a bound that catches a regression.
-    assert registers <= (32 if dtype == "float32" else 48), proc.stderr
+    assert registers <= REGISTER_BOUNDS[dtype, variant], proc.stderr
+
+
+def _normalized_loops(text: str) -> list[list[str]]:
+    return [[re.sub(r"%(\w+?)\d+", r"%\1", re.sub(r"\$L__BB\d+_\d+", "$L", i)) for i in body]
+            for body in _loop_bodies(text)]
 
 
 @pytest.mark.parametrize("bits", [32, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rule", list(ce.SNIPPETS))
-def test_cuda_source_compiles_like_cupys_own(ptx, rule, dtype, bits):
-    """``cuda_source`` is faithful: CuPy's generated kernel compiles to the very same loop."""
-    key = f"{rule}-{dtype}-cupy{bits}"
+def test_cuda_source_compiles_like_cupys_own(ptx, rule, variant, dtype, bits):
+    """``cuda_source`` is faithful: CuPy's generated kernel compiles to the very same loop. With
+    device constants, the same loops and the same loads and stores: where a hoisted flag copies the
+    loop (RAdam's), the two sources place the pointer conversions of CuPy's ``CArray`` structs in
+    different blocks before the copies."""
+    key = f"{rule}{variant}-{dtype}-cupy{bits}"
     if key not in ptx:
         pytest.skip("CuPy is not importable here")
-    assert _loop(ptx[key]) == _loop(ptx[f"{rule}-{dtype}"])
+    ours, cupys = ptx[f"{rule}{variant}-{dtype}"], ptx[key]
+    if not variant:
+        assert _loop(cupys) == _loop(ours)
+        return
+    assert _normalized_loops(cupys) == _normalized_loops(ours)
+
+    def memory(text):  # opcodes: CuPy's kernel may reach a constant through an advanced pointer, ours by offset
+        return sorted(i.split()[0] for i in _instructions(text) if i.startswith(("ld.global", "st.global")))
+
+    assert memory(cupys) == memory(ours)

@@ -61,17 +61,23 @@ def test_float32_kernels_meet_the_bar(inspected, backend, kernel, loads, stores)
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
 
 
-@pytest.mark.parametrize("backend,registers", [("numba-cuda", 40), ("cupy", 48)])
+#: Register bounds of the float32 device-constants kernels. Holding the loaded constants costs
+#: registers: Numba's need up to 38 (Adam 35, AMSGrad 38, NAdam 36, RAdam 34; allocated in eights,
+#: 40: 6 of 8 blocks per SM, which a memory-bound loop misses little; bounding them with
+#: __launch_bounds__ spills). CuPy's needed 22-48 until their stores went through ``opaque_index``
+#: (``cupy_elementwise.INDEX_SOURCE``): now 17-32, full occupancy.
+DEVICE_CONSTANT_REGISTERS = {"numba-cuda": 40, "cupy": 32}
+
+
+@pytest.mark.parametrize("backend", DEVICE_CONSTANT_REGISTERS)
 @pytest.mark.parametrize("kernel,loads,stores", [("adam", 4, 3), ("amsgrad", 5, 4)])
-def test_device_constant_variants_keep_the_traffic_and_float32(inspected, backend, registers, kernel, loads, stores):
+def test_device_constant_variants_keep_the_traffic_and_float32(inspected, backend, kernel, loads, stores):
     """Clipping/skip/capturable read the constants from device memory once per thread: the loop
-    still moves one element's bytes, in float32; holding 12 loaded constants costs registers (Numba
-    35-38: 7 of 8 blocks per SM; CuPy's 64-bit indexing 40-48: 5 or 6), which a memory-bound loop
-    misses little. Bounding them with __launch_bounds__ spills."""
+    still moves one element's bytes, in float32, within the backend's register bound."""
     (k,) = [k for k in inspected["kernels"]
             if (k["backend"], k["kernel"], k["dtype"]) == (backend, kernel + "/device-constants", "float32")]
     assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
-    assert k["registers"] <= registers
+    assert k["registers"] <= DEVICE_CONSTANT_REGISTERS[backend]
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
 
 
@@ -148,7 +154,7 @@ def test_half_precision_kernels_meet_the_bar(inspected, rule, spec, variant, bac
     """Every rule on half storage: float32 math, full occupancy, one pass. With master weights the
     kernel reads the master, g and the state and writes the master, the state and the half param.
     CuPy's half kernels fit in 32 registers with device constants too: their stores
-    recompute the addresses after the math (``cupy_elementwise.HALF_PREAMBLE``)."""
+    recompute the addresses after the math (``cupy_elementwise.INDEX_SOURCE``)."""
     n_arrays = spec[1] + 2
     loads, stores = (n_arrays, n_arrays) if variant == "master" else (n_arrays, n_arrays - 1)
     (k,) = [k for k in inspected["kernels"] if (k["backend"], k["kernel"]) == (backend, f"{rule}/{variant}{suffix}")]
@@ -192,12 +198,13 @@ def test_family_kernels_meet_the_bar(inspected, kernel, backend, dtype):
         assert k["f64_ops"] > 0 and k["registers"] <= 48
 
 
+@pytest.mark.parametrize("backend", DEVICE_CONSTANT_REGISTERS)
 @pytest.mark.parametrize("kernel", sorted(FAMILY_TRAFFIC))
-def test_family_device_constant_variants_keep_the_traffic_and_float32(inspected, kernel):
+def test_family_device_constant_variants_keep_the_traffic_and_float32(inspected, kernel, backend):
     (k,) = [k for k in inspected["kernels"]
-            if (k["backend"], k["kernel"], k["dtype"]) == ("numba-cuda", kernel + "/device-constants", "float32")]
+            if (k["backend"], k["kernel"], k["dtype"]) == (backend, kernel + "/device-constants", "float32")]
     assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
-    assert k["registers"] <= 40
+    assert k["registers"] <= DEVICE_CONSTANT_REGISTERS[backend]
     assert (k["loads_per_element"], k["stores_per_element"]) == FAMILY_TRAFFIC[kernel]
 
 

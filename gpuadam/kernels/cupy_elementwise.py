@@ -8,14 +8,16 @@ and float16/bfloat16 storage with float32 math (``HALF_LAYOUTS``, conversions fr
 ``gpuadam.reference``, and compiles ``cuda_source`` to PTX; ``tests/test_cupy_half_host.py`` runs
 the half-precision ``cuda_source`` on the host against the Numba CPU half kernels.
 
-The snippets read every input into a local before the first store and store each output once at
-the end: the arrays are bound as plain references that the compiler cannot prove distinct, and a
+``operation`` reads every element into a local by value, runs the snippet on the locals and stores
+each output once after it, at ``opaque_index(i)`` (``INDEX_SOURCE`` says why). Locals, not
+references into the arrays: the compiler cannot prove the arrays distinct, so through references a
 store to ``m`` before ``g`` is last read would force a second load of ``g``.
 
-The arrays are ``raw`` parameters indexed by CuPy's loop index ``i`` and bound to references by
-``operation``; ``launch`` passes ``size``. With non-raw parameters CuPy indexes every array through
-its strides in 32-bit arithmetic (its choice below 2**31 elements), which costs registers: for
-float32 on sm_90 that AMSGrad kernel needs 38 (75% occupancy), this one 32 (full occupancy).
+The arrays are ``raw`` parameters indexed by CuPy's loop index ``i``; ``launch`` passes ``size``.
+With non-raw parameters CuPy indexes every array through its strides in 32-bit arithmetic (its
+choice below 2**31 elements), which costs registers: for float32 on sm_90 that AMSGrad kernel
+needed 38 (75% occupancy) where the raw one needed 32, both measured before the stores went
+through ``opaque_index`` (raw: now 24).
 
 Nothing here imports CuPy at module level: ``SNIPPETS``, ``cuda_source`` and ``compile_ptx`` work
 on a machine without CuPy or a GPU; the ``ElementwiseKernel`` objects are built at first use.
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuadam.kernels.cupy_lowp import LOWP_SOURCE
+from gpuadam.kernels.cupy_lowp import FN_SOURCE, LOWP_SOURCE
 
 #: Scalar parameter names in the order of the constants tuple ``c`` of ``kernels.rules`` (Adam's
 #: layout; the other rules' names are ``RULE_CONSTANT_NAMES``, their parameters ``constant_params``).
@@ -183,6 +185,23 @@ def constant_params(rule: str) -> tuple[tuple[int, str], ...]:
     return tuple((k, n) for k, n in enumerate(RULE_CONSTANT_NAMES.get(rule, CONSTANT_NAMES)) if n)
 
 
+# Every kernel's stores index through ``opaque_index(i)``, a copy of ``i`` the optimizer cannot see
+# through. Indexed by ``i`` itself, each array's 64-bit address is kept live from its load across
+# the sqrt/div slow-path calls to its store, or strength-reduced into a pointer carried around the
+# loop: two registers per array. With the constants also held in registers (device constants) the
+# float32 kernels needed up to 48 and the half master kernels 35-36 (sm_90, NVRTC 13.0). Recomputed
+# after the math, for a few integer instructions per element, every float32 and half kernel fits
+# in 32, device constants included, and the float64 kernels need up to 12 fewer.
+INDEX_SOURCE = FN_SOURCE + r"""
+GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
+#ifdef __CUDA_ARCH__
+  asm("mov.b64 %0, %0;" : "+l"(i));
+#endif
+  return i;
+}
+"""
+
+
 # ---------------------------------------------------------------------------------------------
 # Half-precision storage (``kernels.lowp``): the same snippets in float32 math on 16-bit storage,
 # in one of two layouts, as the Numba kernels have them:
@@ -209,21 +228,7 @@ _C_NAMES = {"T": "T", "float32": "float", "uint16": "unsigned short", "int32": "
 # CuPy resolves a type placeholder from arrays only, never from scalars, and no array of the half
 # layout is float32: the half kernels name only concrete types, and T (the snippets' type) is
 # float by this preamble.
-#
-# The stores index through ``opaque_index(i)``, a copy of ``i`` the optimizer cannot see through.
-# Indexed by ``i`` itself, each array's 64-bit address is kept live from its load across the
-# sqrt/div slow-path calls to its store, or strength-reduced into a pointer carried around the loop:
-# two registers per array, and the master kernels then need 35-36 (sm_90, NVRTC 13.0). Recomputed
-# after the math for an add per store, every half kernel fits in 32, device constants included.
-HALF_PREAMBLE = LOWP_SOURCE + r"""typedef float T;
-
-GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
-#ifdef __CUDA_ARCH__
-  asm("mov.b64 %0, %0;" : "+l"(i));
-#endif
-  return i;
-}
-"""
+HALF_PREAMBLE = LOWP_SOURCE + "typedef float T;\n\n" + INDEX_SOURCE
 
 
 def _check_layout(layout: str | None) -> None:
@@ -266,19 +271,20 @@ def parse_kernel(kernel: str) -> tuple[str, bool, str | None]:
 
 
 def operation(rule: str, device_constants: bool = False, layout: str | None = None) -> str:
-    """The kernel body: each array's element ``i`` bound to a local, then ``SNIPPETS[rule]``.
+    """The kernel body: each array's element ``i`` read into a local, ``SNIPPETS[rule]``, then each
+    output stored once at ``opaque_index(i)`` (``INDEX_SOURCE``).
 
-    float32/float64: the binding is CuPy's own for non-raw parameters (``T &p = _raw_p[_ind.get()];``),
-    with the contiguous index ``i`` in place of the strided one. Half storage (``layout``): each
-    element widened to a float local, the snippet, then each output rounded to its storage once.
+    float32/float64: the locals are of ``T``. Half storage (``layout``): each element widened to a
+    float local, and each output rounded to its storage once.
     """
     _check_layout(layout)
+    store = ["const ptrdiff_t i_store = opaque_index(i);\n"]  # see INDEX_SOURCE
     if layout is None:
-        bind = [f"const T &{n} = raw_{n}[i];\n" for n in INPUTS[rule]]
-        bind += [f"T &{n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
-        return "".join(bind) + SNIPPETS[rule]
+        bind = [f"const T {n} = raw_{n}[i];\n" for n in INPUTS[rule]]
+        bind += [f"T {n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
+        store += [f"raw_{n}[i_store] = {n};\n" for n in OUTPUTS[rule]]
+        return "".join(bind) + SNIPPETS[rule] + "".join(store)
     bind = [f"const T {n} = lowp_load_half(raw_{n}[i], fmt);\n" for n in INPUTS[rule]]
-    store = ["const ptrdiff_t i_store = opaque_index(i);\n"]  # see HALF_PREAMBLE
     if layout == "half":
         bind += [f"T {n} = lowp_load_half(raw_{n}[i], fmt);\n" for n in OUTPUTS[rule]]
         # the element's index seeds stochastic rounding: modulo 2**32, as lowp masks it
@@ -323,9 +329,9 @@ def cuda_source(rule: str, dtype: Any, device_constants: bool = False, layout: s
 
     A self-contained equivalent of what ``ElementwiseKernel`` generates (``cupy_generated_source``
     gives CuPy's own text; the tests check both compile to the same PTX loop, or for half storage
-    to the same arithmetic and memory instructions): the ``T`` typedef (half storage:
-    ``HALF_PREAMBLE``), an ``extern "C"`` grid-stride loop over ``ptrdiff_t i`` that is not unrolled,
-    and ``operation``. Plain pointers stand in for CuPy's ``CArray`` and ``CIndexer`` structs, whose
+    to the same arithmetic and memory instructions): the ``T`` typedef and ``INDEX_SOURCE`` (half
+    storage: ``HALF_PREAMBLE``), an ``extern "C"`` grid-stride loop over ``ptrdiff_t i`` that is
+    not unrolled, and ``operation``. Plain pointers stand in for CuPy's ``CArray`` and ``CIndexer`` structs, whose
     indexing of a contiguous array is ``data_[i]``, so the source compiles without CuPy's headers.
     """
     ctype, name = _ctype(dtype), kernel_name(rule, device_constants, layout)
@@ -335,7 +341,7 @@ def cuda_source(rule: str, dtype: Any, device_constants: bool = False, layout: s
     params += [f"{_C_NAMES[t]}* {n}" for _, t, n in outs]
     prep = "".join(f"  {line}\n" for line in loop_prep(rule, device_constants).splitlines())
     body = "".join(f"    {line}\n" for line in operation(rule, layout=layout).splitlines())
-    head = HALF_PREAMBLE if layout else f"typedef {ctype} T;\n"
+    head = HALF_PREAMBLE if layout else f"typedef {ctype} T;\n" + INDEX_SOURCE
     source = f"""{head}
 extern "C" __global__ void {name}({", ".join(params)}, const ptrdiff_t _n) {{
 {prep}  #pragma unroll 1
@@ -363,7 +369,8 @@ def elementwise_kernel(rule: str, device_constants: bool = False, layout: str | 
         ins, outs = elementwise_params(rule, device_constants, layout)
         kernel = _kernels[key] = cupy.ElementwiseKernel(
             ins, outs, operation(rule, layout=layout), name=kernel_name(rule, device_constants, layout),
-            no_return=True, preamble=HALF_PREAMBLE if layout else "", loop_prep=loop_prep(rule, device_constants),
+            no_return=True, preamble=HALF_PREAMBLE if layout else INDEX_SOURCE,
+            loop_prep=loop_prep(rule, device_constants),
         )
     return kernel
 
