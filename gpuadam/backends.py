@@ -99,6 +99,10 @@ class NumbaCUDA:
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
         self._launch(rule, arrays, c, *extra)
 
+    def numba_stream(self) -> Any:
+        """The stream of the device bookkeeping kernels: Numba's default, where the updates run."""
+        return 0
+
 
 def _shape(x: Any) -> tuple:
     return tuple(x.shape)
@@ -120,6 +124,7 @@ class CuPy:
 
         self._cupy = cupy
         self._launch = cupy_elementwise.launch
+        self._streams: dict[int, Any] = {}
 
     def flat(self, x: Any) -> Any:
         return self._cupy.asarray(x).reshape(-1)  # zero-copy for any __cuda_array_interface__
@@ -135,6 +140,19 @@ class CuPy:
 
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
         self._launch(rule, arrays, c, *extra)
+
+    def numba_stream(self) -> Any:
+        """CuPy's current stream, as a Numba stream for the device bookkeeping kernels: they then run
+        in order with CuPy's update kernels, and a graph captured on that stream holds them all."""
+        ptr = self._cupy.cuda.get_current_stream().ptr
+        if ptr == 0:  # the legacy default stream, which Numba's 0 names too
+            return 0
+        stream = self._streams.get(ptr)
+        if stream is None:
+            from numba import cuda
+
+            stream = self._streams[ptr] = cuda.external_stream(ptr)
+        return stream
 
 
 _FACTORIES = {"numba-cpu": NumbaCPU, "numba-cuda": NumbaCUDA, "cupy": CuPy}

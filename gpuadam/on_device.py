@@ -9,6 +9,7 @@ uses (``kernels.rules``), into a small constants array that the update kernel re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,13 +21,16 @@ class DeviceSteps:
     """The device arrays of one optimizer's device-side bookkeeping (Numba CUDA arrays; the cupy
     backend uses them too, through ``__cuda_array_interface__``)."""
 
-    def __init__(self, n_groups: int, lrs: list[float] | None) -> None:
+    def __init__(self, n_groups: int, lrs: list[float] | None, stream: Callable[[], Any] | None = None) -> None:
         from numba import cuda
 
         from gpuadam.kernels import numba_cuda
 
         self._kernels = numba_cuda
         self._cuda = cuda
+        # Where the bookkeeping kernels run: the stream of the update kernels (CuPy's current stream
+        # on the cupy backend), so a step captured in a CUDA graph on that stream holds them all.
+        self.stream = stream or (lambda: 0)
         self.red = cuda.to_device(np.zeros(2, np.float64))  # sum of squares, count of inf/NaN
         self.steps = cuda.to_device(np.zeros(n_groups, np.int64))
         # lr >= 0 replaces the host's lr (capturable); -1 means: use the host's value
@@ -41,13 +45,13 @@ class DeviceSteps:
     def sumsq(self, g: Any, fmt: int | None = None) -> None:
         if hasattr(g, "__cuda_array_interface__") and not isinstance(g, self._cuda.devicearray.DeviceNDArray):
             g = self._cuda.as_cuda_array(g, sync=False)  # a CuPy array: no stream sync on the host
-        self._kernels.grad_sumsq(g, self.red, fmt)
+        self._kernels.grad_sumsq(g, self.red, fmt, stream=self.stream())
 
     def sync_lr(self, group: int, lr: float) -> None:
-        """Upload a changed lr (capturable). A blocking copy: inside a captured graph, write
-        ``self.lr`` on the device instead."""
+        """Upload a changed lr (capturable). A copy from host memory, which a graph being captured
+        cannot hold: a captured step keeps ``lr`` unchanged, and a schedule writes ``self.lr``."""
         if self._lr_host is not None and self._lr_host[group] != lr:
-            self.lr[group : group + 1].copy_to_device(np.array([lr], np.float64))
+            self.lr[group : group + 1].copy_to_device(np.array([lr], np.float64), stream=self.stream())
             self._lr_host[group] = lr
 
     def prepare(self, group: int, hyper: Any, inv_scale: float, max_norm: float, skip_nonfinite: bool,
@@ -56,7 +60,7 @@ class DeviceSteps:
         self._kernels.prepare(
             type(hyper).constants_fn, self.red, hyper.scalars(), np.float64(inv_scale), np.float64(max_norm),
             np.float64(skip_nonfinite), self.lr, self.steps, np.int64(group), c32, c64, self.norm,
-            self.skipped, np.int64(last), np.int64(host_step),
+            self.skipped, np.int64(last), np.int64(host_step), stream=self.stream(),
         )
 
     def constants(self, group: int, dtype: np.dtype) -> Any:

@@ -123,7 +123,7 @@ class Optimizer:
         if be.kind == DEVICE:
             lrs = [float(g["lr"]) for g in self.param_groups] if self.capturable else None
             try:
-                self._device = DeviceSteps(len(self.param_groups), lrs)
+                self._device = DeviceSteps(len(self.param_groups), lrs, be.numba_stream)
             except Exception as exc:  # the cupy backend without numba-cuda: no device bookkeeping
                 self._device_missing = f"the device-side step bookkeeping needs numba-cuda ({exc})"
                 if device_counts:

@@ -247,18 +247,18 @@ def _cached(key, make):
     return kernel
 
 
-def grad_sumsq(g, red, fmt=None) -> None:
+def grad_sumsq(g, red, fmt=None, stream=0) -> None:
     """Accumulate ``g``'s sum of squares and non-finite count into the device array ``red``
-    (``g`` holds half-precision bits when ``fmt`` is given)."""
+    (``g`` holds half-precision bits when ``fmt`` is given), on ``stream``."""
     scalar = float64 if g.dtype == np.float64 else float32
     half = -1 if fmt is None else fmt
     kernel = _cached(("sumsq", g.dtype.str, half), lambda: _make_sumsq(scalar, half))
-    kernel[_blocks(g.size), THREADS](g, red)
+    kernel[_blocks(g.size), THREADS, stream](g, red)
 
 
-def prepare(constants_fn, *args) -> None:
-    """Launch the one-thread preparation of a group's constants (see ``_make_prepare``)."""
-    _cached(("prepare", constants_fn), lambda: _make_prepare(constants_fn))[1, 1](*args)
+def prepare(constants_fn, *args, stream=0) -> None:
+    """Launch the one-thread preparation of a group's constants (see ``_make_prepare``) on ``stream``."""
+    _cached(("prepare", constants_fn), lambda: _make_prepare(constants_fn))[1, 1, stream](*args)
 
 
 def _blocks(n: int) -> int:

@@ -158,6 +158,35 @@ def test_capturable_step_makes_no_device_to_host_copy(monkeypatch):
     assert opt.steps == [2] * len(SHAPES)  # reading the count is the caller's synchronisation
 
 
+def test_bookkeeping_kernels_run_on_the_backends_stream(monkeypatch):
+    """The reduction and preparation kernels go to the stream the backend names (CuPy's current
+    stream on the cupy backend), so a captured graph holds them with the updates."""
+    from gpuadam import backends
+
+    stream = cuda.stream()
+    monkeypatch.setattr(backends.NumbaCUDA, "numba_stream", lambda self: stream)
+    launched = []
+    real = numba_cuda._cached
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, config):
+            launched.append(config[2] if len(config) > 2 else 0)
+            return self.kernel[config]
+
+    monkeypatch.setattr(numba_cuda, "_cached", lambda key, make: Spy(real(key, make)))
+    params0, grads = problem(18, shapes=SHAPES, steps=2)
+    _, on_stream = _run({"capturable": True, "skip_nonfinite": True}, grads, params0,
+                        step_kw={"max_grad_norm": 1.0})
+    assert launched and all(s is stream for s in launched), launched
+    monkeypatch.undo()
+    _, default = _run({"capturable": True, "skip_nonfinite": True}, grads, params0, step_kw={"max_grad_norm": 1.0})
+    for a, b in zip(on_stream, default):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_device_skip_of_a_nonfinite_step_changes_nothing():
     params0, grads = problem(16, shapes=SHAPES, steps=3)
     opt, skipped = _run({"skip_nonfinite": True}, grads, params0, poison_at=1)
