@@ -235,6 +235,14 @@ class Optimizer:
         return self._steps_skipped
 
     @property
+    def device_lr(self) -> Any:
+        """``capturable``: each group's lr as the step reads it, a float64 device array. A replayed
+        CUDA graph runs no ``step()`` to upload a changed ``param_groups`` lr: write this instead."""
+        if not self.capturable:
+            raise AttributeError("device_lr: only a capturable optimizer keeps its lr on the device")
+        return self._device.lr
+
+    @property
     def last_grad_norm(self) -> Any:
         """Norm of all gradients at the last step that computed it (``max_grad_norm``/``skip_nonfinite``):
         a float on the CPU, a 1-element device array on a GPU (reading it is your synchronisation)."""

@@ -187,6 +187,25 @@ def test_bookkeeping_kernels_run_on_the_backends_stream(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_device_lr_written_on_the_device_is_the_lr_of_the_next_step():
+    """What a schedule does between replays of a captured step: write ``device_lr``, not the group."""
+    params0, grads = problem(19, shapes=SHAPES, steps=2)
+    params = [cuda.to_device(p) for p in params0]
+    opt = gpuadam.Adam(params, lr=1e-3, capturable=True)
+    host = [p.copy() for p in params0]
+    ref = gpuadam.Adam(host, lr=1e-3, backend="numba-cpu")
+    opt.step([cuda.to_device(x) for x in grads[0]])
+    ref.step(grads[0])
+    opt.device_lr.copy_to_device(np.array([5e-3]))
+    ref.param_groups[0]["lr"] = 5e-3
+    opt.step([cuda.to_device(x) for x in grads[1]])
+    ref.step(grads[1])
+    for d, h in zip(params, host):
+        np.testing.assert_allclose(d.copy_to_host(), h, rtol=1e-6, atol=1e-7)
+    with pytest.raises(AttributeError, match="capturable"):
+        _ = gpuadam.Adam([cuda.to_device(p) for p in params0]).device_lr
+
+
 def test_device_skip_of_a_nonfinite_step_changes_nothing():
     params0, grads = problem(16, shapes=SHAPES, steps=3)
     opt, skipped = _run({"skip_nonfinite": True}, grads, params0, poison_at=1)
