@@ -61,23 +61,19 @@ def test_float32_kernels_meet_the_bar(inspected, backend, kernel, loads, stores)
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
 
 
-#: Register bounds of the float32 device-constants kernels. Holding the loaded constants costs
-#: registers: Numba's need up to 38 (Adam 35, AMSGrad 38, NAdam 36, RAdam 34; allocated in eights,
-#: 40: 6 of 8 blocks per SM, which a memory-bound loop misses little; bounding them with
-#: __launch_bounds__ spills). CuPy's needed 22-48 until their stores went through ``opaque_index``
-#: (``cupy_elementwise.INDEX_SOURCE``): now 17-32, full occupancy.
-DEVICE_CONSTANT_REGISTERS = {"numba-cuda": 40, "cupy": 32}
-
-
-@pytest.mark.parametrize("backend", DEVICE_CONSTANT_REGISTERS)
+@pytest.mark.parametrize("backend", ["numba-cuda", "cupy"])
 @pytest.mark.parametrize("kernel,loads,stores", [("adam", 4, 3), ("amsgrad", 5, 4)])
 def test_device_constant_variants_keep_the_traffic_and_float32(inspected, backend, kernel, loads, stores):
     """Clipping/skip/capturable read the constants from device memory once per thread: the loop
-    still moves one element's bytes, in float32, within the backend's register bound."""
+    still moves one element's bytes, in float32, at full occupancy. Holding the loaded constants
+    costs registers, and so did each array's address kept live across the rule's slow paths until
+    the stores went through an opaque copy of the index (``numba_cuda.opaque_index``,
+    ``cupy_elementwise.INDEX_SOURCE``): Numba's needed up to 38 (Adam 35, AMSGrad 38, NAdam 36, RAdam
+    34; bounding them with __launch_bounds__ spilled), now 14-30; CuPy's 22-48, now 17-32."""
     (k,) = [k for k in inspected["kernels"]
             if (k["backend"], k["kernel"], k["dtype"]) == (backend, kernel + "/device-constants", "float32")]
     assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
-    assert k["registers"] <= DEVICE_CONSTANT_REGISTERS[backend]
+    assert k["registers"] <= 32
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
 
 
@@ -198,13 +194,13 @@ def test_family_kernels_meet_the_bar(inspected, kernel, backend, dtype):
         assert k["f64_ops"] > 0 and k["registers"] <= 48
 
 
-@pytest.mark.parametrize("backend", DEVICE_CONSTANT_REGISTERS)
+@pytest.mark.parametrize("backend", ["numba-cuda", "cupy"])
 @pytest.mark.parametrize("kernel", sorted(FAMILY_TRAFFIC))
 def test_family_device_constant_variants_keep_the_traffic_and_float32(inspected, kernel, backend):
     (k,) = [k for k in inspected["kernels"]
             if (k["backend"], k["kernel"], k["dtype"]) == (backend, kernel + "/device-constants", "float32")]
     assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
-    assert k["registers"] <= DEVICE_CONSTANT_REGISTERS[backend]
+    assert k["registers"] <= 32  # full occupancy, as Adam's (above)
     assert (k["loads_per_element"], k["stores_per_element"]) == FAMILY_TRAFFIC[kernel]
 
 
