@@ -1,10 +1,19 @@
-"""Shared test helpers: random problems, the float64 reference trajectory, and error bounds."""
+"""Shared test helpers: random problems, the float64 reference trajectory, error bounds, PTX
+compiled in a child process, and the compiled half-precision conversions."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+
 import numpy as np
+import pytest
+from numba import njit
 
 from gpuadam.hyper import AdamHyper
+from gpuadam.kernels import lowp
 from gpuadam.reference import adam_reference
 
 SHAPES = [(257, 3), (1,), (1000,), (5, 7, 11)]
@@ -64,3 +73,35 @@ def adam_kwargs(hyper: AdamHyper) -> dict:
         amsgrad=hyper.amsgrad, maximize=hyper.maximize, eps_root=hyper.eps_root,
         bias_correction=hyper.bias_correction, decoupled_weight_decay=hyper.decoupled_weight_decay,
     )
+
+
+def ptx_from_child(code: str) -> dict:
+    """Run ``code`` (which prints a JSON dict, typically of PTX) in a child process: the house compiles
+    PTX away from the test process. Skips when neither NVRTC nor nvcc is there."""
+    from gpuadam.kernels import cupy_elementwise as ce
+
+    if ce._find_nvrtc() is None and shutil.which("nvcc") is None:
+        pytest.skip("neither libnvrtc (nvidia-cuda-nvrtc wheel) nor nvcc is available")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def ptx_instructions(text: str) -> list[str]:
+    """PTX instruction lines, without comments, directives, labels or declarations."""
+    lines = (line.split("//")[0].strip() for line in text.splitlines())
+    return [ln for ln in lines if ln and not ln.startswith((".", "$", "{", "}", ")", "("))]
+
+
+@njit
+def widen_half(h, fmt, out):
+    """``lowp.load_half`` over an array, compiled: half bits to float32."""
+    for i in range(h.size):
+        out[i] = lowp.load_half(h[i], fmt)
+
+
+@njit
+def narrow_half(x, fmt, out):
+    """``lowp.store_half`` over an array, compiled: float32 to half bits, to nearest even."""
+    for i in range(x.size):
+        out[i] = lowp.store_half(x[i], fmt)

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import re
 import shutil
 import subprocess
-import sys
 import zlib
 
 import numpy as np
 import pytest
 from family_cases import CASES, case_id, describe
-from helpers import FLAG_GRID, adam_kwargs
+from helpers import FLAG_GRID, adam_kwargs, narrow_half, ptx_from_child, ptx_instructions, widen_half
 from numba import njit
 
 from gpuadam.hyper import AdamHyper
@@ -102,17 +100,6 @@ def clib(tmp_path_factory):
     return lib
 
 
-@njit
-def _lowp_widen(h, fmt, out):
-    for i in range(h.size):
-        out[i] = lowp.load_half(h[i], fmt)
-
-
-@njit
-def _lowp_narrow(x, fmt, out):
-    for i in range(x.size):
-        out[i] = lowp.store_half(x[i], fmt)
-
 
 @njit
 def _lowp_random16(seed, step, index, out):
@@ -178,7 +165,7 @@ def _rounding_patterns() -> np.ndarray:
 def test_every_half_pattern_widens_like_lowp(clib, fmt):
     h = np.arange(1 << 16, dtype=np.uint16)
     want = np.empty(h.size, np.float32)
-    _lowp_widen(h, FORMATS[fmt], want)
+    widen_half(h, FORMATS[fmt], want)
     _assert_same_bits(_c_widen(clib, h, FORMATS[fmt]).view(np.uint32), want.view(np.uint32), h)
 
 
@@ -188,7 +175,7 @@ def test_float32_narrows_like_lowp_at_every_boundary_and_at_random(clib, fmt):
     bits = np.concatenate([_rounding_patterns(), rng.integers(0, 1 << 32, 3_000_000, dtype=np.uint32)])
     x = bits.view(np.float32)
     want = np.empty(x.size, np.uint16)
-    _lowp_narrow(x, FORMATS[fmt], want)
+    narrow_half(x, FORMATS[fmt], want)
     _assert_same_bits(_c_narrow(clib, x, FORMATS[fmt]), want, bits)
 
 
@@ -325,7 +312,7 @@ STEPS = 8
 
 def _halves(x: np.ndarray, fmt: int) -> np.ndarray:
     out = np.empty(x.size, np.uint16)
-    _lowp_narrow(np.ascontiguousarray(x, np.float32), fmt, out)
+    narrow_half(np.ascontiguousarray(x, np.float32), fmt, out)
     return out
 
 
@@ -340,7 +327,7 @@ def _start(rng, size, fmt, layout, names, init):
         state = [_halves(np.full(size, init.get(n, 0.0)), fmt) for n in names]
         return p16, grads, state, p16
     master = np.empty(size, np.float32)
-    _lowp_widen(p16, fmt, master)
+    widen_half(p16, fmt, master)
     state = [np.full(size, init.get(n, 0.0), np.float32) for n in names]
     return master, grads, state, p16
 
@@ -512,16 +499,8 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def ptx():
-    if ce._find_nvrtc() is None and shutil.which("nvcc") is None:
-        pytest.skip("neither libnvrtc (nvidia-cuda-nvrtc wheel) nor nvcc is available")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return ptx_from_child(_COMPILE)
 
-
-def _instructions(text: str) -> list[str]:
-    lines = (line.split("//")[0].strip() for line in text.splitlines())
-    return [ln for ln in lines if ln and not ln.startswith((".", "$", "{", "}", ")", "("))]
 
 
 def _loop_traffic(text: str) -> list[tuple[int, int]]:
@@ -533,7 +512,7 @@ def _loop_traffic(text: str) -> list[tuple[int, int]]:
         latches = [b for b in re.finditer(rf"\bbra(?:\.uni)?\s+{re.escape(head.group(1))};", text)
                    if b.start() > head.end()]
         if latches:
-            body = _instructions(text[head.end() : latches[-1].start()])
+            body = ptx_instructions(text[head.end() : latches[-1].start()])
             loops.append((sum(i.startswith("ld.global") for i in body), sum(i.startswith("st.global") for i in body)))
     return loops
 
@@ -547,7 +526,7 @@ def _per_element(rule: str, layout: str) -> tuple[int, int]:
 def _math(text: str) -> collections.Counter:
     """The float arithmetic and the global loads/stores from the loops on, register numbers erased."""
     body = re.sub(r"%(\w+?)\d+", r"%\1", text[text.index('.pragma "nounroll"'):])
-    return collections.Counter(i for i in _instructions(body) if re.search(r"\.f32\b|^(ld|st)\.global", i))
+    return collections.Counter(i for i in ptx_instructions(body) if re.search(r"\.f32\b|^(ld|st)\.global", i))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -566,7 +545,7 @@ def test_half_ptx_is_float32_one_pass_full_occupancy(ptx, rule, variant):
         entry = ptx[f"{rule}{variant}|{origin}"]
         text = entry["ptx"]
         assert re.findall(r"\.entry\s+(\w+)", text) == [ce.kernel_name(rule, bool(constants), layout)]
-        code = _instructions(text)
+        code = ptx_instructions(text)
         loops = _loop_traffic(text)
         assert loops and all(t == per_element for t in loops) and len(loops) <= 2, (origin, loops, per_element)
         loads = sum(i.startswith("ld.global") for i in code)

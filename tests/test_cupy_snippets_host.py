@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 from family_cases import CASES, case_id, describe, reference_run
-from helpers import FLAG_GRID, problem, reference_trajectory, trajectory_error
+from helpers import FLAG_GRID, problem, ptx_from_child, ptx_instructions, reference_trajectory, trajectory_error
 
 from gpuadam.hyper import AdamHyper
 from gpuadam.kernels import cupy_elementwise as ce
@@ -244,23 +243,14 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def ptx():
-    if ce._find_nvrtc() is None and shutil.which("nvcc") is None:
-        pytest.skip("neither libnvrtc (nvidia-cuda-nvrtc wheel) nor nvcc is available")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return ptx_from_child(_COMPILE)
 
-
-def _instructions(text: str) -> list[str]:
-    """PTX instruction lines, without comments, directives, labels or declarations."""
-    lines = (line.split("//")[0].strip() for line in text.splitlines())
-    return [ln for ln in lines if ln and not ln.startswith((".", "$", "{", "}", ")", "("))]
 
 
 def _loop_bodies(text: str) -> list[list[str]]:
     """The instructions of each loop: from a label to the backward branch to it."""
     labels = {m.group(1): m.end() for m in re.finditer(r"^(\$L__\w+):", text, re.M)}
-    return [_instructions(text[labels[b.group(1)] : b.start()])
+    return [ptx_instructions(text[labels[b.group(1)] : b.start()])
             for b in re.finditer(r"\bbra(?:\.uni)?\s+(\$L__\w+);", text)
             if labels.get(b.group(1), b.start()) < b.start()]
 
@@ -283,7 +273,7 @@ def test_ptx_traffic_and_precision(ptx, rule, variant, dtype):
     text = ptx[f"{rule}{variant}-{dtype}"]
     name = ce.kernel_name(rule, bool(variant))
     assert re.findall(r"\.entry\s+(\w+)", text) == [name]
-    code = _instructions(text)
+    code = ptx_instructions(text)
     loads = [i for i in code if i.startswith("ld.global")]
     stores = [i for i in code if i.startswith("st.global")]
     # Each element read once and written once: Adam 4 loads : 3 stores, AMSGrad 5 : 4. A flag the
@@ -366,6 +356,6 @@ def test_cuda_source_compiles_like_cupys_own(ptx, rule, variant, dtype, bits):
     assert _normalized_loops(cupys) == _normalized_loops(ours)
 
     def memory(text):  # opcodes: CuPy's kernel may reach a constant through an advanced pointer, ours by offset
-        return sorted(i.split()[0] for i in _instructions(text) if i.startswith(("ld.global", "st.global")))
+        return sorted(i.split()[0] for i in ptx_instructions(text) if i.startswith(("ld.global", "st.global")))
 
     assert memory(cupys) == memory(ours)

@@ -7,23 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import narrow_half, widen_half
 from numba import njit
 
 from gpuadam.kernels import lowp
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-
-
-@njit
-def _widen(h, fmt, out):
-    for i in range(h.size):
-        out[i] = lowp.load_half(h[i], fmt)
-
-
-@njit
-def _narrow(x, fmt, out):
-    for i in range(x.size):
-        out[i] = lowp.store_half(x[i], fmt)
 
 
 def _patterns(n_random: int = 4_000_000) -> np.ndarray:
@@ -45,7 +34,7 @@ def test_widening_is_exact_for_all_65536_patterns():
     h = np.arange(1 << 16, dtype=np.uint16)
     for fmt, dtype in ((lowp.FLOAT16, np.float16), (lowp.BFLOAT16, ml_dtypes.bfloat16)):
         compiled = np.empty(h.size, np.float32)
-        _widen(h, fmt, compiled)
+        widen_half(h, fmt, compiled)
         spec = np.array([lowp.load_half(int(x), fmt) for x in h], dtype=np.float32)
         want = h.view(dtype).astype(np.float32).view(np.uint32)
         if fmt == lowp.FLOAT16:  # NumPy keeps a signalling NaN signalling; we quiet it, as F16C does
@@ -60,7 +49,7 @@ def test_narrowing_rounds_to_nearest_even_and_quiets_nan(fmt, dtype):
     bits = _patterns()
     x = bits.view(np.float32)
     got = np.empty(x.size, np.uint16)
-    _narrow(x, fmt, got)
+    narrow_half(x, fmt, got)
     nan = np.isnan(x)
     with np.errstate(over="ignore", invalid="ignore"):
         want = x.astype(dtype).view(np.uint16)
