@@ -6,10 +6,11 @@ CPU, on the GPU and in the CUDA simulator (where they run as plain Python). Roun
 precision is to nearest even, or stochastic for bfloat16: the 16 random bits come from a
 counter-based hash of (seed, step, element index), so every backend rounds every element alike.
 
-Integer work is done in int64 on values below 2**48, so Python's integers (the simulator) and
-the compiled code agree bit for bit; no float literal appears. float16 is converted by the
-hardware in compiled code (a loop of bit manipulation does not vectorize as well: float16 half
-state ran 3-8x slower), with the Python functions as the specification.
+Each conversion is written twice. The Python function is the specification and the simulator's
+code: integer work on values below 2**48, so Python's integers give the bits of 32-bit machine
+arithmetic; no float literal appears. Compiled code (Numba CPU and CUDA) gets an overload of the
+same result in 16- and 32-bit IR, and converts float16 in hardware (see "Compiled code" below);
+``tests/test_lowp.py`` checks the two agree bit for bit.
 """
 
 import numpy as np
