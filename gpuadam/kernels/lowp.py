@@ -295,12 +295,10 @@ def store_rounded(p, i, x, lp):
 
 
 def store_updated(p, p16, i, x, lp):
-    """Write the updated parameter: into half ``p`` (rounded as ``lp`` says), or into the float32
-    master ``p`` and, rounded to nearest even, into the half param ``p16``."""
-    if p.dtype == np.uint16:
-        p[i] = store_param(x, lp, i)
-    else:
-        p[i] = x
+    """``store_rounded``, and with a float32 master ``p`` also the half param ``p16``, rounded to
+    nearest even."""
+    store_rounded(p, i, x, lp)
+    if p.dtype != np.uint16:
         p16[i] = store_half(x, lp[0])
 
 
@@ -336,10 +334,10 @@ def _store_rounded(p, i, x, lp):
 @overload(store_updated)
 def _store_updated(p, p16, i, x, lp):
     if p.dtype == types.uint16:
-        def impl(p, p16, i, x, lp):
-            p[i] = store_param(x, lp, i)
-    else:
-        def impl(p, p16, i, x, lp):
-            p[i] = x
-            p16[i] = store_half(x, lp[0])
+        return lambda p, p16, i, x, lp: store_rounded(p, i, x, lp)
+
+    def impl(p, p16, i, x, lp):
+        store_rounded(p, i, x, lp)
+        p16[i] = store_half(x, lp[0])
+
     return impl
