@@ -18,7 +18,6 @@ HOST = "host"
 DEVICE = "device"
 
 
-
 def is_simulator_array(x: Any) -> bool:
     """True for a device array of Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
     return type(x).__module__.startswith("numba.cuda.simulator")
@@ -81,6 +80,46 @@ def describe(x: Any) -> ArrayInfo | None:
     return None
 
 
+def span(x: Any) -> tuple[int, int]:
+    """The bytes ``[start, stop)`` a C-contiguous host or device array occupies (empty for size 0)."""
+    if isinstance(x, np.ndarray):
+        start = x.__array_interface__["data"][0]
+        return start, start + x.nbytes
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is None:  # a simulator device array: the NumPy array behind it
+        return span(x._ary)
+    start = cai["data"][0]
+    return start, start + int(np.prod(cai["shape"])) * np.dtype(cai["typestr"]).itemsize
+
+
+def first_overlap(spans: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The indices ``(i, j)``, ``i < j``, of two spans that share a byte, or None when none do."""
+    order = sorted((s for s in range(len(spans)) if spans[s][0] < spans[s][1]), key=lambda s: spans[s][0])
+    furthest = None  # the span reaching furthest among those seen
+    for s in order:
+        if furthest is not None and spans[s][0] < spans[furthest][1]:
+            return min(s, furthest), max(s, furthest)
+        if furthest is None or spans[s][1] > spans[furthest][1]:
+            furthest = s
+    return None
+
+
+def check_apart(named: list[tuple[str, Any]]) -> None:
+    """Refuse arrays (named ``(name, array)``) that share memory: an in-place update would read
+    values it has already written, or write one element twice."""
+    clash = first_overlap([span(x) for _, x in named])
+    if clash is not None:
+        i, j = clash
+        raise ValueError(f"{named[j][0]} shares memory with {named[i][0]}: each array must have its own memory")
+
+
+def _refuse_subclass(what: str, index: int, x: Any) -> None:
+    # The kernels see the memory, not the subclass: a mask would be ignored without a word.
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{what} {index}: expected a plain array, got a masked array (its mask would be "
+                        "ignored); pass x.filled(0) or x.data")
+
+
 def check_param(index: int, p: Any, half_format: int | None = None) -> tuple[ArrayInfo, int | None]:
     """``(ArrayInfo, half format or None)`` of parameter ``index``, or a TypeError/ValueError that
     says what is wrong."""
@@ -89,6 +128,7 @@ def check_param(index: int, p: Any, half_format: int | None = None) -> tuple[Arr
         raise TypeError(
             f"param {index}: expected a NumPy array or a CUDA device array, got {type(p).__name__}"
         )
+    _refuse_subclass("param", index, p)
     try:
         fmt = precision.half_format(info.dtype, half_format)
     except TypeError as exc:
@@ -108,6 +148,7 @@ def check_like(what: str, index: int, x: Any, param: ArrayInfo, *, writeable: bo
             f"{what} {index}: expected an array like its param ({_what_info(param)}), "
             f"got {type(x).__name__}"
         )
+    _refuse_subclass(what, index, x)
     if info.kind != param.kind or not _same_device(info.device, param.device):
         where = "host" if param.kind == HOST else f"device {param.device}"
         got = "host" if info.kind == HOST else f"device {info.device}"

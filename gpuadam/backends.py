@@ -48,7 +48,9 @@ class NumbaCPU:
         self._sumsq = numba_cpu.sumsq
 
     def flat(self, x: np.ndarray) -> np.ndarray:
-        return x.reshape(-1)
+        # a subclass (np.matrix, np.memmap) as the plain array over the same memory: the loops
+        # take nothing else, and a matrix would not even flatten to 1-D
+        return np.asarray(x).reshape(-1)
 
     def zeros_like(self, x: np.ndarray, dtype: Any = None) -> np.ndarray:
         return np.zeros(x.size, dtype=x.dtype if dtype is None else dtype)
@@ -62,9 +64,11 @@ class NumbaCPU:
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
         self._kernels[rule](*arrays, c, *extra)
 
-    def grad_sumsq(self, g: np.ndarray, fmt: int | None = None) -> tuple[float, float]:
-        """``(sum of squares, count of inf/NaN)`` of a 1-D gradient (half bits when ``fmt``), on the host."""
-        return self._sumsq(g, fmt)
+    def grad_sumsq(self, g: np.ndarray, fmt: int | None, inv_scale: float,
+                   valid: np.ndarray | None = None) -> tuple[float, float]:
+        """``(sum of squares, count of inf/NaN)`` of a 1-D gradient times ``inv_scale`` (half bits when
+        ``fmt``), on the host; ``valid`` masks a FlatBuffer's padding (``FlatBuffer.valid_counts``)."""
+        return self._sumsq(g, fmt, inv_scale, valid)
 
 
 class NumbaCUDA:

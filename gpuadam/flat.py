@@ -55,6 +55,7 @@ class FlatBuffer:
             self.offsets.append(end)
             end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
         self.size = end
+        self._valid: np.ndarray | None = None
         self.data = np.zeros(end, self.dtype) if device == "cpu" else _device_zeros(end, self.dtype)
         self.views = [
             self.data[o : o + int(np.prod(s))].reshape(s) for o, s in zip(self.offsets, self.shapes)
@@ -94,6 +95,19 @@ class FlatBuffer:
 
     def same_layout(self, other: FlatBuffer) -> bool:
         return self.shapes == other.shapes and self.dtype == other.dtype and self.device == other.device
+
+    def valid_counts(self) -> np.ndarray:
+        """Per granule of ``ALIGN`` elements of ``data``, how many belong to a view (the rest are
+        padding): a uint8 host array that lets reductions over the whole buffer skip the padding."""
+        if self._valid is None:
+            valid = np.zeros(self.size // ALIGN, np.uint8)
+            for offset, shape in zip(self.offsets, self.shapes):
+                size = int(np.prod(shape))
+                valid[offset // ALIGN : (offset + size) // ALIGN] = ALIGN
+                if size % ALIGN:
+                    valid[(offset + size) // ALIGN] = size % ALIGN
+            self._valid = valid
+        return self._valid
 
     def __len__(self) -> int:
         return len(self.views)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpuadam import backends
-from gpuadam.arrays import check_like, check_param
+from gpuadam.arrays import check_apart, check_like, check_param
 from gpuadam.hyper import AdamHyper
 
 
@@ -41,6 +41,8 @@ def adam_step(
     state = [exp_avg, exp_avg_sq] + ([] if max_exp_avg_sq is None else [max_exp_avg_sq])
     for name, arr in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), state):
         check_like(name, 0, arr, info, writeable=True)
+    check_apart([("param", param), ("grad", grad),
+                 *zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), state)])
     hyper = AdamHyper.from_kwargs(
         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=max_exp_avg_sq is not None,
         maximize=maximize, eps_root=eps_root, bias_correction=bias_correction,

@@ -7,24 +7,36 @@ every group's hyperparameters before the first kernel runs, so a refused step ch
 
 from __future__ import annotations
 
+import bisect
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from gpuadam import backends, flat
-from gpuadam.arrays import DEVICE, ArrayInfo, check_grad_count, check_like, check_param, describe
+from gpuadam.arrays import (
+    DEVICE,
+    ArrayInfo,
+    check_grad_count,
+    check_like,
+    check_param,
+    describe,
+    first_overlap,
+    span,
+)
 from gpuadam.flat import FlatBuffer
 from gpuadam.hyper import AdamHyper, check_flag, check_positive
 from gpuadam.kernels.lowp import BFLOAT16
 from gpuadam.kernels.numba_cpu import half_to_float32
-from gpuadam.kernels.rules import grad_factor
+from gpuadam.kernels.rules import RULES, grad_factor
 from gpuadam.on_device import DeviceSteps
 from gpuadam.precision import check_half_format
 
 
 class Launch(NamedTuple):
-    """One kernel launch of a step: its group, arrays, kernel, compute dtype, params, half format."""
+    """One kernel launch of a step: its group, arrays, kernel, compute dtype, params, half format,
+    step slot (the params' shared step count), and the valid counts of a FlatBuffer's granules."""
 
     group: int
     arrays: tuple
@@ -33,6 +45,8 @@ class Launch(NamedTuple):
     params: range
     fmt: int | None
     param: Any  # the param's kernel view (the half param, which a master-weights kernel also writes)
+    slot: int
+    valid: Any  # None, or per 16 elements how many are not padding (FlatBuffer.valid_counts)
 
 
 class Optimizer:
@@ -86,6 +100,17 @@ class Optimizer:
                 )
         self._check_precision_options(infos)
         self._infos: list[ArrayInfo] = infos
+        self._spans = [span(p) for p in self._params]
+        clash = first_overlap(self._spans)
+        if clash is not None:
+            i, j = clash
+            same = "is the same array as" if self._spans[i] == self._spans[j] else "overlaps in memory with"
+            raise ValueError(f"param {j} {same} param {i}: each param must own its memory, or a step "
+                             "would update it twice")
+        # the params' spans sorted by address, to find a gradient that overlaps one of them
+        self._span_order = sorted(range(len(self._spans)), key=lambda i: self._spans[i][0])
+        self._span_starts = [self._spans[i][0] for i in self._span_order]
+        self._keeps_padding_cache: dict[Any, bool] = {}
         self._hyper_cache: dict[int, tuple] = {}
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
         self._backend = backends.choose(backend, infos[0])
@@ -111,6 +136,9 @@ class Optimizer:
                     self.state.append({n: a[offset : offset + size] for n, a in whole.items()})
         self._fill_initial_state(hypers)
         self._steps = [0] * len(self._params)
+        # One lock per optimizer: step(), state_dict() and load_state_dict() from several threads run
+        # one at a time (each step counted once); two optimizers still run side by side.
+        self._lock = threading.RLock()
         self._calls = 0  # step() calls that reached the kernels: the stochastic rounding counter
         self.last_step_launches = 0
         self._steps_skipped = 0
@@ -132,6 +160,11 @@ class Optimizer:
             raise ValueError("capturable=True keeps the step count on the GPU: it needs device arrays, "
                              "got host arrays")
         self._device_counts = self._device is not None and device_counts
+        self._valid_on_device: dict[int, Any] = {}
+        if self._device is not None:
+            for gi, (buf, _) in self._flat_groups.items():
+                self._valid_on_device[gi] = self._device.upload(buf.valid_counts())
+        self._set_slots(self._steps)
 
     # --- what a subclass defines -------------------------------------------------------------
     def state_names(self, hyper: Any) -> tuple[str, ...]:
@@ -222,10 +255,11 @@ class Optimizer:
     @property
     def steps(self) -> list[int]:
         """Steps taken, per param (read from the GPU when it keeps the count: that synchronises)."""
-        if self._device_counts:
-            by_group = self._device.read_steps()
-            return [by_group[gi] for gi, indices in enumerate(self._ranges) for _ in indices]
-        return list(self._steps)
+        with self._lock:
+            if self._device_counts:
+                by_slot = self._device.read_steps()
+                return [by_slot[slot] for slot in self._slot_of]
+            return list(self._steps)
 
     @property
     def steps_skipped(self) -> int:
@@ -257,17 +291,23 @@ class Optimizer:
 
         ``grad_scale``: the gradients are ``grad_scale`` times the true ones (loss scaling); the kernel
         multiplies them by ``1 / grad_scale`` (exact for the powers of two loss scalers use) and leaves
-        the arrays in memory as they are. ``max_grad_norm``: clip by the norm of all gradients
-        together, as ``torch.nn.utils.clip_grad_norm_`` before the step (of the unscaled gradients).
+        the arrays in memory as they are; a gradient that is inf or NaN once unscaled counts as
+        non-finite. ``max_grad_norm``: clip by the norm of all gradients together, as
+        ``torch.nn.utils.clip_grad_norm_`` before the step (of the unscaled gradients). Safe to call
+        from several threads: the calls run one at a time.
         """
+        with self._lock:
+            self._step(grads, grad_scale, max_grad_norm)
+
+    def _step(self, grads: Sequence[Any], grad_scale: float | None, max_grad_norm: float | None) -> None:
         check_grad_count(len(self._infos), grads)
         inv_scale = 1.0 if grad_scale is None else 1.0 / check_positive("grad_scale", grad_scale)
         max_norm = 0.0 if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
-        units = self._plan(grads, hypers)  # every check is done: from here on, nothing can refuse
         reduce = max_norm > 0.0 or self.skip_nonfinite
         if reduce and self._device_missing:
             raise ValueError(f"max_grad_norm on {self._backend.name}: {self._device_missing}")
+        units = self._plan(grads, hypers)  # every check is done: from here on, nothing can refuse
         if self._device is not None and (reduce or self._device_counts):
             self._step_on_device(units, hypers, inv_scale, max_norm, reduce)
             return
@@ -277,7 +317,7 @@ class Optimizer:
         if reduce:
             sumsq = nonfinite = 0.0
             for unit in units:
-                s, bad = be.grad_sumsq(unit.arrays[1], unit.fmt)
+                s, bad = be.grad_sumsq(unit.arrays[1], unit.fmt, inv_scale, unit.valid)
                 sumsq += s
                 nonfinite += bad
             norm, grad_mul, skip = grad_factor(sumsq, nonfinite, inv_scale, max_norm, float(self.skip_nonfinite))
@@ -305,13 +345,15 @@ class Optimizer:
             return ()
         return (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls), unit.param
 
-    def _plan(self, grads: Sequence[Any], hypers: list) -> list[tuple]:
+    def _plan(self, grads: Sequence[Any], hypers: list) -> list[Launch]:
         """Check every gradient and group, and list the launches.
 
         A group over one FlatBuffer, stepped with the views of a FlatBuffer of the same layout, is one
-        launch over the whole buffers; anything else is one launch per tensor.
+        launch over the whole buffers when its params share one step count and its rule keeps the
+        zero padding at zero; anything else is one launch per tensor.
         """
         units = []
+        grad_spans = []
         for gi, (hyper, indices) in enumerate(zip(hypers, self._ranges)):
             fmt = self._formats[indices.start]
             names = self._state_names(hyper, fmt)
@@ -319,22 +361,26 @@ class Optimizer:
             master = "master" in names
             rule = self._rule_name(hyper, fmt)
             dtype = np.dtype(np.float32) if fmt is not None else None
-            for i in indices:
-                missing = [n for n in names if n not in self.state[i]]
-                if missing:
-                    raise ValueError(
-                        f"param {i}: the hyperparameters now need state {missing} that was not "
-                        "allocated at construction (e.g. amsgrad switched on mid-run)"
-                    )
+            # a group's params got the same state names at construction (and load checks them)
+            missing = [n for n in names if n not in self.state[indices.start]]
+            if missing:
+                raise ValueError(
+                    f"param group {gi}: the hyperparameters now need state {missing} that was not "
+                    "allocated at construction (e.g. amsgrad switched on mid-run)"
+                )
             fused = self._flat_groups.get(gi)
             gbuf = flat.owner(grads[indices.start : indices.stop]) if fused else None
-            if fused and gbuf is not None and fused[0].same_layout(gbuf) and self._same_steps(indices):
+            if (fused and gbuf is not None and fused[0].same_layout(gbuf) and self._one_slot[gi]
+                    and self._keeps_padding(hyper)):
                 buf, whole = fused
                 p = self._kernel_view(buf.data, fmt)
                 # with master weights the kernel steps the float32 master and writes the half param
                 arrays = (whole["master"] if master else p, self._kernel_view(gbuf.data, fmt),
                           *(whole[n] for n in rule_state))
-                units.append(Launch(gi, arrays, rule, dtype or buf.dtype, indices, fmt, p))
+                valid = self._valid_on_device.get(gi) if self._device is not None else buf.valid_counts()
+                units.append(Launch(gi, arrays, rule, dtype or buf.dtype, indices, fmt, p,
+                                    self._slot_of[indices.start], valid))
+                grad_spans.append((span(gbuf.data), f"grad {indices.start}..{indices.stop - 1} (a FlatBuffer)"))
                 continue
             for i in indices:
                 check_like("grad", i, grads[i], self._infos[i], writeable=False)
@@ -343,16 +389,62 @@ class Optimizer:
                 arrays = (state["master"] if master else self._flat[i], self._kernel_view(grads[i], fmt),
                           *(state[n] for n in rule_state))
                 units.append(Launch(gi, arrays, rule, dtype or self._infos[i].dtype, range(i, i + 1), fmt,
-                                    self._flat[i]))
-        if self._device is not None and not self._device_counts:
-            for unit in units:
-                if not self._same_steps(unit.params):
-                    raise ValueError(f"param group {unit.group}: its params have different step counts; a GPU "
-                                     "step that clips computes one set of constants per group")
+                                    self._flat[i], self._slot_of[i], None))
+                grad_spans.append((span(grads[i]), f"grad {i}"))
+        self._check_grads_apart(grad_spans)
         return units
 
-    def _same_steps(self, indices: range) -> bool:
-        return self._device_counts or len({self._steps[i] for i in indices}) == 1
+    def _check_grads_apart(self, grad_spans: list[tuple[tuple[int, int], str]]) -> None:
+        """Refuse a gradient that shares memory with a param: the update would read its own writes."""
+        for (start, stop), name in grad_spans:
+            # params never overlap each other, so sorted by start they are sorted by end too: the
+            # one param that can overlap a gradient is the last that starts before the gradient ends
+            k = bisect.bisect_left(self._span_starts, stop) - 1
+            if k >= 0 and start < stop and self._spans[self._span_order[k]][1] > start:
+                raise ValueError(f"{name} shares memory with param {self._span_order[k]}: a gradient must not "
+                                 "alias a param, or the update would read values it has already written")
+
+    def _keeps_padding(self, hyper: Any) -> bool:
+        """Whether one launch over a FlatBuffer keeps its padding params at zero: the rule, fed a zero
+        param and gradient and the state's start values, returns a zero param and finite state at
+        the first step and a late one (RAdam changes branch). With eps=0 many rules would make
+        0/0 = NaN there; Adamax's ``exp_inf`` settles at eps."""
+        kept = self._keeps_padding_cache.get(hyper)
+        if kept is None:
+            rule, _ = RULES[self.rule(hyper)]
+            init = self.state_init(hyper)
+            state = [np.float64(init.get(name, 0.0)) for name in self.state_names(hyper)]
+            kept = True
+            with np.errstate(all="ignore"):
+                for step in (1, 1 << 20):
+                    try:
+                        after = np.atleast_1d(rule(np.float64(0.0), np.float64(0.0), *state,
+                                                   hyper.constants(step, np.float64)))
+                    except (ArithmeticError, ValueError):
+                        after = np.array([np.nan])
+                    kept = kept and after[0] == 0.0 and bool(np.isfinite(after).all())
+            self._keeps_padding_cache[hyper] = kept
+        return kept
+
+    def _set_slots(self, steps: list[int]) -> None:
+        """Group the params of each group by step count (a slot each); the device keeps a count and
+        constants per slot. Steps move all params together, so the slots hold until the next load."""
+        self._slot_of = [0] * len(self._params)
+        self._slot_group: list[int] = []
+        self._slot_first: list[int] = []
+        slot_steps = []
+        for gi, indices in enumerate(self._ranges):
+            slots: dict[int, int] = {}
+            for i in indices:
+                if steps[i] not in slots:
+                    slots[steps[i]] = len(self._slot_group)
+                    self._slot_group.append(gi)
+                    self._slot_first.append(i)
+                    slot_steps.append(steps[i])
+                self._slot_of[i] = slots[steps[i]]
+        self._one_slot = [len({self._slot_of[i] for i in r}) == 1 for r in self._ranges]
+        if self._device is not None:
+            self._device.set_slots(slot_steps)
 
     def _step_on_device(self, units: list, hypers: list, inv_scale: float, max_norm: float, reduce: bool) -> None:
         """The GPU step when the constants come from the device: reduce, prepare, update; no sync."""
@@ -361,15 +453,16 @@ class Optimizer:
         self._calls += 1
         if reduce:
             for unit in units:
-                dev.sumsq(unit.arrays[1], unit.fmt)
-        last = len(self.param_groups) - 1
-        for gi, (group, hyper, indices) in enumerate(zip(self.param_groups, hypers, self._ranges)):
-            if self.capturable:
+                dev.sumsq(unit.arrays[1], unit.fmt, inv_scale, unit.valid)
+        if self.capturable:
+            for gi, group in enumerate(self.param_groups):
                 dev.sync_lr(gi, float(group["lr"]))
-            host_step = 0 if self._device_counts else self._steps[indices.start] + 1
-            dev.prepare(gi, hyper, inv_scale, max_norm, self.skip_nonfinite, host_step, gi == last)
+        last = len(self._slot_group) - 1
+        for slot, (gi, first) in enumerate(zip(self._slot_group, self._slot_first)):
+            host_step = 0 if self._device_counts else self._steps[first] + 1
+            dev.prepare(slot, gi, hypers[gi], inv_scale, max_norm, self.skip_nonfinite, host_step, slot == last)
         for unit in units:
-            be.launch(unit.rule, unit.arrays, dev.constants(unit.group, unit.dtype), *self._rounding(unit))
+            be.launch(unit.rule, unit.arrays, dev.constants(unit.slot, unit.dtype), *self._rounding(unit))
         if not self._device_counts:
             self._steps = [s + 1 for s in self._steps]
         self._last_grad_norm = dev.norm if reduce else self._last_grad_norm
@@ -377,6 +470,10 @@ class Optimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...]}``."""
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         steps = self.steps
         state = {
             i: {"step": steps[i], **{n: self._host_state(i, a) for n, a in s.items()}}
@@ -390,6 +487,10 @@ class Optimizer:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing."""
+        with self._lock:
+            self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
             raise ValueError(f"state_dict: expected one saved by {type(self).__name__}, got {kind!r}")
@@ -423,20 +524,13 @@ class Optimizer:
                     )
                 loaded.append(self._check_saved_state(index, state.get(index), names))
         steps = [step for step, _ in loaded]
-        if self._device_counts:  # the GPU counts per group: its params must agree
-            for gi, indices in enumerate(self._ranges):
-                group_steps = {steps[i] for i in indices}
-                if len(group_steps) > 1:
-                    raise ValueError(f"state_dict: param group {gi} has params at different steps "
-                                     f"{sorted(group_steps)}; this optimizer counts steps per group")
         be = self._backend
         for i, (_, arrays) in enumerate(loaded):
             for name, value in arrays.items():
                 be.copy_from_host(self.state[i][name], np.ascontiguousarray(value).view(self._state_bits(i)))
         self._steps = steps
         self._calls = int(calls)
-        if self._device_counts:
-            self._device.write_steps([steps[indices.start] for indices in self._ranges])
+        self._set_slots(steps)
         for group, (new, _) in zip(self.param_groups, new_groups):
             group.clear()
             group.update(new)

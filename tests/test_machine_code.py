@@ -215,9 +215,30 @@ def test_device_side_constants_compile_for_every_family(record):
 
     cls = getattr(hyper, record)
     f64, i64 = types.float64, types.int64
-    signature = (f64[::1], types.UniTuple(f64, len(cls().scalars())), f64, f64, f64, f64[::1], i64[::1], i64,
+    # sums, hyper, inv_scale, max_norm, skip_nonfinite, lr, group, steps, slot, consts32, consts64, norm,
+    # skipped, last, host_step
+    signature = (f64[::1], types.UniTuple(f64, len(cls().scalars())), f64, f64, f64, f64[::1], i64, i64[::1], i64,
                  types.float32[::1], f64[::1], f64[::1], i64[::1], i64, i64)
     with machine_code._no_device_needed((9, 0)):
         ptx, _ = cuda.compile_ptx(numba_cuda._make_prepare(cls.constants_fn), signature, cc=(9, 0))
     registers, spills, stack = machine_code.ptxas_resources(ptx, "sm_90")
     assert (spills, stack) == (0, 0)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["whole", "flatbuffer"])
+@pytest.mark.parametrize("dtype,fmt", [("float32", -1), ("float64", -1), ("uint16", 0)], ids=["f32", "f64", "half"])
+def test_gradient_reduction_compiles_without_local_memory(dtype, fmt, masked):
+    """The norm / non-finite reduction (clipping, skipping) compiles for sm_90: unscaled in the
+    gradients' precision (float32 for half bits), the padding mask a uint8 load per element."""
+    _tool_or_skip()
+    from gpuadam.kernels import numba_cuda
+
+    scalar = types.float64 if dtype == "float64" else types.float32
+    valid = types.uint8[::1] if masked else types.float64[::1]
+    signature = (getattr(types, dtype)[::1], types.float64[::1], scalar, valid)
+    with machine_code._no_device_needed((9, 0)):
+        ptx, _ = cuda.compile_ptx(numba_cuda._make_sumsq(getattr(numba_cuda, "float64" if dtype == "float64"
+                                                                   else "float32"), fmt, masked), signature, cc=(9, 0))
+    registers, spills, stack = machine_code.ptxas_resources(ptx, "sm_90")
+    assert (spills, stack) == (0, 0)
+    assert ("ld.global.u8" in ptx or "ld.global.nc.u8" in ptx) == masked

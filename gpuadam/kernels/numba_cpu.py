@@ -11,9 +11,11 @@ ZeroDivisionError raised halfway through the loop; without that check the loop v
 """
 
 import hashlib
+import threading
 import types
 from pathlib import Path
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -111,9 +113,30 @@ def _half_loop(rule, n_state, fmt, stochastic, master):
 
 
 def _compiled(name, loop):
-    parallel = njit(parallel=True, cache=True, error_model="numpy")(_named(loop, f"_{name}_parallel"))
-    serial = njit(cache=True, error_model="numpy")(_named(loop, f"_{name}_serial"))  # prange is range here
+    # nogil: two optimizers stepped from two threads run side by side
+    parallel = njit(parallel=True, cache=True, nogil=True, error_model="numpy")(_named(loop, f"_{name}_parallel"))
+    serial = njit(cache=True, nogil=True, error_model="numpy")(_named(loop, f"_{name}_serial"))  # prange: range
     return parallel, serial
+
+
+# Numba's fallback thread pool ("workqueue", where neither OpenMP nor TBB is found) aborts the
+# process when two threads launch parallel loops at once: there, parallel loops take turns.
+_POOL_LOCK = threading.Lock()
+
+
+def run_parallel(fn, *args):
+    """Call the ``parallel=True`` function ``fn``, one caller at a time under the workqueue pool."""
+    if numba.config.THREADING_LAYER == "workqueue" or _threading_layer() == "workqueue":
+        with _POOL_LOCK:
+            return fn(*args)
+    return fn(*args)
+
+
+def _threading_layer():
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel function has run yet: the first call finds out, alone
+        return "workqueue"
 
 
 def host_kernel(name, loop):
@@ -121,7 +144,10 @@ def host_kernel(name, loop):
     parallel, serial = _compiled(name, loop)
 
     def run(p, g, *rest):
-        (parallel if p.size >= PARALLEL_MIN else serial)(p, g, *rest)
+        if p.size >= PARALLEL_MIN:
+            run_parallel(parallel, p, g, *rest)
+        else:
+            serial(p, g, *rest)
 
     run.__name__ = run.__qualname__ = name.replace("/", "_")
     run.parallel, run.serial = parallel, serial
@@ -147,7 +173,10 @@ def half_kernel(name, rule, n_state):
         master = p.dtype != np.uint16
         stochastic = 1 if lp[1] and lp[0] == BFLOAT16 and not master else 0
         parallel, serial = variants[lp[0], stochastic, master]
-        (parallel if p.size >= PARALLEL_MIN else serial)(p, g, *rest)
+        if p.size >= PARALLEL_MIN:
+            run_parallel(parallel, p, g, *rest)
+        else:
+            serial(p, g, *rest)
 
     run.__name__ = run.__qualname__ = name
     run.variants = variants
@@ -162,24 +191,71 @@ for _name, (_rule, _n) in rules.RULES.items():
     KERNELS[f"{_name}/half"] = half_kernel(f"{_name}_half", _rule, _n)
 
 
-def _sumsq(g, fmt):
-    total = 0.0
-    bad = 0.0
-    for i in prange(g.size):
-        x = np.float64(load(g, i, fmt))
-        total += x * x  # inf/NaN stay in: the norm is then inf/NaN, as PyTorch's would be
-        if not np.isfinite(x):
-            bad += 1.0
-    return total, bad
+#: Elements per block of the host reduction. Each block is summed in a fixed order (``LANES``
+#: partial sums, each over its lane in index order) and the blocks' sums are added in block order:
+#: the result is the same bits for any number of threads.
+SUM_BLOCK = 1 << 14
+LANES = 16  # a FlatBuffer granule (``flat.ALIGN``): ``valid`` holds one count per granule
 
 
-_sumsq = njit(parallel=True, cache=True)(_named(_sumsq, "_sumsq"))
+def _make_sumsq(masked):
+    def sumsq(g, fmt, inv, valid):
+        n = g.size
+        nblocks = (n + SUM_BLOCK - 1) // SUM_BLOCK
+        sums = np.zeros(nblocks)
+        bad = np.zeros(nblocks)
+        for b in prange(nblocks):
+            acc = np.zeros(LANES)
+            nonfinite = np.zeros(LANES)
+            start = b * SUM_BLOCK
+            stop = min(n, start + SUM_BLOCK)
+            whole = start + (stop - start) // LANES * LANES
+            for k in range(start // LANES, whole // LANES):
+                for lane in range(LANES):
+                    # scaled in the gradient's precision, as the update scales it: an overflow
+                    # there is a non-finite gradient (as GradScaler checks after unscaling)
+                    y64 = np.float64(load(g, k * LANES + lane, fmt) * inv)
+                    if masked and lane >= valid[k]:
+                        y64 = 0.0  # padding, whatever it holds
+                    acc[lane] += y64 * y64  # inf/NaN stay in: the norm is then inf/NaN, as PyTorch's
+                    nonfinite[lane] += 0.0 if y64 - y64 == 0.0 else 1.0
+            for i in range(whole, stop):
+                lane = i - whole
+                y64 = np.float64(load(g, i, fmt) * inv)
+                if masked and lane >= valid[i // LANES]:
+                    y64 = 0.0
+                acc[lane] += y64 * y64
+                nonfinite[lane] += 0.0 if y64 - y64 == 0.0 else 1.0
+            total = 0.0
+            count = 0.0
+            for lane in range(LANES):
+                total += acc[lane]
+                count += nonfinite[lane]
+            sums[b] = total
+            bad[b] = count
+        total = 0.0
+        count = 0.0
+        for b in range(nblocks):
+            total += sums[b]
+            count += bad[b]
+        return total, count
+
+    return sumsq
 
 
-def sumsq(g, fmt=None):
-    """``(sum of squares, count of non-finite)`` of a 1-D host array (half bits when ``fmt`` is
-    given), accumulated in float64."""
-    return _sumsq(g, -1 if fmt is None else fmt)
+_sumsq = {masked: njit(parallel=True, cache=True, nogil=True)(_named(_make_sumsq(masked), f"_sumsq_{masked:d}"))
+          for masked in (False, True)}
+_NO_MASK = np.zeros(0, np.uint8)
+
+
+def sumsq(g, fmt=None, inv_scale=1.0, valid=None):
+    """``(sum of squares, count of non-finite)`` of a 1-D host array times ``inv_scale`` (half bits
+    when ``fmt`` is given), accumulated in float64, bitwise the same for any thread count.
+    ``valid[k]``: how many elements of granule ``k`` (``LANES`` elements) count; the rest (a
+    FlatBuffer's padding) are never read into the result."""
+    inv = np.float64(inv_scale) if g.dtype == np.float64 else np.float32(inv_scale)
+    masked = valid is not None
+    return run_parallel(_sumsq[masked], g, -1 if fmt is None else fmt, inv, valid if masked else _NO_MASK)
 
 
 def _half_to_float32(h, fmt, out):
@@ -187,9 +263,9 @@ def _half_to_float32(h, fmt, out):
         out[i] = load_half(h[i], fmt)
 
 
-_half_to_float32 = njit(parallel=True, cache=True)(_named(_half_to_float32, "_half_to_float32"))
+_half_to_float32 = njit(parallel=True, cache=True, nogil=True)(_named(_half_to_float32, "_half_to_float32"))
 
 
 def half_to_float32(h, fmt, out):
     """Widen half-precision bits to float32 (a master copy of half params)."""
-    _half_to_float32(h, fmt, out)
+    run_parallel(_half_to_float32, h, fmt, out)

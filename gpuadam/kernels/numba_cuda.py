@@ -197,12 +197,15 @@ for _name, (_rule, _n) in rules.RULES.items():
     KERNELS[f"{_name}/half"] = (_named(_half_kernel(_rule, _n), f"{_name}_half_kernel"), _n + 2)
 
 
-def _make_sumsq(scalar, fmt):
-    def sumsq_kernel(g, red):
-        """Adds the sum of squares of ``g`` to ``red[0]`` and its count of inf/NaN to ``red[1]``.
+def _make_sumsq(scalar, fmt, masked):
+    def sumsq_kernel(g, red, inv, valid):
+        """Adds the sum of squares of ``g * inv`` to ``red[0]`` and its count of inf/NaN to ``red[1]``.
 
-        Each thread sums in the gradients' precision; the block sums in float64 and adds once.
-        Non-finite values stay in the sum (the norm is then inf/NaN, as PyTorch's would be).
+        ``g * inv`` is formed in the gradients' precision, as the update forms it: a gradient that
+        overflows once unscaled counts as non-finite. Each thread sums in that precision; the block
+        sums in float64 and adds once. Non-finite values stay in the sum (the norm is then inf/NaN,
+        as PyTorch's would be). ``masked``: element ``i`` counts only when ``i % 16 < valid[i // 16]``
+        (a FlatBuffer's padding never reaches the result).
         """
         partial = cuda.shared.array(THREADS, float64)
         bad = cuda.shared.array(THREADS, float64)
@@ -212,10 +215,11 @@ def _make_sumsq(scalar, fmt):
         acc = scalar(0)
         count = 0
         while i < n:
-            x = load(g, i, fmt)
-            acc += x * x
-            if not math.isfinite(x):
-                count += 1
+            if not masked or (i & uint64(15)) < valid[i >> uint64(4)]:
+                y = load(g, i, fmt) * inv
+                acc += y * y
+                if not math.isfinite(y):
+                    count += 1
             i += stride
         t = cuda.threadIdx.x
         partial[t] = acc
@@ -236,18 +240,19 @@ def _make_sumsq(scalar, fmt):
 
 
 def _make_prepare(constants_fn):
-    def prepare_kernel(red, hyper, inv_scale, max_norm, skip_nonfinite, lr, steps, group,
+    def prepare_kernel(sums, hyper, inv_scale, max_norm, skip_nonfinite, lr, group, steps, slot,
                        consts32, consts64, norm, skipped, last, host_step):
-        """One thread: the norm, clip factor and skip decision, then this group's step count and
-        constants, all on the device. ``lr[group] >= 0`` overrides the host's lr (capturable);
-        ``host_step > 0`` is the step number when the host keeps the count."""
+        """One thread: the norm, clip factor and skip decision, then one slot's step count and
+        constants (the params of ``group`` at that count), all on the device. ``lr[group] >= 0``
+        overrides the host's lr (capturable); ``host_step > 0`` is the step number when the host
+        keeps the count; ``last``: the step's last slot, which resets the sums."""
         if cuda.grid(1) != 0:
             return
-        out_norm, grad_mul, skip = grad_factor(red[0], red[1], inv_scale, max_norm, skip_nonfinite)
+        out_norm, grad_mul, skip = grad_factor(sums[0], sums[1], inv_scale, max_norm, skip_nonfinite)
         if last != 0:
             norm[0] = out_norm
-            red[0] = 0.0  # ready for the next step's sums
-            red[1] = 0.0
+            sums[0] = 0.0  # ready for the next step's sums
+            sums[1] = 0.0
         if skip != 0.0:
             consts32[SKIP] = 1.0
             consts64[SKIP] = 1.0
@@ -255,13 +260,13 @@ def _make_prepare(constants_fn):
                 skipped[0] += 1
             return
         if host_step > 0:
-            steps[group] = host_step
+            steps[slot] = host_step
         else:
-            steps[group] += 1
+            steps[slot] += 1
         h = hyper
         if lr[group] >= 0.0:
             h = (lr[group],) + hyper[1:]
-        c = constants_fn(float64(steps[group]), h, grad_mul)
+        c = constants_fn(float64(steps[slot]), h, grad_mul)
         for k in range(N_CONSTANTS):
             consts32[k] = c[k]
             consts64[k] = c[k]
@@ -291,13 +296,16 @@ def _cached(key, make):
     return kernel
 
 
-def grad_sumsq(g, red, fmt=None, stream=0) -> None:
-    """Accumulate ``g``'s sum of squares and non-finite count into the device array ``red``
-    (``g`` holds half-precision bits when ``fmt`` is given), on ``stream``."""
+def grad_sumsq(g, red, fmt=None, inv_scale=1.0, valid=None, stream=0) -> None:
+    """Accumulate the sum of squares of ``g * inv_scale`` and its non-finite count into the device
+    array ``red`` (``g`` holds half-precision bits when ``fmt`` is given), on ``stream``; ``valid``
+    (a device array of per-16-element counts) masks a FlatBuffer's padding."""
     scalar = float64 if g.dtype == np.float64 else float32
     half = -1 if fmt is None else fmt
-    kernel = _cached(("sumsq", g.dtype.str, half), lambda: _make_sumsq(scalar, half))
-    kernel[_blocks(g.size), THREADS, stream](g, red)
+    masked = valid is not None
+    kernel = _cached(("sumsq", g.dtype.str, half, masked), lambda: _make_sumsq(scalar, half, masked))
+    inv = np.float64(inv_scale) if scalar is float64 else np.float32(inv_scale)
+    kernel[_blocks(g.size), THREADS, stream](g, red, inv, valid if masked else red)
 
 
 def prepare(constants_fn, *args, stream=0) -> None:

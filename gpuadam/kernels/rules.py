@@ -68,13 +68,14 @@ def adam_constants(step, hyper, grad_mul):
 
 @register_jitable
 def grad_factor(sumsq, nonfinite, inv_scale, max_norm, skip_nonfinite):
-    """``(norm, grad_mul, skip)`` from the sum of squares of the (loss-scaled) gradients.
+    """``(norm, grad_mul, skip)`` from the sum of squares of the unscaled gradients and the count of
+    those that are inf or NaN once unscaled.
 
-    The norm is of the unscaled gradients; ``grad_mul`` unscales and clips (``min(1, max_norm /
-    (norm + 1e-6))`` when ``max_norm > 0``, as ``torch.nn.utils.clip_grad_norm_``); ``skip`` is 1 when
-    a gradient was inf or NaN and such steps are to be skipped. Shared by the host and the device.
+    ``grad_mul`` unscales and clips (``min(1, max_norm / (norm + 1e-6))`` when ``max_norm > 0``, as
+    ``torch.nn.utils.clip_grad_norm_``); ``skip`` is 1 when a gradient was inf or NaN and such steps
+    are to be skipped. Shared by the host and the device.
     """
-    norm = math.sqrt(sumsq) * inv_scale
+    norm = math.sqrt(sumsq)
     grad_mul = inv_scale
     if max_norm > 0.0:
         clip = max_norm / (norm + 1e-6)
