@@ -8,15 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from gpuadam.kernels.rules import (
-    adagrad_constants,
-    adam_constants,
-    adamax_constants,
-    nadam_constants,
-    radam_constants,
-    rmsprop_constants,
-    sgd_constants,
-)
+from gpuadam.kernels.rules.adagrad import adagrad_constants
+from gpuadam.kernels.rules.adam import adam_constants
+from gpuadam.kernels.rules.adamax import adamax_constants
+from gpuadam.kernels.rules.nadam import nadam_constants
+from gpuadam.kernels.rules.radam import radam_constants
+from gpuadam.kernels.rules.rmsprop import rmsprop_constants
+from gpuadam.kernels.rules.sgd import sgd_constants
 
 
 def _number(name: str, value: Any) -> float:

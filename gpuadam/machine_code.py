@@ -18,12 +18,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from gpuadam.hyper import AdamHyper
+from gpuadam.kernels.rules import N_CONSTANTS
 
 DTYPES = ("float32", "float64")
-N_CONSTANTS = len(AdamHyper().constants(1, np.float32))
 
 
 @dataclass(frozen=True)

@@ -411,7 +411,7 @@ class Optimizer:
         0/0 = NaN there; Adamax's ``exp_inf`` settles at eps."""
         kept = self._keeps_padding_cache.get(hyper)
         if kept is None:
-            rule, _ = RULES[self.rule(hyper)]
+            rule = RULES[self.rule(hyper)].element
             init = self.state_init(hyper)
             state = [np.float64(init.get(name, 0.0)) for name in self.state_names(hyper)]
             kept = True

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from gpuadam import machine_code
+from gpuadam.kernels.rules import RULES
 
 try:
     from numba import cuda, types
@@ -138,9 +139,7 @@ def test_counters_on_known_ptx():
 
 
 def _every_rule():
-    from gpuadam.kernels import rules
-
-    return sorted(rules.RULES.items())
+    return sorted(RULES.items())
 
 
 @pytest.mark.parametrize("backend,suffix", [("numba-cuda", ""), ("cupy", ""), ("cupy", "/device-constants")])
@@ -151,7 +150,7 @@ def test_half_precision_kernels_meet_the_bar(inspected, rule, spec, variant, bac
     kernel reads the master, g and the state and writes the master, the state and the half param.
     CuPy's half kernels fit in 32 registers with device constants too: their stores
     recompute the addresses after the math (``cupy_elementwise.INDEX_SOURCE``)."""
-    n_arrays = spec[1] + 2
+    n_arrays = spec.n_state + 2
     loads, stores = (n_arrays, n_arrays) if variant == "master" else (n_arrays, n_arrays - 1)
     (k,) = [k for k in inspected["kernels"] if (k["backend"], k["kernel"]) == (backend, f"{rule}/{variant}{suffix}")]
     assert k["dtype"] == "float32"
@@ -162,19 +161,16 @@ def test_half_precision_kernels_meet_the_bar(inspected, rule, spec, variant, bac
 
 # The rest of the family (gpuadam.family): every kernel of both backends, under Adam's bar.
 
-#: Loads and stores per element: p, g and the state in; p and the state out.
-FAMILY_TRAFFIC = {
-    "sgd": (2, 1), "sgd_momentum": (3, 2), "rmsprop": (3, 2), "rmsprop_centered": (4, 3),
-    "rmsprop_momentum": (4, 3), "rmsprop_centered_momentum": (5, 4), "adagrad": (3, 2),
-    "adamax": (4, 3), "nadam": (4, 3), "radam": (4, 3),
-}
+#: Loads and stores per element, from each rule's record: p, g and the state in; p and the state out.
+FAMILY_TRAFFIC = {name: rule.traffic for name, rule in RULES.items() if name not in ("adam", "amsgrad")}
 
 
 def test_family_traffic_table_covers_every_family_kernel():
-    from gpuadam.kernels import cupy_elementwise, numba_cuda, rules
+    from gpuadam.kernels import cupy_elementwise, numba_cuda
 
-    family = set(rules.RULES) - {"adam", "amsgrad"}
-    assert set(FAMILY_TRAFFIC) == family == set(cupy_elementwise.RULE_CONSTANT_NAMES)
+    assert RULES["sgd"].traffic == (2, 1) and RULES["rmsprop_centered_momentum"].traffic == (5, 4)
+    assert set(FAMILY_TRAFFIC) | {"adam", "amsgrad"} == set(numba_cuda.KERNELS) - {
+        k for k in numba_cuda.KERNELS if k.endswith("/half")} == set(cupy_elementwise.SNIPPETS)
     for rule, (loads, stores) in FAMILY_TRAFFIC.items():
         assert numba_cuda.KERNELS[rule][1] == loads  # p, g and the state arrays
         assert len(cupy_elementwise.OUTPUTS[rule]) == stores and rule in cupy_elementwise.SNIPPETS

@@ -1,9 +1,9 @@
 """The update rules as CUDA C snippets, wrapped as ``cupy.ElementwiseKernel``.
 
-This is the one other copy of ``kernels.rules`` (the house rule: one rule per language): each
-snippet does exactly the operations of ``adam_moments`` then ``adam_param``, in the same order and
-with the same association, on the type placeholder ``T`` so one text serves float32 and float64,
-and float16/bfloat16 storage with float32 math (``HALF_LAYOUTS``, conversions from ``cupy_lowp``).
+The snippets are the rules' own (``Rule.snippet``, the one other copy of each element function,
+beside it in ``kernels.rules``): each does exactly the operations of its element function, in the
+same order and with the same association, on the type placeholder ``T`` so one text serves
+float32 and float64, and float16/bfloat16 storage with float32 math (``HALF_LAYOUTS``, conversions from ``cupy_lowp``).
 ``tests/test_cupy_snippets_host.py`` compiles the very same strings with g++ and checks them against
 ``gpuadam.reference``, and compiles ``cuda_source`` to PTX; ``tests/test_cupy_half_host.py`` runs
 the half-precision ``cuda_source`` on the host against the Numba CPU half kernels.
@@ -29,6 +29,7 @@ import ctypes
 import functools
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,151 +39,22 @@ from typing import Any
 import numpy as np
 
 from gpuadam.kernels.cupy_lowp import FN_SOURCE, LOWP_SOURCE
+from gpuadam.kernels.rules import RULES, slot_names
 
-#: Scalar parameter names in the order of the constants tuple ``c`` of ``kernels.rules`` (Adam's
-#: layout; the other rules' names are ``RULE_CONSTANT_NAMES``, their parameters ``constant_params``).
-CONSTANT_NAMES = (
-    "grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
-    "decay", "step_size", "inv_sqrt_bc2", "eps", "eps_root_bc2",
-    "skip",
-)
+#: The CUDA C body of each rule for one element, by rule name (``Rule.snippet``).
+SNIPPETS = {name: rule.snippet for name, rule in RULES.items()}
 
 #: Per rule: the arrays only read, and the arrays read and written in place.
-INPUTS = {"adam": ("g",), "amsgrad": ("g",)}
-OUTPUTS = {"adam": ("p", "m", "v"), "amsgrad": ("p", "m", "v", "vmax")}
-
-# No float literal and no double function below: with T = float every operation stays float
-# (``sqrt`` and ``max`` are overloaded for float in CUDA C++, and via std:: on the host).
-_MOMENTS = """\
-if (skip) return;                          /* a skipped step (non-finite gradient) changes nothing */
-const T gk = g * grad_mul + wd_l2 * p;                   /* adam_moments */
-const T mk = beta1 * m + one_minus_beta1 * gk;
-const T vk = beta2 * v + one_minus_beta2 * gk * gk;
-"""
-
-#: The CUDA C body of each rule for one element ``p, g, m, v[, vmax]``, by rule name.
-SNIPPETS = {
-    "adam": _MOMENTS + """\
-const T denom = sqrt(vk + eps_root_bc2) * inv_sqrt_bc2 + eps;   /* adam_param */
-p = p * decay - step_size * (mk / denom);
-m = mk;
-v = vk;
-""",
-    "amsgrad": _MOMENTS + """\
-const T vmaxk = max(vmax, vk);
-const T denom = sqrt(vmaxk + eps_root_bc2) * inv_sqrt_bc2 + eps;   /* adam_param */
-p = p * decay - step_size * (mk / denom);
-m = mk;
-v = vk;
-vmax = vmaxk;
-""",
-}
-
-# The rest of the family: each snippet does exactly the operations of its rule in ``kernels.rules``.
-# A rule reads its constants tuple through the names of ``RULE_CONSTANT_NAMES``, one per entry of
-# the layout its constants function documents; "" marks an entry the snippet does not read, which
-# is no kernel parameter. Rules not listed there read Adam's ``CONSTANT_NAMES``.
-
-_SKIP = "if (skip) return;                          /* a skipped step (non-finite gradient) changes nothing */\n"
-_SGD_GRAD = _SKIP + "const T gk = g * grad_mul + wd_l2 * p;\n"
-_RMS_SQUARE = _SGD_GRAD + "const T sqk = alpha * sq + one_minus_alpha * gk * gk;    /* rmsprop_square */\n"
-_RMS_CENTER = "const T gak = alpha * gavg + one_minus_alpha * gk;\n"
-
-_ = ""
-RULE_CONSTANT_NAMES = {
-    "sgd": ("grad_mul", "wd_l2", "lr", _, _, _, _, _, _, _, _, "skip"),
-    "sgd_momentum": ("grad_mul", "wd_l2", "lr", "keep", "take", "nesterov", "momentum", _, _, _, _, "skip"),
-    "rmsprop": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", _, _, _, _, _, "skip"),
-    "rmsprop_centered": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", _, _, _, _, _, "skip"),
-    "rmsprop_momentum": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", "momentum",
-                         _, _, _, _, "skip"),
-    "rmsprop_centered_momentum": ("grad_mul", "wd_l2", "alpha", "one_minus_alpha", "eps", "lr", "momentum",
-                                  _, _, _, _, "skip"),
-    "adagrad": ("grad_mul", "wd_l2", "clr", "eps", _, _, _, _, _, _, _, "skip"),
-    "adamax": ("grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "eps", "clr", _, _, _, _, "skip"),
-    "nadam": ("grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay",
-              "grad_step", "inv_sqrt_bc2", "eps", "avg_step", "skip"),
-    "radam": ("grad_mul", "wd_l2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay",
-              "step_size", "rect_sqrt_bc2", "eps", "adaptive", "skip"),
-}
-del _
-
-INPUTS.update({rule: ("g",) for rule in RULE_CONSTANT_NAMES})
-OUTPUTS.update({
-    "sgd": ("p",),
-    "sgd_momentum": ("p", "buf"),
-    "rmsprop": ("p", "sq"),
-    "rmsprop_centered": ("p", "sq", "gavg"),
-    "rmsprop_momentum": ("p", "sq", "buf"),
-    "rmsprop_centered_momentum": ("p", "sq", "buf", "gavg"),
-    "adagrad": ("p", "acc"),
-    "adamax": ("p", "m", "u"),
-    "nadam": ("p", "m", "v"),
-    "radam": ("p", "m", "v"),
-})
-SNIPPETS.update({
-    "sgd": _SGD_GRAD + """\
-p = p - lr * gk;
-""",
-    "sgd_momentum": _SGD_GRAD + """\
-const T bk = keep * buf + take * gk;
-const T dk = nesterov ? gk + momentum * bk : bk;          /* Nesterov's look-ahead, or the buffer */
-p = p - lr * dk;
-buf = bk;
-""",
-    "rmsprop": _RMS_SQUARE + """\
-p = p - lr * (gk / (sqrt(sqk) + eps));
-sq = sqk;
-""",
-    "rmsprop_centered": _RMS_SQUARE + _RMS_CENTER + """\
-p = p - lr * (gk / (sqrt(sqk - gak * gak) + eps));
-sq = sqk;
-gavg = gak;
-""",
-    "rmsprop_momentum": _RMS_SQUARE + """\
-const T bk = momentum * buf + gk / (sqrt(sqk) + eps);
-p = p - lr * bk;
-sq = sqk;
-buf = bk;
-""",
-    "rmsprop_centered_momentum": _RMS_SQUARE + _RMS_CENTER + """\
-const T bk = momentum * buf + gk / (sqrt(sqk - gak * gak) + eps);
-p = p - lr * bk;
-sq = sqk;
-buf = bk;
-gavg = gak;
-""",
-    "adagrad": _SGD_GRAD + """\
-const T acck = acc + gk * gk;
-p = p - clr * (gk / (sqrt(acck) + eps));
-acc = acck;
-""",
-    "adamax": _SGD_GRAD + """\
-const T mk = beta1 * m + one_minus_beta1 * gk;
-const T uk = max(beta2 * u, fabs(gk) + eps);
-p = p - clr * (mk / uk);
-m = mk;
-u = uk;
-""",
-    "nadam": _MOMENTS + """\
-const T denom = sqrt(vk) * inv_sqrt_bc2 + eps;           /* nadam_rule */
-p = p * decay - (grad_step * gk + avg_step * mk) / denom;
-m = mk;
-v = vk;
-""",
-    "radam": _MOMENTS + """\
-const T pk = p * decay;                                  /* radam_rule */
-p = adaptive ? pk - step_size * mk * rect_sqrt_bc2 / (sqrt(vk) + eps) : pk - step_size * mk;
-m = mk;
-v = vk;
-""",
-})
+INPUTS = {name: ("g",) for name in RULES}
+OUTPUTS = {name: ("p", *rule.arrays[2:]) for name, rule in RULES.items()}
 
 
 @functools.cache
 def constant_params(rule: str) -> tuple[tuple[int, str], ...]:
-    """``(index in the constants tuple, name)`` of each scalar parameter of ``rule``'s kernel."""
-    return tuple((k, n) for k, n in enumerate(RULE_CONSTANT_NAMES.get(rule, CONSTANT_NAMES)) if n)
+    """``(index in the constants tuple, name)`` of each scalar parameter of ``rule``'s kernel: the
+    entries of its layout that its snippet reads."""
+    names = slot_names(RULES[rule].layout)
+    return tuple((k, n) for k, n in enumerate(names) if n and re.search(rf"\b{n}\b", SNIPPETS[rule]))
 
 
 # Every kernel's stores index through ``opaque_index(i)``, a copy of ``i`` the optimizer cannot see

@@ -1,9 +1,9 @@
 """Numba CPU loops over the scalar rules: ``prange`` for large arrays, a plain loop for small ones.
 
-Every loop is made by ``host_kernel`` from ``rules.RULES``, so a new rule is one entry of that
-table. Waking the thread pool costs more than updating a few hundred thousand elements (measured
-by ``gpuadam bench``, BENCHMARKS.md), so arrays under ``PARALLEL_MIN`` elements take the serial
-loop; both call the same rule. Numba caches each loop under the rule's name and a stamp of the
+Every loop is written for its rule's arity (``_plain_loop``, ``_half_loop``) from ``rules.RULES``,
+so a new rule needs nothing here. Waking the thread pool costs more than updating a few hundred
+thousand elements (measured by ``gpuadam bench``, BENCHMARKS.md), so arrays under ``PARALLEL_MIN``
+elements take the serial loop; both call the same rule. Numba caches each loop under the rule's name and a stamp of the
 code it compiles in (see ``_named``).
 
 ``error_model="numpy"``: ``x / 0`` is inf or NaN, as in PyTorch and on the GPU, not a
@@ -20,14 +20,22 @@ import numpy as np
 from numba import njit, prange
 
 from gpuadam.kernels import lowp, rules
-from gpuadam.kernels.lowp import BFLOAT16, FLOAT16, load, load_half, store, store_rounded
+from gpuadam.kernels.arity import generated, state_names
+from gpuadam.kernels.lowp import (
+    BFLOAT16,
+    FLOAT16,
+    load,
+    load_half,
+    store,  # noqa: F401 (the generated loops call it)
+    store_rounded,  # noqa: F401 (the generated loops call it)
+)
 
 PARALLEL_MIN = 1 << 18  # with OMP_WAIT_POLICY=PASSIVE a parallel launch costs ~50 us to wake the pool
 
 # Numba's cache checks only the file that defines a function, not the functions it inlines: an
 # edit of the rules or conversions kept running the old machine code (seen: a cached half loop
 # ran the conversions of three commits before). Each cached name carries a stamp of their source.
-_STAMP = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (rules, lowp))).hexdigest()[:10]
+_STAMP = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (*rules.SOURCES, lowp.__file__))).hexdigest()[:10]
 
 
 def _named(func, name):
@@ -39,25 +47,15 @@ def _named(func, name):
 
 
 def _plain_loop(rule, n_state):
-    if n_state == 0:
-        def loop(p, g, c):
-            for i in prange(p.size):
-                p[i] = rule(p[i], g[i], c)
-    elif n_state == 1:
-        def loop(p, g, s0, c):
-            for i in prange(p.size):
-                p[i], s0[i] = rule(p[i], g[i], s0[i], c)
-    elif n_state == 2:
-        def loop(p, g, s0, s1, c):
-            for i in prange(p.size):
-                p[i], s0[i], s1[i] = rule(p[i], g[i], s0[i], s1[i], c)
-    elif n_state == 3:
-        def loop(p, g, s0, s1, s2, c):
-            for i in prange(p.size):
-                p[i], s0[i], s1[i], s2[i] = rule(p[i], g[i], s0[i], s1[i], s2[i], c)
-    else:
-        raise ValueError(f"rules with 0 to 3 state arrays, got {n_state}")
+    state, _ = state_names(n_state)
+    outs = ", ".join(["p[i]", *(f"{s}[i]" for s in state)])
+    return generated(f"""
+def make(rule):
+    def loop(p, g, {"".join(f"{s}, " for s in state)}c):
+        for i in prange(p.size):
+            {outs} = rule(p[i], g[i], {"".join(f"{s}[i], " for s in state)}c)
     return loop
+""", globals(), __file__, rule)
 
 
 def _half_loop(rule, n_state, fmt, stochastic, master):
@@ -67,49 +65,20 @@ def _half_loop(rule, n_state, fmt, stochastic, master):
     # param is stored here rather than by ``lowp.store_updated``: with the conversion chosen at
     # compile time and no array handed to a helper that stores, LLVM vectorizes the loop (bfloat16
     # half state ran 22x faster; handing the arrays to the store helper kept it scalar).
-
-    if n_state == 0:
-        def loop(p, g, c, lp, p16):
-            lpc = (fmt, stochastic, lp[2], lp[3])
-            for i in prange(p.size):
-                x = rule(load(p, i, fmt), load(g, i, fmt), c)
-                store_rounded(p, i, x, lpc)
-                if master:
-                    store(p16, i, x, fmt)
-    elif n_state == 1:
-        def loop(p, g, s0, c, lp, p16):
-            lpc = (fmt, stochastic, lp[2], lp[3])
-            for i in prange(p.size):
-                x, a = rule(load(p, i, fmt), load(g, i, fmt), load(s0, i, fmt), c)
-                store_rounded(p, i, x, lpc)
-                if master:
-                    store(p16, i, x, fmt)
-                store(s0, i, a, fmt)
-    elif n_state == 2:
-        def loop(p, g, s0, s1, c, lp, p16):
-            lpc = (fmt, stochastic, lp[2], lp[3])
-            for i in prange(p.size):
-                x, a, b = rule(load(p, i, fmt), load(g, i, fmt), load(s0, i, fmt), load(s1, i, fmt), c)
-                store_rounded(p, i, x, lpc)
-                if master:
-                    store(p16, i, x, fmt)
-                store(s0, i, a, fmt)
-                store(s1, i, b, fmt)
-    elif n_state == 3:
-        def loop(p, g, s0, s1, s2, c, lp, p16):
-            lpc = (fmt, stochastic, lp[2], lp[3])
-            for i in prange(p.size):
-                x, a, b, d = rule(load(p, i, fmt), load(g, i, fmt), load(s0, i, fmt), load(s1, i, fmt),
-                                  load(s2, i, fmt), c)
-                store_rounded(p, i, x, lpc)
-                if master:
-                    store(p16, i, x, fmt)
-                store(s0, i, a, fmt)
-                store(s1, i, b, fmt)
-                store(s2, i, d, fmt)
-    else:
-        raise ValueError(f"rules with 0 to 3 state arrays, got {n_state}")
+    state, new = state_names(n_state)
+    loads = "".join(f"load({s}, i, fmt), " for s in state)
+    stores = "".join(f"\n            store({s}, i, {a}, fmt)" for s, a in zip(state, new))
+    return generated(f"""
+def make(rule, fmt, stochastic, master):
+    def loop(p, g, {"".join(f"{s}, " for s in state)}c, lp, p16):
+        rounding = (fmt, stochastic, lp[2], lp[3])
+        for i in prange(p.size):
+            {", ".join(["x", *new])} = rule(load(p, i, fmt), load(g, i, fmt), {loads}c)
+            store_rounded(p, i, x, rounding)
+            if master:
+                store(p16, i, x, fmt){stores}
     return loop
+""", globals(), __file__, rule, fmt, stochastic, master)
 
 
 def _compiled(name, loop):
@@ -186,9 +155,9 @@ def half_kernel(name, rule, n_state):
 #: Host kernels by name: ``"adam"`` etc. take ``(p, g, *state, c)``; ``"adam/half"`` etc. take
 #: ``(p, g, *state, c, lp, p16)`` on half-precision storage (see ``_half_loop``).
 KERNELS = {}
-for _name, (_rule, _n) in rules.RULES.items():
-    KERNELS[_name] = host_kernel(_name, _plain_loop(_rule, _n))
-    KERNELS[f"{_name}/half"] = half_kernel(f"{_name}_half", _rule, _n)
+for _name, _rule in rules.RULES.items():
+    KERNELS[_name] = host_kernel(_name, _plain_loop(_rule.element, _rule.n_state))
+    KERNELS[f"{_name}/half"] = half_kernel(f"{_name}_half", _rule.element, _rule.n_state)
 
 
 #: Elements per block of the host reduction. Each block is summed in a fixed order (``LANES``

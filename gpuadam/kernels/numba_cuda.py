@@ -1,9 +1,9 @@
 """Numba CUDA grid-stride kernels over the scalar rules.
 
-Every kernel is made from ``rules.RULES`` (``_plain_kernel``, ``_half_kernel``), so a new rule is
-one entry of that table. Importing this module imports ``numba.cuda``, which raises on a machine
-without the CUDA runtime: ``gpuadam.backends`` imports it only when the backend is probed or used.
-The kernels are compiled lazily, per signature, at their first launch.
+Every kernel is written for its rule's arity (``_plain_kernel``, ``_half_kernel``) from
+``rules.RULES``, so a new rule needs nothing here. Importing this module imports ``numba.cuda``,
+which raises on a machine without the CUDA runtime: ``gpuadam.backends`` imports it only when the
+backend is probed or used. The kernels are compiled lazily, per signature, at their first launch.
 
 Unsigned 64-bit indices on purpose: a signed induction variable lets LLVM prove the trip count and
 unroll the loop 4x, which holds four elements' loads in flight and pushes the float32 Adam kernel
@@ -21,8 +21,18 @@ from numba import cuda, float32, float64, types, uint64
 from numba.extending import intrinsic, overload
 
 from gpuadam.kernels import rules
-from gpuadam.kernels.lowp import load, store, store_updated
-from gpuadam.kernels.rules import N_CONSTANTS, SKIP, grad_factor, load_constants
+from gpuadam.kernels.arity import generated, state_names
+from gpuadam.kernels.lowp import (
+    load,
+    store,  # noqa: F401 (the generated kernels call it)
+    store_updated,  # noqa: F401 (the generated kernels call it)
+)
+from gpuadam.kernels.rules import (
+    N_CONSTANTS,
+    SKIP,
+    grad_factor,
+    load_constants,  # noqa: F401 (the generated kernels call it)
+)
 
 
 def opaque_index(i):
@@ -54,133 +64,48 @@ def _opaque_index(i):
 
 
 def _plain_kernel(rule, n_state):
-    if n_state == 0:
-        def kernel(p, g, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                x = rule(p[i], g[i], c)
-                j = opaque_index(i)
-                p[j] = x
-                i += stride
-    elif n_state == 1:
-        def kernel(p, g, s0, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                x, a = rule(p[i], g[i], s0[i], c)
-                j = opaque_index(i)
-                p[j] = x
-                s0[j] = a
-                i += stride
-    elif n_state == 2:
-        def kernel(p, g, s0, s1, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                x, a, b = rule(p[i], g[i], s0[i], s1[i], c)
-                j = opaque_index(i)
-                p[j] = x
-                s0[j] = a
-                s1[j] = b
-                i += stride
-    elif n_state == 3:
-        def kernel(p, g, s0, s1, s2, c):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                x, a, b, d = rule(p[i], g[i], s0[i], s1[i], s2[i], c)
-                j = opaque_index(i)
-                p[j] = x
-                s0[j] = a
-                s1[j] = b
-                s2[j] = d
-                i += stride
-    else:
-        raise ValueError(f"rules with 0 to 3 state arrays, got {n_state}")
+    state, new = state_names(n_state)
+    stores = "".join(f"\n            {s}[j] = {a}" for s, a in zip(state, new))
+    return generated(f"""
+def make(rule):
+    def kernel(p, g, {"".join(f"{s}, " for s in state)}c):
+        c = load_constants(c)
+        if c[SKIP] != 0:
+            return
+        i = uint64(cuda.grid(1))
+        stride = uint64(cuda.gridsize(1))
+        n = uint64(p.size)
+        while i < n:
+            {", ".join(["x", *new])} = rule(p[i], g[i], {"".join(f"{s}[i], " for s in state)}c)
+            j = opaque_index(i)
+            p[j] = x{stores}
+            i += stride
     return kernel
+""", globals(), __file__, rule)
 
 
 def _half_kernel(rule, n_state):
     # Half-precision storage (``lowp``): ``p`` is the half param, or the float32 master with the
     # half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math is float32.
-    if n_state == 0:
-        def kernel(p, g, c, lp, p16):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            f = lp[0]
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                store_updated(p, p16, i, rule(load(p, i, f), load(g, i, f), c), lp)
-                i += stride
-    elif n_state == 1:
-        def kernel(p, g, s0, c, lp, p16):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            f = lp[0]
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                x, a = rule(load(p, i, f), load(g, i, f), load(s0, i, f), c)
-                store_updated(p, p16, i, x, lp)
-                store(s0, i, a, f)
-                i += stride
-    elif n_state == 2:
-        def kernel(p, g, s0, s1, c, lp, p16):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            f = lp[0]
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                x, a, b = rule(load(p, i, f), load(g, i, f), load(s0, i, f), load(s1, i, f), c)
-                store_updated(p, p16, i, x, lp)
-                store(s0, i, a, f)
-                store(s1, i, b, f)
-                i += stride
-    elif n_state == 3:
-        def kernel(p, g, s0, s1, s2, c, lp, p16):
-            c = load_constants(c)
-            if c[SKIP] != 0:
-                return
-            f = lp[0]
-            i = uint64(cuda.grid(1))
-            stride = uint64(cuda.gridsize(1))
-            n = uint64(p.size)
-            while i < n:
-                x, a, b, d = rule(load(p, i, f), load(g, i, f), load(s0, i, f), load(s1, i, f),
-                                  load(s2, i, f), c)
-                store_updated(p, p16, i, x, lp)
-                store(s0, i, a, f)
-                store(s1, i, b, f)
-                store(s2, i, d, f)
-                i += stride
-    else:
-        raise ValueError(f"rules with 0 to 3 state arrays, got {n_state}")
+    state, new = state_names(n_state)
+    loads = "".join(f"load({s}, i, f), " for s in state)
+    stores = "".join(f"\n            store({s}, i, {a}, f)" for s, a in zip(state, new))
+    return generated(f"""
+def make(rule):
+    def kernel(p, g, {"".join(f"{s}, " for s in state)}c, lp, p16):
+        c = load_constants(c)
+        if c[SKIP] != 0:
+            return
+        f = lp[0]
+        i = uint64(cuda.grid(1))
+        stride = uint64(cuda.gridsize(1))
+        n = uint64(p.size)
+        while i < n:
+            {", ".join(["x", *new])} = rule(load(p, i, f), load(g, i, f), {loads}c)
+            store_updated(p, p16, i, x, lp){stores}
+            i += stride
     return kernel
+""", globals(), __file__, rule)
 
 
 def _named(kernel, name):
@@ -192,9 +117,10 @@ def _named(kernel, name):
 #: ``(p, g, *state, c)``, ``"adam/half"`` etc. ``(p, g, *state, c, lp, p16)``. ``gpuadam inspect``
 #: compiles every one.
 KERNELS = {}
-for _name, (_rule, _n) in rules.RULES.items():
-    KERNELS[_name] = (_named(_plain_kernel(_rule, _n), f"{_name}_kernel"), _n + 2)
-    KERNELS[f"{_name}/half"] = (_named(_half_kernel(_rule, _n), f"{_name}_half_kernel"), _n + 2)
+for _name, _rule in rules.RULES.items():
+    KERNELS[_name] = (_named(_plain_kernel(_rule.element, _rule.n_state), f"{_name}_kernel"), _rule.n_state + 2)
+    KERNELS[f"{_name}/half"] = (_named(_half_kernel(_rule.element, _rule.n_state), f"{_name}_half_kernel"),
+                                _rule.n_state + 2)
 
 
 def _make_sumsq(scalar, fmt, masked):
