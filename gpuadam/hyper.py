@@ -20,8 +20,14 @@ from gpuadam.kernels.rules import (
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    # A 0-d array (what ``np.array(x)`` or a reduction gives) is one number; a longer array is not,
+    # whatever NumPy's truth rules would make of it further down.
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        got = (f"an array of shape {value.shape} and dtype {value.dtype}" if isinstance(value, np.ndarray)
+               else f"{type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a real number, got {got}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")

@@ -376,20 +376,25 @@ class Optimizer:
         self.last_step_launches = len(units)
 
     def state_dict(self) -> dict[str, Any]:
-        """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...]}``."""
+        """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...],
+        "rounding_counter"}``. Nothing in it is shared with the optimizer: editing it (a ``betas`` list
+        included) changes nothing here."""
         steps = self.steps
         state = {
             i: {"step": steps[i], **{n: self._host_state(i, a) for n, a in s.items()}}
             for i, s in enumerate(self.state)
         }
-        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(indices)}
+        groups = [{**{k: _copied(v) for k, v in group.items() if k != "params"}, "params": list(indices)}
                   for group, indices in zip(self.param_groups, self._ranges)]
         # the counter that seeds stochastic rounding: a resumed run draws the same random bits
         return {"optimizer": type(self).__name__, "state": state, "param_groups": groups,
                 "rounding_counter": self._calls}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing."""
+        """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing.
+
+        The hyperparameters are copied in: editing ``state_dict`` afterwards changes nothing here.
+        """
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
             raise ValueError(f"state_dict: expected one saved by {type(self).__name__}, got {kind!r}")
@@ -406,7 +411,7 @@ class Optimizer:
                 raise ValueError(
                     f"state_dict: param group {gi} expected params {list(indices)}, got {saved.get('params')}"
                 )
-            new = {**{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+            new = {**{k: _copied(v) for k, v in saved.items() if k != "params"}, "params": group["params"]}
             new_groups.append((new, self._hyper(new, gi)))
         state = state_dict.get("state")
         if not isinstance(state, dict) or len(state) != len(self._params):
@@ -463,17 +468,23 @@ class Optimizer:
             params = [params]
         else:
             params = list(params)
-        return {**self.defaults, **group, "params": params}
+        # Each group gets its own copy of every list/array value (the defaults' too): a betas list
+        # edited in place in one group must not move another group, nor the caller's object.
+        values = {k: _copied(v) for k, v in {**self.defaults, **group}.items() if k != "params"}
+        return {**values, "params": params}
 
     def _hyper(self, group: dict[str, Any], index: int) -> Any:
-        # Validation costs microseconds: redo it only when the group's values changed.
+        # Validation costs microseconds: redo it only when the group's values changed. The key is a
+        # snapshot of the values, not the objects: a betas list edited in place must be seen (and
+        # validated) by the next step, as torch.optim reads whatever the group holds.
         try:
-            key = tuple((k, group.get(k)) for k in self.defaults) + (len(group),)
+            key = (tuple(group), tuple(_frozen(group.get(k)) for k in self.defaults))
+        except _Unfrozen:  # a value of a kind we cannot snapshot: validate it every time
+            key = None
+        else:
             cached = self._hyper_cache.get(index)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        except TypeError:  # an unhashable or uncomparable value: validate it anyway
-            key = None
         hyper = self._validated_hyper(group, index)
         if key is not None:
             self._hyper_cache[index] = (key, hyper)
@@ -598,3 +609,32 @@ class AdamW(Adam):
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
             backend=backend, **options,
         )
+
+
+class _Unfrozen(Exception):
+    """Internal: a hyperparameter value ``_frozen`` cannot snapshot."""
+
+
+def _frozen(value: Any) -> tuple:
+    """A snapshot of a hyperparameter's value that compares equal only to an equal value of the same
+    type (so ``True`` is not ``1``), and that no later edit of ``value`` can change."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic)):
+        return (type(value), value)
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_frozen(v) for v in value))
+    if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+        return (np.ndarray, value.dtype.str, value.shape, value.tobytes())
+    raise _Unfrozen
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with its lists, tuples, dicts and arrays copied, all the way down (scalars are immutable)."""
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
