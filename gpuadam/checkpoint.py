@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpuadam.arrays import describe
+from gpuadam.hyper import check_count
 
 if TYPE_CHECKING:
     from gpuadam.optim import Optimizer
@@ -92,10 +93,10 @@ def _encode(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
     dtypes: list[dict[str, str]] = []
     for i in range(count):
         entry = state[i]
-        step = entry.get("step")
-        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or not 0 <= step < 2**63:
-            raise ValueError(f"param {i}: cannot save step count {step!r}: expected an integer >= 0")
-        steps[i] = step
+        try:
+            steps[i] = check_count("step", entry.get("step"))  # the bound load_state_dict applies too
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"param {i}: cannot save: {exc}") from None
         names: dict[str, str] = {}
         for name, value in entry.items():
             if name == "step":
@@ -143,7 +144,10 @@ def _storable(value: np.ndarray) -> np.ndarray:
 
 
 def _jsonable(what: str, value: Any) -> Any:
-    """``value`` as plain JSON data (tuples become lists, NumPy scalars Python ones), or a TypeError."""
+    """``value`` as plain JSON data (tuples and arrays become lists, NumPy scalars Python ones), or a
+    TypeError."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        value = value.tolist()  # a 0-d lr array, a betas array: the numbers they hold
     if isinstance(value, np.generic):
         value = value.item()
     if value is None or isinstance(value, (bool, int, str)):

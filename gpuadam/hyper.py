@@ -18,6 +18,9 @@ from gpuadam.kernels.rules import (
     sgd_constants,
 )
 
+#: Step counts live in int64 (on the device and in checkpoints): every count is checked against it.
+MAX_COUNT = 2**63 - 1
+
 
 def _number(name: str, value: Any) -> float:
     # A 0-d array (what ``np.array(x)`` or a reduction gives) is one number; a longer array is not,
@@ -55,6 +58,17 @@ def check_beta(name: str, value: Any) -> float:
     value = _number(name, value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an int, or an error naming ``name`` if it is not an integer (Python or NumPy, not a
+    bool) in ``[minimum, MAX_COUNT]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not minimum <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be an integer in [{minimum}, 2**63 - 1] (int64), got {value}")
     return value
 
 

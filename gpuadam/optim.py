@@ -15,7 +15,7 @@ import numpy as np
 from gpuadam import backends, flat
 from gpuadam.arrays import DEVICE, ArrayInfo, check_grad_count, check_like, check_param, describe
 from gpuadam.flat import FlatBuffer
-from gpuadam.hyper import AdamHyper, check_flag, check_positive
+from gpuadam.hyper import AdamHyper, check_count, check_flag, check_positive
 from gpuadam.kernels.lowp import BFLOAT16
 from gpuadam.kernels.numba_cpu import half_to_float32
 from gpuadam.kernels.rules import grad_factor
@@ -398,18 +398,19 @@ class Optimizer:
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
             raise ValueError(f"state_dict: expected one saved by {type(self).__name__}, got {kind!r}")
-        calls = state_dict.get("rounding_counter", 0)
-        if isinstance(calls, (bool, np.bool_)) or not isinstance(calls, (int, np.integer)) or calls < 0:
-            raise ValueError(f"state_dict: expected an integer rounding_counter >= 0, got {calls!r}")
+        calls = _saved_count("rounding_counter", state_dict.get("rounding_counter", 0))
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             got = len(groups) if isinstance(groups, list) else type(groups).__name__
             raise ValueError(f"state_dict: expected {len(self.param_groups)} param groups, got {got}")
         new_groups = []
         for gi, (saved, group, indices) in enumerate(zip(groups, self.param_groups, self._ranges)):
-            if list(saved.get("params", [])) != list(indices):
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict: param group {gi}: expected a dict of hyperparameters and "
+                                 f"'params', got {type(saved).__name__}")
+            if not _is_index_list(saved.get("params", []), indices):
                 raise ValueError(
-                    f"state_dict: param group {gi} expected params {list(indices)}, got {saved.get('params')}"
+                    f"state_dict: param group {gi} expected params {list(indices)}, got {saved.get('params')!r}"
                 )
             new = {**{k: _copied(v) for k, v in saved.items() if k != "params"}, "params": group["params"]}
             new_groups.append((new, self._hyper(new, gi)))
@@ -417,6 +418,10 @@ class Optimizer:
         if not isinstance(state, dict) or len(state) != len(self._params):
             got = len(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state_dict: expected state for {len(self._params)} params, got {got}")
+        keys = sorted(state, key=repr)
+        if not all(_is_int(k) for k in keys) or set(keys) != set(range(len(self._params))):
+            raise ValueError(f"state_dict: expected state keyed by the param indices 0..{len(self._params) - 1} "
+                             f"as integers, got keys {keys[:4]!r}{'...' if len(keys) > 4 else ''}")
         loaded = []
         for (_, hyper), indices in zip(new_groups, self._ranges):
             names = self._state_names(hyper, self._formats[indices.start])
@@ -439,7 +444,7 @@ class Optimizer:
             for name, value in arrays.items():
                 be.copy_from_host(self.state[i][name], np.ascontiguousarray(value).view(self._state_bits(i)))
         self._steps = steps
-        self._calls = int(calls)
+        self._calls = calls
         if self._device_counts:
             self._device.write_steps([steps[indices.start] for indices in self._ranges])
         for group, (new, _) in zip(self.param_groups, new_groups):
@@ -505,8 +510,11 @@ class Optimizer:
         if not isinstance(saved, dict):
             raise ValueError(f"state_dict: param {i}: expected a dict of state arrays, got {type(saved).__name__}")
         step = saved.get("step")
-        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"state_dict: param {i}: expected an integer step >= 0, got {step!r}")
+        try:
+            step = check_count("step", step)
+        except (TypeError, ValueError):
+            raise ValueError(f"state_dict: param {i}: expected an integer step in [0, 2**63 - 1] (the int64 "
+                             f"the device and checkpoints count in), got {step!r}") from None
         got = set(saved) - {"step"}
         if got != set(names):
             raise ValueError(f"state_dict: param {i}: expected state {sorted(names)}, got {sorted(got)}")
@@ -522,7 +530,7 @@ class Optimizer:
                     f"{dtype}, got {got}"
                 )
             arrays[name] = value
-        return int(step), arrays
+        return step, arrays
 
 
 def _shape_of(x: Any) -> tuple:
@@ -638,3 +646,20 @@ def _copied(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.copy()
     return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_index_list(saved: Any, indices: range) -> bool:
+    """Whether a saved group's ``params`` are exactly ``indices`` (compared without NumPy's elementwise ==)."""
+    return (isinstance(saved, (list, tuple)) and len(saved) == len(indices)
+            and all(_is_int(p) and p == i for p, i in zip(saved, indices)))
+
+
+def _saved_count(name: str, value: Any) -> int:
+    try:
+        return check_count(name, value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"state_dict: {exc}") from None
