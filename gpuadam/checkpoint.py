@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import stat
+import warnings
 import zipfile
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,8 @@ VERSION = 1
 _HEADER = "header"
 _STEPS = "steps"
 _RESERVED = {"optimizer", "state", "param_groups"}  # state_dict keys with their own place in the file
+# what fsync of a directory raises where the filesystem or OS does not do it (nothing to make durable)
+_NO_DIRECTORY_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
 
 class _Invalid(Exception):
@@ -60,25 +63,33 @@ def save(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
     """Write ``optimizer``'s state to exactly ``path`` (any suffix), atomically.
 
     Raises TypeError/ValueError, before touching the disk, if some state cannot be stored without
-    pickle; an OSError from the write leaves any previous file at ``path`` as it was.
+    pickle. An OSError means nothing was saved: any previous file at ``path`` is as it was, and no
+    temporary file is left. Once the new file is renamed onto ``path`` the save has happened and
+    ``save`` returns: if the directory's fsync then fails, a RuntimeWarning says the rename may not
+    survive a power cut (silently where the filesystem does not fsync directories at all).
     """
     path = os.fspath(path)
     members = _encode(optimizer.state_dict())  # everything that can fail on content fails here
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _create_temp(path)
+    dir_fd = _open_directory(directory)  # can fail: before the rename, so the old file stays
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write_zip(f, members)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
+        fd, tmp = _create_temp(path)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(directory)  # makes the rename itself durable
+            with os.fdopen(fd, "wb") as f:
+                _write_zip(f, members)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_directory(dir_fd, directory, path)  # makes the rename itself durable
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
 
 
 def _encode(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -196,17 +207,25 @@ def _write_array(f: Any, array: np.ndarray) -> None:
     np.lib.format.write_array(f, array, allow_pickle=False)
 
 
-def _fsync_directory(directory: str) -> None:
+def _open_directory(directory: str) -> int | None:
     if os.name == "nt":  # directories cannot be opened, and NTFS renames are journaled
+        return None
+    return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync_directory(fd: int | None, directory: str, path: str) -> None:
+    """fsync the directory after the rename. The new file is in place by now: a failure here is not
+    a failed save (raising would say the old file is intact, and it is gone), only a weaker one."""
+    if fd is None:
         return
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # filesystems without dir fsync
-            raise
-    finally:
-        os.close(fd)
+        if exc.errno not in _NO_DIRECTORY_FSYNC:
+            warnings.warn(
+                f"checkpoint {path!r} was saved, but fsync of its directory {directory!r} failed ({exc}): "
+                "the rename may not survive a power cut", RuntimeWarning, stacklevel=3,
+            )
 
 
 # --- load ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -435,3 +436,76 @@ def test_missing_file_is_an_os_error(tmp_path):
     opt, _ = trained()
     with pytest.raises(FileNotFoundError):
         checkpoint.load(opt, tmp_path / "nothing")
+
+
+# --- the directory fsync, after the rename ------------------------------------------------------
+
+
+def _spy_directory_fds(monkeypatch):
+    """Record the fds ``os.open`` gives for directories."""
+    fds = []
+    real = os.open
+
+    def spy(path, flags, *args, **kwargs):
+        fd = real(path, flags, *args, **kwargs)
+        if os.path.isdir(path):
+            fds.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    return fds
+
+
+@pytest.mark.skipif(os.name == "nt", reason="directories are not fsynced on Windows")
+def test_directory_fsync_failing_after_the_rename_is_a_save_that_happened(tmp_path, monkeypatch):
+    """The new file is in place: an OSError would claim the old one is intact. A warning says the
+    rename may not be durable, except where the filesystem does not fsync directories at all."""
+    path = tmp_path / "opt.ckpt"
+    opt, params = trained(steps=2)
+    checkpoint.save(opt, path)
+    real_fsync = os.fsync
+    for steps, (code, warns) in enumerate([(errno.EIO, True), (errno.EINVAL, False)], start=3):
+        opt.step(problem(steps)[1][0])
+        with monkeypatch.context() as mp:
+            fds = _spy_directory_fds(mp)
+
+            def fsync(fd, fds=fds, code=code):
+                if fd in fds:
+                    raise OSError(code, os.strerror(code))
+                real_fsync(fd)
+
+            mp.setattr(os, "fsync", fsync)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                checkpoint.save(opt, path)
+            assert fds  # the directory was opened, and its fsync failed
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if warns:
+            assert len(messages) == 1 and "was saved, but fsync of its directory" in messages[0], messages
+        else:
+            assert messages == []
+        assert os.listdir(tmp_path) == ["opt.ckpt"]
+        fresh, _ = trained(seed=9, steps=1)
+        checkpoint.load(fresh, path)
+        assert fresh.steps == [steps] * 4
+
+
+@pytest.mark.skipif(os.name == "nt", reason="directories are not opened on Windows")
+def test_directory_that_cannot_be_opened_fails_the_save_before_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "opt.ckpt"
+    opt, params = trained(steps=2)
+    checkpoint.save(opt, path)
+    old = path.read_bytes()
+    opt.step(problem(1)[1][0])
+    real = os.open
+
+    def refuse_directories(p, flags, *args, **kwargs):
+        if os.path.isdir(p):
+            raise PermissionError(errno.EACCES, "Permission denied", p)
+        return real(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_directories)
+    with pytest.raises(PermissionError):
+        checkpoint.save(opt, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["opt.ckpt"] and path.read_bytes() == old
