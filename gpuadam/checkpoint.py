@@ -12,7 +12,9 @@ File layout (a zip of ``.npy`` members, readable with ``np.load(path, allow_pick
 
 ``save`` writes a temporary file next to ``path``, fsyncs it, renames it onto ``path`` and fsyncs the
 directory: a crash at any point leaves either the old file or the new one, never a mix. A process
-killed mid-save may leave a ``<name>.<random>.tmp`` file behind; the old checkpoint is intact.
+killed mid-save leaves a ``<name>.<12 hex digits>.tmp`` file behind (the old checkpoint is intact);
+the next ``save`` to the same path removes it. A save in progress holds a lock on its temporary file
+(``flock``; a killed process's lock dies with it), so a save never removes another's live file.
 
 ``load`` reads and checks the whole file before it touches the optimizer, then hands the state to
 ``optimizer.load_state_dict``, which validates again before mutating anything.
@@ -24,6 +26,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import stat
 import warnings
@@ -35,6 +38,11 @@ import numpy as np
 from gpuadam.arrays import describe
 from gpuadam.hyper import check_count
 
+try:
+    import fcntl
+except ImportError:  # Windows: a file another process has open cannot be deleted anyway
+    fcntl = None
+
 if TYPE_CHECKING:
     from gpuadam.optim import Optimizer
 
@@ -44,6 +52,7 @@ VERSION = 1
 _HEADER = "header"
 _STEPS = "steps"
 _RESERVED = {"optimizer", "state", "param_groups"}  # state_dict keys with their own place in the file
+_TEMP_DIGITS = 12  # hex digits of the random part of a temporary file's name
 # what fsync of a directory raises where the filesystem or OS does not do it (nothing to make durable)
 _NO_DIRECTORY_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -73,23 +82,41 @@ def save(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     dir_fd = _open_directory(directory)  # can fail: before the rename, so the old file stays
     try:
-        fd, tmp = _create_temp(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                _write_zip(f, members)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        _remove_stale_temps(path)  # first: their space may be what this save needs
+        _write_and_rename(members, path)
         _fsync_directory(dir_fd, directory, path)  # makes the rename itself durable
     finally:
         if dir_fd is not None:
             os.close(dir_fd)
+
+
+def _write_and_rename(members: dict[str, np.ndarray], path: str) -> None:
+    """Write ``members`` to a new temporary file, fsync it and rename it onto ``path``; on any failure
+    (KeyboardInterrupt too) remove the temporary file and re-raise, ``path`` untouched."""
+    fd, tmp = _create_temp(path)
+    f = os.fdopen(fd, "wb")
+    try:
+        _write_zip(f, members)
+        f.flush()
+        os.fsync(f.fileno())
+        if fcntl is None:
+            f.close()  # Windows cannot rename an open file (and has no lock to keep)
+        os.replace(tmp, path)  # elsewhere while still locked: no other save takes it for stale
+    except BaseException:
+        _close_quietly(f)  # a full disk fails the close's flush too: the temp file must go anyway
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _close_quietly(f)  # the data was fsynced before the rename: a failed close loses nothing
+
+
+def _close_quietly(f: Any) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _encode(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -175,7 +202,8 @@ def _jsonable(what: str, value: Any) -> Any:
 
 
 def _create_temp(path: str) -> tuple[int, str]:
-    """A new file next to ``path`` (same filesystem, so the rename is atomic), open for writing."""
+    """A new file next to ``path`` (same filesystem, so the rename is atomic), open for writing and
+    locked, so that another save to ``path`` does not take it for a killed save's leftover."""
     head, tail = os.path.split(path)
     try:
         # keep the mode of the file we replace (a 0600 checkpoint stays private)
@@ -184,15 +212,75 @@ def _create_temp(path: str) -> tuple[int, str]:
         mode = None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = os.path.join(head, f"{tail}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(head, f"{tail}.{secrets.token_hex(_TEMP_DIGITS // 2)}.tmp")
         try:
             fd = os.open(tmp, flags, 0o666)  # 0o666 & ~umask, as open() would create it
         except FileExistsError:
             continue
-        break
+        # Between the create and the lock another save may have found the file unlocked and
+        # removed it: then this fd is no longer the file at ``tmp``, and we start over.
+        if _try_lock(fd) is not False and _is_file_at(fd, tmp):
+            break
+        os.close(fd)
     if mode is not None and hasattr(os, "fchmod"):
         os.fchmod(fd, mode)
     return fd, tmp
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive lock on ``fd`` without waiting: True if taken, False if another open file
+    holds it, None where locks cannot tell (no ``flock``, or a filesystem that refuses it)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _is_file_at(fd: int, name: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(name, follow_symlinks=False)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove the temporary files that killed saves to ``path`` left: names ``<name>.<12 hex>.tmp``
+    for exactly this ``<name>``, regular files that no live save holds locked. Nothing else."""
+    head, tail = os.path.split(path)
+    pattern = re.compile(re.escape(tail) + rf"\.[0-9a-f]{{{_TEMP_DIGITS}}}\.tmp")
+    try:
+        names = os.listdir(head or ".")
+    except OSError:
+        return  # the save itself will say what is wrong with the directory
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        stale = os.path.join(head, name)
+        try:
+            if not stat.S_ISREG(os.lstat(stale).st_mode):
+                continue
+            # O_NONBLOCK: a FIFO swapped in under this name must not hang the save
+            fd = os.open(stale, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            locked = _try_lock(fd)
+            # Locked by a live save: keep. Locks refused by the filesystem: we cannot tell, keep.
+            # No locks at all (Windows): a live save's file is open there, and deleting it fails.
+            if locked is False or (locked is None and fcntl is not None):
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode) and _is_file_at(fd, stale):
+                os.unlink(stale)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _write_zip(f: Any, members: dict[str, np.ndarray]) -> None:

@@ -5,8 +5,14 @@ import errno
 import io
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -509,3 +515,73 @@ def test_directory_that_cannot_be_opened_fails_the_save_before_the_rename(tmp_pa
         checkpoint.save(opt, path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["opt.ckpt"] and path.read_bytes() == old
+
+
+# --- temporary files a killed save left ---------------------------------------------------------
+
+_KILLED_SAVE = """
+import sys, time
+import numpy as np
+import gpuadam
+from gpuadam import checkpoint
+
+opt = gpuadam.Adam([np.ones((256, 1024), np.float32) for _ in range(3)], backend="numba-cpu")
+real, written = checkpoint._write_array, []
+
+def write(f, array):
+    real(f, array)
+    written.append(1)
+    if len(written) == 3:  # some members are in the temporary file: tell the parent, and wait
+        print("mid-save", flush=True)
+        time.sleep(600)
+
+checkpoint._write_array = write
+checkpoint.save(opt, sys.argv[1])
+"""
+
+_TEMP = re.compile(r"opt\.ckpt\.[0-9a-f]{12}\.tmp")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_next_save_removes_the_temporary_file_of_a_killed_save_and_nothing_else(tmp_path):
+    path = tmp_path / "opt.ckpt"
+    opt, params = trained(steps=2)
+    checkpoint.save(opt, path)
+    old = path.read_bytes()
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    watchdog = threading.Timer(300, child.kill)  # a child that never gets mid-save ends the readline
+    watchdog.start()
+    try:
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        watchdog.cancel()
+        child.kill()
+        _, err = child.communicate(timeout=60)
+    assert line == "mid-save\n", err[-3000:]
+    killed = [n for n in os.listdir(tmp_path) if _TEMP.fullmatch(n)]
+    assert len(killed) == 1 and os.path.getsize(tmp_path / killed[0]) > 2**20  # what kill -9 leaves
+    assert path.read_bytes() == old
+
+    (tmp_path / "opt.ckpt.00112233aabb.tmp").write_bytes(b"stale")  # another killed save's
+    keep = ["opt.ckpt.0123456789ab.tmp.bak", "opt.ckpt.0123456789AB.tmp", "opt.ckpt.0123456789a.tmp",
+            "opt.ckpt.0123456789abc.tmp", "other.ckpt.0123456789ab.tmp", "xopt.ckpt.0123456789ab.tmp",
+            "optXckpt.0123456789ab.tmp", "opt.ckpt.tmp"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"not ours")
+    (tmp_path / "opt.ckpt.abcdefabcdef.tmp").mkdir()  # the right name, but not a file we write
+    keep.append("opt.ckpt.abcdefabcdef.tmp")
+    fd, live = checkpoint._create_temp(str(path))  # a save in progress, holding its lock
+    keep.append(os.path.basename(live))
+    try:
+        opt.step(problem(1)[1][0])
+        checkpoint.save(opt, path)
+        assert sorted(os.listdir(tmp_path)) == sorted(["opt.ckpt", *keep])
+    finally:
+        os.close(fd)
+    fresh, _ = trained(seed=9, steps=1)
+    checkpoint.load(fresh, path)
+    assert fresh.steps == [3] * 4
