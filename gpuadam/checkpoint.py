@@ -16,8 +16,11 @@ killed mid-save leaves a ``<name>.<12 hex digits>.tmp`` file behind (the old che
 the next ``save`` to the same path removes it. A save in progress holds a lock on its temporary file
 (``flock``; a killed process's lock dies with it), so a save never removes another's live file.
 
-``load`` reads and checks the whole file before it touches the optimizer, then hands the state to
-``optimizer.load_state_dict``, which validates again before mutating anything.
+``load`` checks the header against the optimizer, then each member's declared sizes (the zip entry's
+and the ``.npy`` header's) against the param it belongs to before it reads that member's data, one
+member at a time: a file cannot make it allocate more than the optimizer's own state. It touches
+the optimizer only once everything is read, through ``optimizer.load_state_dict``, which validates
+again before mutating anything.
 """
 
 from __future__ import annotations
@@ -330,13 +333,11 @@ def load(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
     path = os.fspath(path)
     with open(path, "rb") as f:
         try:
-            header, steps, arrays = _read(f)
+            header, steps, arrays = _read(f, optimizer)
         except _Invalid as exc:
             raise ValueError(f"{path!r} is not a valid gpuadam checkpoint: {exc}") from None
-    try:
-        _check_fit(optimizer, header, arrays)
-    except _Misfit as exc:
-        raise ValueError(f"checkpoint {path!r} does not fit this optimizer: {exc}") from None
+        except _Misfit as exc:
+            raise ValueError(f"checkpoint {path!r} does not fit this optimizer: {exc}") from None
     state_dict = {
         **header["extra"],
         "optimizer": header["optimizer"],
@@ -354,9 +355,11 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _read(f: Any) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray]]]:
-    """Header, steps and per-param state arrays of an open checkpoint file, or ``_Invalid``."""
+def _read(f: Any, optimizer: Optimizer) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray]]]:
+    """Header, steps and per-param state arrays of an open checkpoint file; ``_Invalid`` if it is not a
+    valid checkpoint, ``_Misfit`` as soon as the header or a member's shape shows it does not fit."""
     size = os.fstat(f.fileno()).st_size
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     try:
         zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
@@ -368,7 +371,10 @@ def _read(f: Any) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray
         present = set(names)
         if _HEADER + ".npy" not in present:
             raise _Invalid(f"no {_HEADER!r} member (members: {sorted(present)[:5]})")
-        raw = _read_member(zf, _HEADER, np.dtype(np.uint8), None, size)
+        # A stored header is at most the file's size; a compressed one gets room for its JSON's
+        # worth per param, and no more: its declared size is checked before it is inflated.
+        budget = max(size, 2**20 + 1024 * len(params))
+        raw = _read_member(zf, _HEADER, np.dtype(np.uint8), None, budget=budget)
         header = _parse_header(raw)
         count = len(header["state"])
         expected = {_HEADER + ".npy", _STEPS + ".npy"}
@@ -377,29 +383,34 @@ def _read(f: Any) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray
         if present != expected:
             missing, unexpected = sorted(expected - present), sorted(present - expected)
             raise _Invalid(f"members do not match the header: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        steps = _read_member(zf, _STEPS, np.dtype(np.int64), (count,), size)
+        _check_fit(optimizer, params, header)  # before any member's data is read
+        steps = _read_member(zf, _STEPS, np.dtype(np.int64), (count,))
         if np.any(steps < 0):
             raise _Invalid(f"negative step count {int(steps.min())}")
         arrays = []
-        for i, names_i in enumerate(header["state"]):
-            got: dict[str, np.ndarray] = {}
-            for name, dtype in names_i.items():
-                got[name] = _read_member(zf, f"state/{i}/{name}", dtype, None, size)
-            shapes = {a.shape for a in got.values()}
-            if len(shapes) > 1:
-                raise _Invalid(f"param {i}: state arrays of different shapes {sorted(shapes)}")
-            arrays.append(got)
+        for i, (p, names_i) in enumerate(zip(params, header["state"])):
+            shape = _shape(p)
+            arrays.append({name: _read_member(zf, f"state/{i}/{name}", dtype, shape, param=i)
+                           for name, dtype in names_i.items()})
     return header, steps, arrays
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple | None, limit: int) -> np.ndarray:
-    """One ``.npy`` member, checked against ``dtype`` (and ``shape``), its CRC verified, as a new array.
+def _read_member(
+    zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple | None, *, budget: int = 0,
+    param: int | None = None,
+) -> np.ndarray:
+    """One ``.npy`` member, checked against ``dtype`` and ``shape``, its CRC verified, as a new array.
 
-    ``limit`` is the file's size: no member can hold more, so a corrupt header cannot make us
-    allocate more memory than that.
+    Its data is read only once its sizes are known to agree: the zip entry's declared size with the
+    ``.npy`` header's shape, and that shape with ``shape`` (the param's, for a state member of
+    ``param``: a ``_Misfit`` if not) or, without ``shape``, its size with ``budget``. Only the data a
+    member must hold is ever allocated or inflated.
     """
     stored = np.dtype(f"u{dtype.itemsize}") if dtype.isbuiltin == 2 else dtype
     try:
+        declared = zf.getinfo(name + ".npy").file_size
+        if shape is None and declared > budget:
+            raise _Invalid(f"member {name!r}: declares {declared} bytes, more than the {budget} it may hold")
         with zf.open(name + ".npy") as member:
             version = np.lib.format.read_magic(member)
             if version == (1, 0):
@@ -410,16 +421,21 @@ def _read_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple |
                 raise _Invalid(f"member {name!r}: unsupported .npy version {version}")
             if got_dtype != stored or fortran:
                 raise _Invalid(f"member {name!r}: expected a C-ordered {stored} array, got {got_dtype}")
-            if shape is not None and tuple(got_shape) != shape:
-                raise _Invalid(f"member {name!r}: expected shape {shape}, got {tuple(got_shape)}")
             nbytes = math.prod(got_shape) * stored.itemsize
-            if nbytes > limit:
-                raise _Invalid(f"member {name!r}: its header says {nbytes} bytes, the file holds {limit}")
+            if nbytes != declared - member.tell():  # a .npy member is its header, then exactly its data
+                raise _Invalid(f"member {name!r}: its header says {nbytes} bytes of data, the zip entry "
+                               f"declares {declared - member.tell()}")
+            if shape is not None and tuple(got_shape) != shape:
+                if param is not None:
+                    state = name.rsplit("/", 1)[-1]
+                    raise _Misfit(f"param {param}: state {state!r} has shape {tuple(got_shape)}, the param's "
+                                  f"shape is {shape}")
+                raise _Invalid(f"member {name!r}: expected shape {shape}, got {tuple(got_shape)}")
             data = bytearray(nbytes)  # writable: the arrays are handed on, not views of a bytes object
             got = member.readinto(data)
             if got != nbytes or member.read(1):  # reading to the end makes zipfile check the CRC
                 raise _Invalid(f"member {name!r}: holds other than the {nbytes} data bytes its header says")
-    except _Invalid:
+    except (_Invalid, _Misfit):
         raise
     except (
         zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, SyntaxError, TypeError,
@@ -491,14 +507,15 @@ def _dtype(name: Any) -> np.dtype:
     return dtype
 
 
-def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[str, np.ndarray]]) -> None:
-    """``_Misfit`` naming the first difference between the checkpoint and ``optimizer``'s params."""
+def _check_fit(optimizer: Optimizer, params: list, header: dict[str, Any]) -> None:
+    """``_Misfit`` naming the first difference between the checkpoint's header and ``optimizer``'s
+    params (the shapes are checked member by member, from each ``.npy`` header)."""
     kind = type(optimizer).__name__
     if header["optimizer"] != kind:
         raise _Misfit(f"it was saved by {header['optimizer']}, this optimizer is {kind}")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(arrays) != len(params):
-        raise _Misfit(f"it holds state for {len(arrays)} params, this optimizer has {len(params)}")
+    saved_state = header["state"]
+    if len(saved_state) != len(params):
+        raise _Misfit(f"it holds state for {len(saved_state)} params, this optimizer has {len(params)}")
     saved_sizes = [len(g["params"]) for g in header["param_groups"]]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:
@@ -506,7 +523,7 @@ def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[s
             f"it has {len(saved_sizes)} param groups of sizes {saved_sizes}, this optimizer has "
             f"{len(sizes)} of sizes {sizes}"
         )
-    for i, (p, saved) in enumerate(zip(params, arrays)):
+    for i, saved in enumerate(saved_state):
         live = optimizer.state[i]
         if set(saved) != set(live):
             # load_state_dict cannot add or drop state arrays: they are allocated at construction
@@ -514,13 +531,10 @@ def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[s
                 f"param {i}: it holds state {sorted(saved)}, this optimizer allocated {sorted(live)} "
                 "(construct it with the same flags, e.g. amsgrad, as the saved one)"
             )
-        shape = _shape(p)
-        for name, value in saved.items():
-            if value.shape != shape:
-                raise _Misfit(f"param {i}: state {name!r} has shape {value.shape}, the param's shape is {shape}")
-            want = optimizer.state_dtype(i)
-            if value.dtype != want:
-                raise _Misfit(f"param {i}: state {name!r} has dtype {value.dtype}, this optimizer's is {want}")
+        want = optimizer.state_dtype(i)
+        for name, dtype in saved.items():
+            if dtype != want:
+                raise _Misfit(f"param {i}: state {name!r} has dtype {dtype}, this optimizer's is {want}")
 
 
 def _shape(x: Any) -> tuple:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tracemalloc
 import warnings
 import zipfile
 from pathlib import Path
@@ -585,3 +586,80 @@ def test_next_save_removes_the_temporary_file_of_a_killed_save_and_nothing_else(
     fresh, _ = trained(seed=9, steps=1)
     checkpoint.load(fresh, path)
     assert fresh.steps == [3] * 4
+
+
+# --- files that would make load allocate far more than the params need ----------------------------
+
+
+def _deflated(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in members.items():
+            # the header stored (it pads the file), every array deflated
+            zf.writestr(name, data, compress_type=zipfile.ZIP_STORED if name == "header.npy" else zipfile.ZIP_DEFLATED)
+    return out.getvalue()
+
+
+def _peak_bytes_of_refused_load(opt, path, match):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match):
+            checkpoint.load(opt, path)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_many_deflated_members_are_refused_before_any_is_inflated(tmp_path):
+    """~1.3 MB on disk, 192 MiB inflated: 64 params' state, each member (1 MiB) below the file's size."""
+    source, _ = trained(seed=1)
+    checkpoint.save(source, tmp_path / "good")
+    members = _members((tmp_path / "good").read_bytes())
+    header = json.loads(np.lib.format.read_array(io.BytesIO(members["header.npy"])).tobytes())
+    count, names = 64, header["state"][0]
+    header["param_groups"] = [{**header["param_groups"][0], "params": list(range(count))}]
+    header["state"] = [names] * count
+    text = json.dumps(header) + " " * 2**20  # JSON may end in spaces: a stored header pads the file
+    bomb = {"header.npy": _npy(np.frombuffer(text.encode(), np.uint8)), "steps.npy": _npy(np.zeros(count, np.int64))}
+    zeros = _npy(np.zeros((256, 1024), np.float32))  # 1 MiB inflated, 1 kB deflated
+    bomb.update({f"state/{i}/{name}.npy": zeros for i in range(count) for name in names})
+    path = tmp_path / "bomb"
+    path.write_bytes(_deflated(bomb))
+    assert path.stat().st_size < 2**21
+    opt, params = trained(seed=2, steps=2)
+    before = snapshot(opt, params)
+    peak = _peak_bytes_of_refused_load(opt, path, "does not fit this optimizer: it holds state for 64 params, "
+                                                  "this optimizer has 4")
+    assert peak < 8 * 2**20, peak
+    assert_same(before, snapshot(opt, params))
+
+
+def _npy_then(array, trailing: int) -> bytes:
+    return _npy(array) + bytes(trailing)
+
+
+BOMBS = {
+    # the .npy header tells the param's shape, the zip entry 32 MiB more
+    "zip-size-above-npy": (lambda: _npy_then(np.zeros(1, np.float32), 2**25),
+                           "not a valid.*'state/1/exp_avg': its header says 4 bytes of data, the zip entry declares "
+                           f"{2**25 + 4}"),
+    # both agree on 32 MiB, the param needs 4 bytes
+    "npy-shape-above-param": (lambda: _npy(np.zeros((2048, 4096), np.float32)),
+                              r"does not fit.*param 1: state 'exp_avg' has shape \(2048, 4096\), the param's "
+                              r"shape is \(1,\)"),
+}
+
+
+@pytest.mark.parametrize("case", BOMBS)
+def test_member_declaring_more_than_its_param_needs_is_refused_before_it_is_inflated(tmp_path, case):
+    make, match = BOMBS[case]
+    source, _ = trained(seed=1)
+    checkpoint.save(source, tmp_path / "good")
+    members = _members((tmp_path / "good").read_bytes())
+    members["state/1/exp_avg.npy"] = make()
+    path = tmp_path / "bomb"
+    path.write_bytes(_deflated(members))
+    opt, params = trained(seed=2, steps=2)
+    before = snapshot(opt, params)
+    assert _peak_bytes_of_refused_load(opt, path, match) < 4 * 2**20
+    assert_same(before, snapshot(opt, params))
