@@ -377,8 +377,8 @@ class Optimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...],
-        "rounding_counter"}``. Nothing in it is shared with the optimizer: editing it (a ``betas`` list
-        included) changes nothing here."""
+        "rounding_counter", "steps_skipped"}``. Nothing in it is shared with the optimizer: editing it
+        (a ``betas`` list included) changes nothing here."""
         steps = self.steps
         state = {
             i: {"step": steps[i], **{n: self._host_state(i, a) for n, a in s.items()}}
@@ -388,17 +388,19 @@ class Optimizer:
                   for group, indices in zip(self.param_groups, self._ranges)]
         # the counter that seeds stochastic rounding: a resumed run draws the same random bits
         return {"optimizer": type(self).__name__, "state": state, "param_groups": groups,
-                "rounding_counter": self._calls}
+                "rounding_counter": self._calls, "steps_skipped": self.steps_skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing.
 
-        The hyperparameters are copied in: editing ``state_dict`` afterwards changes nothing here.
+        The hyperparameters are copied in: editing ``state_dict`` afterwards changes nothing here. A
+        dict without ``steps_skipped`` or ``rounding_counter`` (an older one) sets them to 0.
         """
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
             raise ValueError(f"state_dict: expected one saved by {type(self).__name__}, got {kind!r}")
         calls = _saved_count("rounding_counter", state_dict.get("rounding_counter", 0))
+        skipped = _saved_count("steps_skipped", state_dict.get("steps_skipped", 0))
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             got = len(groups) if isinstance(groups, list) else type(groups).__name__
@@ -445,8 +447,10 @@ class Optimizer:
                 be.copy_from_host(self.state[i][name], np.ascontiguousarray(value).view(self._state_bits(i)))
         self._steps = steps
         self._calls = calls
-        if self._device_counts:
+        self._steps_skipped = skipped
+        if self._device_counts:  # the device's counts are the truth the next step reads
             self._device.write_steps([steps[indices.start] for indices in self._ranges])
+            self._device.skipped.copy_to_device(np.array([skipped], np.int64))
         for group, (new, _) in zip(self.param_groups, new_groups):
             group.clear()
             group.update(new)

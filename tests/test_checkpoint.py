@@ -663,3 +663,34 @@ def test_member_declaring_more_than_its_param_needs_is_refused_before_it_is_infl
     before = snapshot(opt, params)
     assert _peak_bytes_of_refused_load(opt, path, match) < 4 * 2**20
     assert_same(before, snapshot(opt, params))
+
+
+# --- steps_skipped ------------------------------------------------------------------------------
+
+
+def test_steps_skipped_survives_state_dict_and_checkpoints(tmp_path):
+    params0, grads = problem(5, steps=2)
+    poisoned = [g.copy() for g in grads[1]]
+    poisoned[2].flat[0] = np.nan
+
+    def build():
+        return gpuadam.Adam(groups([p.copy() for p in params0]), skip_nonfinite=True, **KW)
+
+    opt = build()
+    opt.step(grads[0])
+    opt.step(poisoned)
+    opt.step(poisoned)
+    assert opt.steps_skipped == 2 and opt.state_dict()["steps_skipped"] == 2
+    by_dict = build()
+    by_dict.load_state_dict(opt.state_dict())
+    checkpoint.save(opt, tmp_path / "c")
+    by_file = build()
+    by_file.load(tmp_path / "c")
+    for resumed in (by_dict, by_file):
+        assert resumed.steps_skipped == 2 and resumed.steps == [1] * 4
+        resumed.step(poisoned)
+        assert resumed.steps_skipped == 3
+    older = opt.state_dict()
+    del older["steps_skipped"]  # a state_dict from before it was saved: nothing was counted
+    by_dict.load_state_dict(older)
+    assert by_dict.steps_skipped == 0

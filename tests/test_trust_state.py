@@ -203,6 +203,8 @@ LOAD_CASES = {
     ),
     "step-2**70": (lambda sd: sd["state"][1].update(step=2**70), r"param 1: expected an integer step in \[0, 2\*\*63"),
     "step-2**63": (lambda sd: sd["state"][1].update(step=2**63), r"param 1: expected an integer step in \[0, 2\*\*63"),
+    "skipped-negative": (lambda sd: sd.update(steps_skipped=-1), "steps_skipped must be an integer"),
+    "skipped-str": (lambda sd: sd.update(steps_skipped="1"), "steps_skipped must be an integer"),
     "counter-huge": (lambda sd: sd.update(rounding_counter=2**64), "rounding_counter must be an integer"),
 }
 
