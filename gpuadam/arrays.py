@@ -7,6 +7,8 @@ GPU library: the description is read from the array's own attributes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +173,10 @@ def check_grad_count(count: int, grads: Any) -> None:
     """Check that ``grads`` is a sequence of ``count`` items (each is checked with ``check_like``)."""
     if grads is None or isinstance(grads, (str, bytes)) or not hasattr(grads, "__len__"):
         raise TypeError(f"grads: expected a sequence of {count} arrays, got {type(grads).__name__}")
+    if isinstance(grads, (Mapping, AbstractSet)):
+        # a dict would be indexed by its keys and a set not at all: neither lines up with the params
+        raise TypeError(f"grads: expected a sequence of {count} arrays aligned with the params, "
+                        f"got a {type(grads).__name__}")
     if describe(grads) is not None:
         raise TypeError(f"grads: expected a sequence of {count} arrays aligned with the params, got one array")
     if len(grads) != count:

@@ -12,10 +12,15 @@ File layout (a zip of ``.npy`` members, readable with ``np.load(path, allow_pick
 
 ``save`` writes a temporary file next to ``path``, fsyncs it, renames it onto ``path`` and fsyncs the
 directory: a crash at any point leaves either the old file or the new one, never a mix. A process
-killed mid-save may leave a ``<name>.<random>.tmp`` file behind; the old checkpoint is intact.
+killed mid-save leaves a ``<name>.<12 hex digits>.tmp`` file behind (the old checkpoint is intact);
+the next ``save`` to the same path removes it. A save in progress holds a lock on its temporary file
+(``flock``; a killed process's lock dies with it), so a save never removes another's live file.
 
-``load`` reads and checks the whole file before it touches the optimizer, then hands the state to
-``optimizer.load_state_dict``, which validates again before mutating anything.
+``load`` checks the header against the optimizer, then each member's declared sizes (the zip entry's
+and the ``.npy`` header's) against the param it belongs to before it reads that member's data, one
+member at a time: a file cannot make it allocate more than the optimizer's own state. It touches
+the optimizer only once everything is read, through ``optimizer.load_state_dict``, which validates
+again before mutating anything.
 """
 
 from __future__ import annotations
@@ -24,14 +29,22 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import stat
+import warnings
 import zipfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpuadam.arrays import describe
+from gpuadam.hyper import check_count
+
+try:
+    import fcntl
+except ImportError:  # Windows: a file another process has open cannot be deleted anyway
+    fcntl = None
 
 if TYPE_CHECKING:
     from gpuadam.optim import Optimizer
@@ -42,6 +55,9 @@ VERSION = 1
 _HEADER = "header"
 _STEPS = "steps"
 _RESERVED = {"optimizer", "state", "param_groups"}  # state_dict keys with their own place in the file
+_TEMP_DIGITS = 12  # hex digits of the random part of a temporary file's name
+# what fsync of a directory raises where the filesystem or OS does not do it (nothing to make durable)
+_NO_DIRECTORY_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
 
 class _Invalid(Exception):
@@ -59,25 +75,51 @@ def save(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
     """Write ``optimizer``'s state to exactly ``path`` (any suffix), atomically.
 
     Raises TypeError/ValueError, before touching the disk, if some state cannot be stored without
-    pickle; an OSError from the write leaves any previous file at ``path`` as it was.
+    pickle. An OSError means nothing was saved: any previous file at ``path`` is as it was, and no
+    temporary file is left. Once the new file is renamed onto ``path`` the save has happened and
+    ``save`` returns: if the directory's fsync then fails, a RuntimeWarning says the rename may not
+    survive a power cut (silently where the filesystem does not fsync directories at all).
     """
     path = os.fspath(path)
     members = _encode(optimizer.state_dict())  # everything that can fail on content fails here
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _create_temp(path)
+    dir_fd = _open_directory(directory)  # can fail: before the rename, so the old file stays
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write_zip(f, members)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
+        _remove_stale_temps(path)  # first: their space may be what this save needs
+        _write_and_rename(members, path)
+        _fsync_directory(dir_fd, directory, path)  # makes the rename itself durable
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _write_and_rename(members: dict[str, np.ndarray], path: str) -> None:
+    """Write ``members`` to a new temporary file, fsync it and rename it onto ``path``; on any failure
+    (KeyboardInterrupt too) remove the temporary file and re-raise, ``path`` untouched."""
+    fd, tmp = _create_temp(path)
+    f = os.fdopen(fd, "wb")
+    try:
+        _write_zip(f, members)
+        f.flush()
+        os.fsync(f.fileno())
+        if fcntl is None:
+            f.close()  # Windows cannot rename an open file (and has no lock to keep)
+        os.replace(tmp, path)  # elsewhere while still locked: no other save takes it for stale
+    except BaseException:
+        _close_quietly(f)  # a full disk fails the close's flush too: the temp file must go anyway
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
-    _fsync_directory(directory)  # makes the rename itself durable
+    _close_quietly(f)  # the data was fsynced before the rename: a failed close loses nothing
+
+
+def _close_quietly(f: Any) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _encode(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -92,10 +134,10 @@ def _encode(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
     dtypes: list[dict[str, str]] = []
     for i in range(count):
         entry = state[i]
-        step = entry.get("step")
-        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or not 0 <= step < 2**63:
-            raise ValueError(f"param {i}: cannot save step count {step!r}: expected an integer >= 0")
-        steps[i] = step
+        try:
+            steps[i] = check_count("step", entry.get("step"))  # the bound load_state_dict applies too
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"param {i}: cannot save: {exc}") from None
         names: dict[str, str] = {}
         for name, value in entry.items():
             if name == "step":
@@ -143,7 +185,10 @@ def _storable(value: np.ndarray) -> np.ndarray:
 
 
 def _jsonable(what: str, value: Any) -> Any:
-    """``value`` as plain JSON data (tuples become lists, NumPy scalars Python ones), or a TypeError."""
+    """``value`` as plain JSON data (tuples and arrays become lists, NumPy scalars Python ones), or a
+    TypeError."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        value = value.tolist()  # a 0-d lr array, a betas array: the numbers they hold
     if isinstance(value, np.generic):
         value = value.item()
     if value is None or isinstance(value, (bool, int, str)):
@@ -160,7 +205,8 @@ def _jsonable(what: str, value: Any) -> Any:
 
 
 def _create_temp(path: str) -> tuple[int, str]:
-    """A new file next to ``path`` (same filesystem, so the rename is atomic), open for writing."""
+    """A new file next to ``path`` (same filesystem, so the rename is atomic), open for writing and
+    locked, so that another save to ``path`` does not take it for a killed save's leftover."""
     head, tail = os.path.split(path)
     try:
         # keep the mode of the file we replace (a 0600 checkpoint stays private)
@@ -169,15 +215,75 @@ def _create_temp(path: str) -> tuple[int, str]:
         mode = None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = os.path.join(head, f"{tail}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(head, f"{tail}.{secrets.token_hex(_TEMP_DIGITS // 2)}.tmp")
         try:
             fd = os.open(tmp, flags, 0o666)  # 0o666 & ~umask, as open() would create it
         except FileExistsError:
             continue
-        break
+        # Between the create and the lock another save may have found the file unlocked and
+        # removed it: then this fd is no longer the file at ``tmp``, and we start over.
+        if _try_lock(fd) is not False and _is_file_at(fd, tmp):
+            break
+        os.close(fd)
     if mode is not None and hasattr(os, "fchmod"):
         os.fchmod(fd, mode)
     return fd, tmp
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive lock on ``fd`` without waiting: True if taken, False if another open file
+    holds it, None where locks cannot tell (no ``flock``, or a filesystem that refuses it)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _is_file_at(fd: int, name: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(name, follow_symlinks=False)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove the temporary files that killed saves to ``path`` left: names ``<name>.<12 hex>.tmp``
+    for exactly this ``<name>``, regular files that no live save holds locked. Nothing else."""
+    head, tail = os.path.split(path)
+    pattern = re.compile(re.escape(tail) + rf"\.[0-9a-f]{{{_TEMP_DIGITS}}}\.tmp")
+    try:
+        names = os.listdir(head or ".")
+    except OSError:
+        return  # the save itself will say what is wrong with the directory
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        stale = os.path.join(head, name)
+        try:
+            if not stat.S_ISREG(os.lstat(stale).st_mode):
+                continue
+            # O_NONBLOCK: a FIFO swapped in under this name must not hang the save
+            fd = os.open(stale, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            locked = _try_lock(fd)
+            # Locked by a live save: keep. Locks refused by the filesystem: we cannot tell, keep.
+            # No locks at all (Windows): a live save's file is open there, and deleting it fails.
+            if locked is False or (locked is None and fcntl is not None):
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode) and _is_file_at(fd, stale):
+                os.unlink(stale)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _write_zip(f: Any, members: dict[str, np.ndarray]) -> None:
@@ -192,17 +298,25 @@ def _write_array(f: Any, array: np.ndarray) -> None:
     np.lib.format.write_array(f, array, allow_pickle=False)
 
 
-def _fsync_directory(directory: str) -> None:
+def _open_directory(directory: str) -> int | None:
     if os.name == "nt":  # directories cannot be opened, and NTFS renames are journaled
+        return None
+    return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync_directory(fd: int | None, directory: str, path: str) -> None:
+    """fsync the directory after the rename. The new file is in place by now: a failure here is not
+    a failed save (raising would say the old file is intact, and it is gone), only a weaker one."""
+    if fd is None:
         return
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # filesystems without dir fsync
-            raise
-    finally:
-        os.close(fd)
+        if exc.errno not in _NO_DIRECTORY_FSYNC:
+            warnings.warn(
+                f"checkpoint {path!r} was saved, but fsync of its directory {directory!r} failed ({exc}): "
+                "the rename may not survive a power cut", RuntimeWarning, stacklevel=3,
+            )
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -219,13 +333,11 @@ def load(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
     path = os.fspath(path)
     with open(path, "rb") as f:
         try:
-            header, steps, arrays = _read(f)
+            header, steps, arrays = _read(f, optimizer)
         except _Invalid as exc:
             raise ValueError(f"{path!r} is not a valid gpuadam checkpoint: {exc}") from None
-    try:
-        _check_fit(optimizer, header, arrays)
-    except _Misfit as exc:
-        raise ValueError(f"checkpoint {path!r} does not fit this optimizer: {exc}") from None
+        except _Misfit as exc:
+            raise ValueError(f"checkpoint {path!r} does not fit this optimizer: {exc}") from None
     state_dict = {
         **header["extra"],
         "optimizer": header["optimizer"],
@@ -243,9 +355,11 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _read(f: Any) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray]]]:
-    """Header, steps and per-param state arrays of an open checkpoint file, or ``_Invalid``."""
+def _read(f: Any, optimizer: Optimizer) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray]]]:
+    """Header, steps and per-param state arrays of an open checkpoint file; ``_Invalid`` if it is not a
+    valid checkpoint, ``_Misfit`` as soon as the header or a member's shape shows it does not fit."""
     size = os.fstat(f.fileno()).st_size
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     try:
         zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
@@ -257,7 +371,10 @@ def _read(f: Any) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray
         present = set(names)
         if _HEADER + ".npy" not in present:
             raise _Invalid(f"no {_HEADER!r} member (members: {sorted(present)[:5]})")
-        raw = _read_member(zf, _HEADER, np.dtype(np.uint8), None, size)
+        # A stored header is at most the file's size; a compressed one gets room for its JSON's
+        # worth per param, and no more: its declared size is checked before it is inflated.
+        budget = max(size, 2**20 + 1024 * len(params))
+        raw = _read_member(zf, _HEADER, np.dtype(np.uint8), None, budget=budget)
         header = _parse_header(raw)
         count = len(header["state"])
         expected = {_HEADER + ".npy", _STEPS + ".npy"}
@@ -266,29 +383,34 @@ def _read(f: Any) -> tuple[dict[str, Any], np.ndarray, list[dict[str, np.ndarray
         if present != expected:
             missing, unexpected = sorted(expected - present), sorted(present - expected)
             raise _Invalid(f"members do not match the header: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        steps = _read_member(zf, _STEPS, np.dtype(np.int64), (count,), size)
+        _check_fit(optimizer, params, header)  # before any member's data is read
+        steps = _read_member(zf, _STEPS, np.dtype(np.int64), (count,))
         if np.any(steps < 0):
             raise _Invalid(f"negative step count {int(steps.min())}")
         arrays = []
-        for i, names_i in enumerate(header["state"]):
-            got: dict[str, np.ndarray] = {}
-            for name, dtype in names_i.items():
-                got[name] = _read_member(zf, f"state/{i}/{name}", dtype, None, size)
-            shapes = {a.shape for a in got.values()}
-            if len(shapes) > 1:
-                raise _Invalid(f"param {i}: state arrays of different shapes {sorted(shapes)}")
-            arrays.append(got)
+        for i, (p, names_i) in enumerate(zip(params, header["state"])):
+            shape = _shape(p)
+            arrays.append({name: _read_member(zf, f"state/{i}/{name}", dtype, shape, param=i)
+                           for name, dtype in names_i.items()})
     return header, steps, arrays
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple | None, limit: int) -> np.ndarray:
-    """One ``.npy`` member, checked against ``dtype`` (and ``shape``), its CRC verified, as a new array.
+def _read_member(
+    zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple | None, *, budget: int = 0,
+    param: int | None = None,
+) -> np.ndarray:
+    """One ``.npy`` member, checked against ``dtype`` and ``shape``, its CRC verified, as a new array.
 
-    ``limit`` is the file's size: no member can hold more, so a corrupt header cannot make us
-    allocate more memory than that.
+    Its data is read only once its sizes are known to agree: the zip entry's declared size with the
+    ``.npy`` header's shape, and that shape with ``shape`` (the param's, for a state member of
+    ``param``: a ``_Misfit`` if not) or, without ``shape``, its size with ``budget``. Only the data a
+    member must hold is ever allocated or inflated.
     """
     stored = np.dtype(f"u{dtype.itemsize}") if dtype.isbuiltin == 2 else dtype
     try:
+        declared = zf.getinfo(name + ".npy").file_size
+        if shape is None and declared > budget:
+            raise _Invalid(f"member {name!r}: declares {declared} bytes, more than the {budget} it may hold")
         with zf.open(name + ".npy") as member:
             version = np.lib.format.read_magic(member)
             if version == (1, 0):
@@ -299,16 +421,21 @@ def _read_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple |
                 raise _Invalid(f"member {name!r}: unsupported .npy version {version}")
             if got_dtype != stored or fortran:
                 raise _Invalid(f"member {name!r}: expected a C-ordered {stored} array, got {got_dtype}")
-            if shape is not None and tuple(got_shape) != shape:
-                raise _Invalid(f"member {name!r}: expected shape {shape}, got {tuple(got_shape)}")
             nbytes = math.prod(got_shape) * stored.itemsize
-            if nbytes > limit:
-                raise _Invalid(f"member {name!r}: its header says {nbytes} bytes, the file holds {limit}")
+            if nbytes != declared - member.tell():  # a .npy member is its header, then exactly its data
+                raise _Invalid(f"member {name!r}: its header says {nbytes} bytes of data, the zip entry "
+                               f"declares {declared - member.tell()}")
+            if shape is not None and tuple(got_shape) != shape:
+                if param is not None:
+                    state = name.rsplit("/", 1)[-1]
+                    raise _Misfit(f"param {param}: state {state!r} has shape {tuple(got_shape)}, the param's "
+                                  f"shape is {shape}")
+                raise _Invalid(f"member {name!r}: expected shape {shape}, got {tuple(got_shape)}")
             data = bytearray(nbytes)  # writable: the arrays are handed on, not views of a bytes object
             got = member.readinto(data)
             if got != nbytes or member.read(1):  # reading to the end makes zipfile check the CRC
                 raise _Invalid(f"member {name!r}: holds other than the {nbytes} data bytes its header says")
-    except _Invalid:
+    except (_Invalid, _Misfit):
         raise
     except (
         zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, SyntaxError, TypeError,
@@ -380,14 +507,15 @@ def _dtype(name: Any) -> np.dtype:
     return dtype
 
 
-def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[str, np.ndarray]]) -> None:
-    """``_Misfit`` naming the first difference between the checkpoint and ``optimizer``'s params."""
+def _check_fit(optimizer: Optimizer, params: list, header: dict[str, Any]) -> None:
+    """``_Misfit`` naming the first difference between the checkpoint's header and ``optimizer``'s
+    params (the shapes are checked member by member, from each ``.npy`` header)."""
     kind = type(optimizer).__name__
     if header["optimizer"] != kind:
         raise _Misfit(f"it was saved by {header['optimizer']}, this optimizer is {kind}")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(arrays) != len(params):
-        raise _Misfit(f"it holds state for {len(arrays)} params, this optimizer has {len(params)}")
+    saved_state = header["state"]
+    if len(saved_state) != len(params):
+        raise _Misfit(f"it holds state for {len(saved_state)} params, this optimizer has {len(params)}")
     saved_sizes = [len(g["params"]) for g in header["param_groups"]]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:
@@ -395,7 +523,7 @@ def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[s
             f"it has {len(saved_sizes)} param groups of sizes {saved_sizes}, this optimizer has "
             f"{len(sizes)} of sizes {sizes}"
         )
-    for i, (p, saved) in enumerate(zip(params, arrays)):
+    for i, saved in enumerate(saved_state):
         live = optimizer.state[i]
         if set(saved) != set(live):
             # load_state_dict cannot add or drop state arrays: they are allocated at construction
@@ -403,13 +531,10 @@ def _check_fit(optimizer: Optimizer, header: dict[str, Any], arrays: list[dict[s
                 f"param {i}: it holds state {sorted(saved)}, this optimizer allocated {sorted(live)} "
                 "(construct it with the same flags, e.g. amsgrad, as the saved one)"
             )
-        shape = _shape(p)
-        for name, value in saved.items():
-            if value.shape != shape:
-                raise _Misfit(f"param {i}: state {name!r} has shape {value.shape}, the param's shape is {shape}")
-            want = optimizer.state_dtype(i)
-            if value.dtype != want:
-                raise _Misfit(f"param {i}: state {name!r} has dtype {value.dtype}, this optimizer's is {want}")
+        want = optimizer.state_dtype(i)
+        for name, dtype in saved.items():
+            if dtype != want:
+                raise _Misfit(f"param {i}: state {name!r} has dtype {dtype}, this optimizer's is {want}")
 
 
 def _shape(x: Any) -> tuple:

@@ -9,7 +9,7 @@ decay keeps zero at zero), so a kernel may sweep the whole buffer, padding inclu
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,14 +44,14 @@ class FlatBuffer:
     def __init__(self, shapes: Sequence[Sequence[int] | int], dtype: Any = np.float32, device: str = "cpu") -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-        self.shapes = [(s,) if isinstance(s, (int, np.integer)) else tuple(int(x) for x in s) for s in shapes]
+        self.shapes = _checked_shapes(shapes)
         self.dtype = np.dtype(dtype)
+        if device == "cuda":
+            _check_cuda_usable()
         self.device = device
         self.offsets: list[int] = []
         end = 0
         for shape in self.shapes:
-            if any(x < 0 for x in shape):
-                raise ValueError(f"shapes: negative extent in {shape}")
             self.offsets.append(end)
             end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
         self.size = end
@@ -69,6 +69,12 @@ class FlatBuffer:
     @classmethod
     def from_arrays(cls, arrays: Sequence[Any]) -> FlatBuffer:
         """A buffer with the arrays' shapes and (common) dtype, on their device, holding copies of them."""
+        if isinstance(arrays, (str, bytes)) or describe(arrays) is not None or not isinstance(arrays, Iterable):
+            raise TypeError(f"arrays: expected a list of arrays, got {type(arrays).__name__}")
+        arrays = list(arrays)  # read twice below: a generator would be empty the second time
+        if not arrays:
+            raise ValueError("arrays: expected at least one array, got an empty list (the dtype and the "
+                             "device come from the arrays)")
         infos = [describe(a) for a in arrays]
         for i, info in enumerate(infos):
             if info is None:
@@ -114,6 +120,40 @@ class FlatBuffer:
 
     def __repr__(self) -> str:
         return f"FlatBuffer({len(self.views)} tensors, {self.size} elements, {self.dtype}, {self.device})"
+
+
+def _extent(i: int, x: Any) -> int:
+    # int(2.7) would quietly make a (2, 3) tensor of a (2.7, 3) shape: only integers are extents
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"shapes: tensor {i}: expected integer extents, got {type(x).__name__} {x!r}")
+    if x < 0:
+        raise ValueError(f"shapes: tensor {i}: expected extents >= 0, got {int(x)}")
+    return int(x)
+
+
+def _checked_shapes(shapes: Any) -> list[tuple[int, ...]]:
+    """Each tensor's shape as a tuple of ints: an integer is a 1-D extent, a sequence a shape."""
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Iterable):
+        raise TypeError(f"shapes: expected a list of shapes, got {type(shapes).__name__} {shapes!r}")
+    out = []
+    for i, s in enumerate(list(shapes)):
+        if isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)):
+            out.append((_extent(i, s),))
+        elif isinstance(s, (tuple, list)) or (isinstance(s, np.ndarray) and s.ndim == 1):
+            out.append(tuple(_extent(i, x) for x in s))
+        else:  # a str is a sequence too: "12" would become the shape (1, 2)
+            raise TypeError(f"shapes: tensor {i}: expected a shape (a tuple of ints) or an int, "
+                            f"got {type(s).__name__} {s!r}")
+    return out
+
+
+def _check_cuda_usable() -> None:
+    # Numba's own error spans lines of driver advice; the backend probe has the reason in one line.
+    from gpuadam import backends
+
+    status = backends.status("numba-cuda")
+    if not status.available:
+        raise backends.BackendUnavailable(f"FlatBuffer(device='cuda'): Numba CUDA cannot run here: {status.reason}")
 
 
 def owner(views: Sequence[Any]) -> FlatBuffer | None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from gpuadam import backends
 from gpuadam.arrays import check_apart, check_like, check_param
-from gpuadam.hyper import AdamHyper
+from gpuadam.hyper import AdamHyper, check_count
 
 
 def adam_step(
@@ -32,8 +32,7 @@ def adam_step(
     Passing ``max_exp_avg_sq`` turns on AMSGrad. Every array must match ``param`` in shape, dtype
     and device, and be C-contiguous; everything is checked before anything is written.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an integer >= 1, got {step!r}")
+    step = check_count("step", step, minimum=1)  # NumPy integers too, as load_state_dict takes them
     info, fmt = check_param(0, param)
     if fmt is not None:
         raise TypeError("adam_step works on float32/float64 arrays; use gpuadam.Adam for float16/bfloat16")

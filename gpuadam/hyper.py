@@ -16,10 +16,19 @@ from gpuadam.kernels.rules.radam import radam_constants
 from gpuadam.kernels.rules.rmsprop import rmsprop_constants
 from gpuadam.kernels.rules.sgd import sgd_constants
 
+#: Step counts live in int64 (on the device and in checkpoints): every count is checked against it.
+MAX_COUNT = 2**63 - 1
+
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    # A 0-d array (what ``np.array(x)`` or a reduction gives) is one number; a longer array is not,
+    # whatever NumPy's truth rules would make of it further down.
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        got = (f"an array of shape {value.shape} and dtype {value.dtype}" if isinstance(value, np.ndarray)
+               else f"{type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a real number, got {got}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
@@ -47,6 +56,17 @@ def check_beta(name: str, value: Any) -> float:
     value = _number(name, value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an int, or an error naming ``name`` if it is not an integer (Python or NumPy, not a
+    bool) in ``[minimum, MAX_COUNT]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not minimum <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be an integer in [{minimum}, 2**63 - 1] (int64), got {value}")
     return value
 
 

@@ -26,7 +26,7 @@ from gpuadam.arrays import (
     span,
 )
 from gpuadam.flat import FlatBuffer
-from gpuadam.hyper import AdamHyper, check_flag, check_positive
+from gpuadam.hyper import AdamHyper, check_count, check_flag, check_positive
 from gpuadam.kernels.lowp import BFLOAT16
 from gpuadam.kernels.numba_cpu import half_to_float32
 from gpuadam.kernels.rules import RULES, grad_factor
@@ -469,7 +469,9 @@ class Optimizer:
         self.last_step_launches = len(units)
 
     def state_dict(self) -> dict[str, Any]:
-        """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...]}``."""
+        """Host copies of the state: ``{"optimizer", "state": {i: {...}}, "param_groups": [...],
+        "rounding_counter", "steps_skipped"}``. Nothing in it is shared with the optimizer: editing it
+        (a ``betas`` list included) changes nothing here."""
         with self._lock:
             return self._state_dict()
 
@@ -479,14 +481,18 @@ class Optimizer:
             i: {"step": steps[i], **{n: self._host_state(i, a) for n, a in s.items()}}
             for i, s in enumerate(self.state)
         }
-        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(indices)}
+        groups = [{**{k: _copied(v) for k, v in group.items() if k != "params"}, "params": list(indices)}
                   for group, indices in zip(self.param_groups, self._ranges)]
         # the counter that seeds stochastic rounding: a resumed run draws the same random bits
         return {"optimizer": type(self).__name__, "state": state, "param_groups": groups,
-                "rounding_counter": self._calls}
+                "rounding_counter": self._calls, "steps_skipped": self.steps_skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing."""
+        """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing.
+
+        The hyperparameters are copied in: editing ``state_dict`` afterwards changes nothing here. A
+        dict without ``steps_skipped`` or ``rounding_counter`` (an older one) sets them to 0.
+        """
         with self._lock:
             self._load_state_dict(state_dict)
 
@@ -494,25 +500,31 @@ class Optimizer:
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
             raise ValueError(f"state_dict: expected one saved by {type(self).__name__}, got {kind!r}")
-        calls = state_dict.get("rounding_counter", 0)
-        if isinstance(calls, (bool, np.bool_)) or not isinstance(calls, (int, np.integer)) or calls < 0:
-            raise ValueError(f"state_dict: expected an integer rounding_counter >= 0, got {calls!r}")
+        calls = _saved_count("rounding_counter", state_dict.get("rounding_counter", 0))
+        skipped = _saved_count("steps_skipped", state_dict.get("steps_skipped", 0))
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             got = len(groups) if isinstance(groups, list) else type(groups).__name__
             raise ValueError(f"state_dict: expected {len(self.param_groups)} param groups, got {got}")
         new_groups = []
         for gi, (saved, group, indices) in enumerate(zip(groups, self.param_groups, self._ranges)):
-            if list(saved.get("params", [])) != list(indices):
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict: param group {gi}: expected a dict of hyperparameters and "
+                                 f"'params', got {type(saved).__name__}")
+            if not _is_index_list(saved.get("params", []), indices):
                 raise ValueError(
-                    f"state_dict: param group {gi} expected params {list(indices)}, got {saved.get('params')}"
+                    f"state_dict: param group {gi} expected params {list(indices)}, got {saved.get('params')!r}"
                 )
-            new = {**{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+            new = {**{k: _copied(v) for k, v in saved.items() if k != "params"}, "params": group["params"]}
             new_groups.append((new, self._hyper(new, gi)))
         state = state_dict.get("state")
         if not isinstance(state, dict) or len(state) != len(self._params):
             got = len(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state_dict: expected state for {len(self._params)} params, got {got}")
+        keys = sorted(state, key=repr)
+        if not all(_is_int(k) for k in keys) or set(keys) != set(range(len(self._params))):
+            raise ValueError(f"state_dict: expected state keyed by the param indices 0..{len(self._params) - 1} "
+                             f"as integers, got keys {keys[:4]!r}{'...' if len(keys) > 4 else ''}")
         loaded = []
         for (_, hyper), indices in zip(new_groups, self._ranges):
             names = self._state_names(hyper, self._formats[indices.start])
@@ -529,8 +541,11 @@ class Optimizer:
             for name, value in arrays.items():
                 be.copy_from_host(self.state[i][name], np.ascontiguousarray(value).view(self._state_bits(i)))
         self._steps = steps
-        self._calls = int(calls)
+        self._calls = calls
+        self._steps_skipped = skipped
         self._set_slots(steps)
+        if self._device_counts:  # the device's count is the truth the next step reads
+            self._device.skipped.copy_to_device(np.array([skipped], np.int64))
         for group, (new, _) in zip(self.param_groups, new_groups):
             group.clear()
             group.update(new)
@@ -557,17 +572,23 @@ class Optimizer:
             params = [params]
         else:
             params = list(params)
-        return {**self.defaults, **group, "params": params}
+        # Each group gets its own copy of every list/array value (the defaults' too): a betas list
+        # edited in place in one group must not move another group, nor the caller's object.
+        values = {k: _copied(v) for k, v in {**self.defaults, **group}.items() if k != "params"}
+        return {**values, "params": params}
 
     def _hyper(self, group: dict[str, Any], index: int) -> Any:
-        # Validation costs microseconds: redo it only when the group's values changed.
+        # Validation costs microseconds: redo it only when the group's values changed. The key is a
+        # snapshot of the values, not the objects: a betas list edited in place must be seen (and
+        # validated) by the next step, as torch.optim reads whatever the group holds.
         try:
-            key = tuple((k, group.get(k)) for k in self.defaults) + (len(group),)
+            key = (tuple(group), tuple(_frozen(group.get(k)) for k in self.defaults))
+        except _Unfrozen:  # a value of a kind we cannot snapshot: validate it every time
+            key = None
+        else:
             cached = self._hyper_cache.get(index)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        except TypeError:  # an unhashable or uncomparable value: validate it anyway
-            key = None
         hyper = self._validated_hyper(group, index)
         if key is not None:
             self._hyper_cache[index] = (key, hyper)
@@ -588,8 +609,11 @@ class Optimizer:
         if not isinstance(saved, dict):
             raise ValueError(f"state_dict: param {i}: expected a dict of state arrays, got {type(saved).__name__}")
         step = saved.get("step")
-        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"state_dict: param {i}: expected an integer step >= 0, got {step!r}")
+        try:
+            step = check_count("step", step)
+        except (TypeError, ValueError):
+            raise ValueError(f"state_dict: param {i}: expected an integer step in [0, 2**63 - 1] (the int64 "
+                             f"the device and checkpoints count in), got {step!r}") from None
         got = set(saved) - {"step"}
         if got != set(names):
             raise ValueError(f"state_dict: param {i}: expected state {sorted(names)}, got {sorted(got)}")
@@ -605,7 +629,7 @@ class Optimizer:
                     f"{dtype}, got {got}"
                 )
             arrays[name] = value
-        return int(step), arrays
+        return step, arrays
 
 
 def _shape_of(x: Any) -> tuple:
@@ -692,3 +716,49 @@ class AdamW(Adam):
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
             backend=backend, **options,
         )
+
+
+class _Unfrozen(Exception):
+    """Internal: a hyperparameter value ``_frozen`` cannot snapshot."""
+
+
+def _frozen(value: Any) -> tuple:
+    """A snapshot of a hyperparameter's value that compares equal only to an equal value of the same
+    type (so ``True`` is not ``1``), and that no later edit of ``value`` can change."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic)):
+        return (type(value), value)
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_frozen(v) for v in value))
+    if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+        return (np.ndarray, value.dtype.str, value.shape, value.tobytes())
+    raise _Unfrozen
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with its lists, tuples, dicts and arrays copied, all the way down (scalars are immutable)."""
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_index_list(saved: Any, indices: range) -> bool:
+    """Whether a saved group's ``params`` are exactly ``indices`` (compared without NumPy's elementwise ==)."""
+    return (isinstance(saved, (list, tuple)) and len(saved) == len(indices)
+            and all(_is_int(p) and p == i for p, i in zip(saved, indices)))
+
+
+def _saved_count(name: str, value: Any) -> int:
+    try:
+        return check_count(name, value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"state_dict: {exc}") from None

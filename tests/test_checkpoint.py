@@ -5,7 +5,15 @@ import errno
 import io
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import tracemalloc
+import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,3 +443,254 @@ def test_missing_file_is_an_os_error(tmp_path):
     opt, _ = trained()
     with pytest.raises(FileNotFoundError):
         checkpoint.load(opt, tmp_path / "nothing")
+
+
+# --- the directory fsync, after the rename ------------------------------------------------------
+
+
+def _spy_directory_fds(monkeypatch):
+    """Record the fds ``os.open`` gives for directories."""
+    fds = []
+    real = os.open
+
+    def spy(path, flags, *args, **kwargs):
+        fd = real(path, flags, *args, **kwargs)
+        if os.path.isdir(path):
+            fds.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    return fds
+
+
+@pytest.mark.skipif(os.name == "nt", reason="directories are not fsynced on Windows")
+def test_directory_fsync_failing_after_the_rename_is_a_save_that_happened(tmp_path, monkeypatch):
+    """The new file is in place: an OSError would claim the old one is intact. A warning says the
+    rename may not be durable, except where the filesystem does not fsync directories at all."""
+    path = tmp_path / "opt.ckpt"
+    opt, params = trained(steps=2)
+    checkpoint.save(opt, path)
+    real_fsync = os.fsync
+    for steps, (code, warns) in enumerate([(errno.EIO, True), (errno.EINVAL, False)], start=3):
+        opt.step(problem(steps)[1][0])
+        with monkeypatch.context() as mp:
+            fds = _spy_directory_fds(mp)
+
+            def fsync(fd, fds=fds, code=code):
+                if fd in fds:
+                    raise OSError(code, os.strerror(code))
+                real_fsync(fd)
+
+            mp.setattr(os, "fsync", fsync)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                checkpoint.save(opt, path)
+            assert fds  # the directory was opened, and its fsync failed
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if warns:
+            assert len(messages) == 1 and "was saved, but fsync of its directory" in messages[0], messages
+        else:
+            assert messages == []
+        assert os.listdir(tmp_path) == ["opt.ckpt"]
+        fresh, _ = trained(seed=9, steps=1)
+        checkpoint.load(fresh, path)
+        assert fresh.steps == [steps] * 4
+
+
+@pytest.mark.skipif(os.name == "nt", reason="directories are not opened on Windows")
+def test_directory_that_cannot_be_opened_fails_the_save_before_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "opt.ckpt"
+    opt, params = trained(steps=2)
+    checkpoint.save(opt, path)
+    old = path.read_bytes()
+    opt.step(problem(1)[1][0])
+    real = os.open
+
+    def refuse_directories(p, flags, *args, **kwargs):
+        if os.path.isdir(p):
+            raise PermissionError(errno.EACCES, "Permission denied", p)
+        return real(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_directories)
+    with pytest.raises(PermissionError):
+        checkpoint.save(opt, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["opt.ckpt"] and path.read_bytes() == old
+
+
+# --- temporary files a killed save left ---------------------------------------------------------
+
+_KILLED_SAVE = """
+import sys, time
+import numpy as np
+import gpuadam
+from gpuadam import checkpoint
+
+opt = gpuadam.Adam([np.ones((256, 1024), np.float32) for _ in range(3)], backend="numba-cpu")
+real, written = checkpoint._write_array, []
+
+def write(f, array):
+    real(f, array)
+    written.append(1)
+    if len(written) == 3:  # some members are in the temporary file: tell the parent, and wait
+        print("mid-save", flush=True)
+        time.sleep(600)
+
+checkpoint._write_array = write
+checkpoint.save(opt, sys.argv[1])
+"""
+
+_TEMP = re.compile(r"opt\.ckpt\.[0-9a-f]{12}\.tmp")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_next_save_removes_the_temporary_file_of_a_killed_save_and_nothing_else(tmp_path):
+    path = tmp_path / "opt.ckpt"
+    opt, params = trained(steps=2)
+    checkpoint.save(opt, path)
+    old = path.read_bytes()
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    watchdog = threading.Timer(300, child.kill)  # a child that never gets mid-save ends the readline
+    watchdog.start()
+    try:
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        watchdog.cancel()
+        child.kill()
+        _, err = child.communicate(timeout=60)
+    assert line == "mid-save\n", err[-3000:]
+    killed = [n for n in os.listdir(tmp_path) if _TEMP.fullmatch(n)]
+    assert len(killed) == 1 and os.path.getsize(tmp_path / killed[0]) > 2**20  # what kill -9 leaves
+    assert path.read_bytes() == old
+
+    (tmp_path / "opt.ckpt.00112233aabb.tmp").write_bytes(b"stale")  # another killed save's
+    keep = ["opt.ckpt.0123456789ab.tmp.bak", "opt.ckpt.0123456789AB.tmp", "opt.ckpt.0123456789a.tmp",
+            "opt.ckpt.0123456789abc.tmp", "other.ckpt.0123456789ab.tmp", "xopt.ckpt.0123456789ab.tmp",
+            "optXckpt.0123456789ab.tmp", "opt.ckpt.tmp"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"not ours")
+    (tmp_path / "opt.ckpt.abcdefabcdef.tmp").mkdir()  # the right name, but not a file we write
+    keep.append("opt.ckpt.abcdefabcdef.tmp")
+    fd, live = checkpoint._create_temp(str(path))  # a save in progress, holding its lock
+    keep.append(os.path.basename(live))
+    try:
+        opt.step(problem(1)[1][0])
+        checkpoint.save(opt, path)
+        assert sorted(os.listdir(tmp_path)) == sorted(["opt.ckpt", *keep])
+    finally:
+        os.close(fd)
+    fresh, _ = trained(seed=9, steps=1)
+    checkpoint.load(fresh, path)
+    assert fresh.steps == [3] * 4
+
+
+# --- files that would make load allocate far more than the params need ----------------------------
+
+
+def _deflated(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in members.items():
+            # the header stored (it pads the file), every array deflated
+            zf.writestr(name, data, compress_type=zipfile.ZIP_STORED if name == "header.npy" else zipfile.ZIP_DEFLATED)
+    return out.getvalue()
+
+
+def _peak_bytes_of_refused_load(opt, path, match):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match):
+            checkpoint.load(opt, path)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_many_deflated_members_are_refused_before_any_is_inflated(tmp_path):
+    """~1.3 MB on disk, 192 MiB inflated: 64 params' state, each member (1 MiB) below the file's size."""
+    source, _ = trained(seed=1)
+    checkpoint.save(source, tmp_path / "good")
+    members = _members((tmp_path / "good").read_bytes())
+    header = json.loads(np.lib.format.read_array(io.BytesIO(members["header.npy"])).tobytes())
+    count, names = 64, header["state"][0]
+    header["param_groups"] = [{**header["param_groups"][0], "params": list(range(count))}]
+    header["state"] = [names] * count
+    text = json.dumps(header) + " " * 2**20  # JSON may end in spaces: a stored header pads the file
+    bomb = {"header.npy": _npy(np.frombuffer(text.encode(), np.uint8)), "steps.npy": _npy(np.zeros(count, np.int64))}
+    zeros = _npy(np.zeros((256, 1024), np.float32))  # 1 MiB inflated, 1 kB deflated
+    bomb.update({f"state/{i}/{name}.npy": zeros for i in range(count) for name in names})
+    path = tmp_path / "bomb"
+    path.write_bytes(_deflated(bomb))
+    assert path.stat().st_size < 2**21
+    opt, params = trained(seed=2, steps=2)
+    before = snapshot(opt, params)
+    peak = _peak_bytes_of_refused_load(opt, path, "does not fit this optimizer: it holds state for 64 params, "
+                                                  "this optimizer has 4")
+    assert peak < 8 * 2**20, peak
+    assert_same(before, snapshot(opt, params))
+
+
+def _npy_then(array, trailing: int) -> bytes:
+    return _npy(array) + bytes(trailing)
+
+
+BOMBS = {
+    # the .npy header tells the param's shape, the zip entry 32 MiB more
+    "zip-size-above-npy": (lambda: _npy_then(np.zeros(1, np.float32), 2**25),
+                           "not a valid.*'state/1/exp_avg': its header says 4 bytes of data, the zip entry declares "
+                           f"{2**25 + 4}"),
+    # both agree on 32 MiB, the param needs 4 bytes
+    "npy-shape-above-param": (lambda: _npy(np.zeros((2048, 4096), np.float32)),
+                              r"does not fit.*param 1: state 'exp_avg' has shape \(2048, 4096\), the param's "
+                              r"shape is \(1,\)"),
+}
+
+
+@pytest.mark.parametrize("case", BOMBS)
+def test_member_declaring_more_than_its_param_needs_is_refused_before_it_is_inflated(tmp_path, case):
+    make, match = BOMBS[case]
+    source, _ = trained(seed=1)
+    checkpoint.save(source, tmp_path / "good")
+    members = _members((tmp_path / "good").read_bytes())
+    members["state/1/exp_avg.npy"] = make()
+    path = tmp_path / "bomb"
+    path.write_bytes(_deflated(members))
+    opt, params = trained(seed=2, steps=2)
+    before = snapshot(opt, params)
+    assert _peak_bytes_of_refused_load(opt, path, match) < 4 * 2**20
+    assert_same(before, snapshot(opt, params))
+
+
+# --- steps_skipped ------------------------------------------------------------------------------
+
+
+def test_steps_skipped_survives_state_dict_and_checkpoints(tmp_path):
+    params0, grads = problem(5, steps=2)
+    poisoned = [g.copy() for g in grads[1]]
+    poisoned[2].flat[0] = np.nan
+
+    def build():
+        return gpuadam.Adam(groups([p.copy() for p in params0]), skip_nonfinite=True, **KW)
+
+    opt = build()
+    opt.step(grads[0])
+    opt.step(poisoned)
+    opt.step(poisoned)
+    assert opt.steps_skipped == 2 and opt.state_dict()["steps_skipped"] == 2
+    by_dict = build()
+    by_dict.load_state_dict(opt.state_dict())
+    checkpoint.save(opt, tmp_path / "c")
+    by_file = build()
+    by_file.load(tmp_path / "c")
+    for resumed in (by_dict, by_file):
+        assert resumed.steps_skipped == 2 and resumed.steps == [1] * 4
+        resumed.step(poisoned)
+        assert resumed.steps_skipped == 3
+    older = opt.state_dict()
+    del older["steps_skipped"]  # a state_dict from before it was saved: nothing was counted
+    by_dict.load_state_dict(older)
+    assert by_dict.steps_skipped == 0

@@ -60,3 +60,29 @@ def test_misfit_on_device_is_refused_and_changes_nothing(tmp_path):
     for i, s in before["state"].items():
         for k, v in s.items():
             np.testing.assert_array_equal(after["state"][i][k], v)
+
+
+def test_steps_skipped_on_device_survives_save_and_load(tmp_path):
+    """On a GPU the count lives in a device array, which the next skipped step increments: a load
+    writes the saved count there."""
+    params0, grads = problem(14, shapes=SHAPES, steps=2)
+    poisoned = [g.copy() for g in grads[1]]
+    poisoned[0].flat[0] = np.nan
+
+    def build():
+        return gpuadam.Adam([cuda.to_device(p) for p in params0], skip_nonfinite=True, backend="numba-cuda")
+
+    opt = build()
+    opt.step([cuda.to_device(x) for x in grads[0]])
+    for _ in range(2):
+        opt.step([cuda.to_device(x) for x in poisoned])
+    assert opt.steps_skipped == 2 and opt.state_dict()["steps_skipped"] == 2
+    checkpoint.save(opt, tmp_path / "c")
+    by_file = build()
+    by_file.load(tmp_path / "c")
+    by_dict = build()
+    by_dict.load_state_dict(opt.state_dict())
+    for resumed in (by_file, by_dict):
+        assert resumed.steps_skipped == 2 and resumed.steps == [1] * 3
+        resumed.step([cuda.to_device(x) for x in poisoned])
+        assert resumed.steps_skipped == 3 and resumed.steps == [1] * 3
