@@ -1,7 +1,7 @@
 """gpuadam: fused, in-place Adam-family optimizer steps on GPU (Numba CUDA, CuPy) and CPU (Numba)."""
 
 from gpuadam.backends import BackendStatus, BackendUnavailable, available_backends
-from gpuadam.family import SGD, Adagrad, Adamax, NAdam, RAdam, RMSprop
+from gpuadam.family import SGD, Adagrad, Adamax, Lion, NAdam, RAdam, RMSprop
 from gpuadam.flat import FlatBuffer
 from gpuadam.functional import adam_step
 from gpuadam.optim import Adam, AdamW, Optimizer
@@ -11,6 +11,7 @@ __all__ = [
     "AdamW",
     "Adagrad",
     "Adamax",
+    "Lion",
     "NAdam",
     "RAdam",
     "RMSprop",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpuadam.hyper import AdagradHyper, AdamaxHyper, NAdamHyper, RAdamHyper, RMSpropHyper, SGDHyper
+from gpuadam.hyper import AdagradHyper, AdamaxHyper, LionHyper, NAdamHyper, RAdamHyper, RMSpropHyper, SGDHyper
 from gpuadam.optim import Optimizer
 
 
@@ -227,3 +227,29 @@ class RAdam(Optimizer):
 
     def rule(self, hyper: RAdamHyper) -> str:
         return "radam"
+
+
+class Lion(Optimizer):
+    """Fused Lion (Chen et al., 2023): ``u = beta1 m + (1 - beta1) g``, ``p = p (1 - lr wd) - lr
+    sign(u)``, ``m = beta2 m + (1 - beta2) g``. One state array (``exp_avg``), no bias correction;
+    its steps are all of size lr, so it wants an lr 3-10x below AdamW's and a larger weight decay."""
+
+    hyper_class = LionHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        LionHyper.from_kwargs(**defaults)
+        super().__init__(params, defaults, backend, **options)
+
+    def rule(self, hyper: LionHyper) -> str:
+        return "lion"

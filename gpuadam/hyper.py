@@ -11,6 +11,7 @@ import numpy as np
 from gpuadam.kernels.rules.adagrad import adagrad_constants
 from gpuadam.kernels.rules.adam import adam_constants
 from gpuadam.kernels.rules.adamax import adamax_constants
+from gpuadam.kernels.rules.lion import lion_constants
 from gpuadam.kernels.rules.nadam import nadam_constants
 from gpuadam.kernels.rules.radam import radam_constants
 from gpuadam.kernels.rules.rmsprop import rmsprop_constants
@@ -97,53 +98,9 @@ class Hyper:
         return tuple(np.array(type(self).constants_fn(float(step), self.scalars(), float(grad_mul)), dtype))
 
 
-@dataclass(frozen=True)
-class AdamHyper(Hyper):
-    """Validated Adam/AdamW hyperparameters (PyTorch's names and meanings)."""
-
-    constants_fn = staticmethod(adam_constants)
-
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    amsgrad: bool = False
-    maximize: bool = False
-    eps_root: float = 0.0
-    bias_correction: bool = True
-    decoupled_weight_decay: bool = False
-
-    @classmethod
-    def from_kwargs(cls, *, betas: Any = (0.9, 0.999), **kw: Any) -> AdamHyper:
-        """Validate user-facing arguments (``betas`` as a pair) into a record."""
-        try:
-            beta1, beta2 = betas
-        except (TypeError, ValueError):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-        return cls(beta1=beta1, beta2=beta2, **kw)
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay", "eps_root"):
-            object.__setattr__(self, name, check_nonnegative(name, getattr(self, name)))
-        for name in ("beta1", "beta2"):
-            object.__setattr__(self, name, check_beta(name, getattr(self, name)))
-        for name in ("amsgrad", "maximize", "bias_correction", "decoupled_weight_decay"):
-            object.__setattr__(self, name, check_flag(name, getattr(self, name)))
-
-    @property
-    def betas(self) -> tuple[float, float]:
-        return (self.beta1, self.beta2)
-
-    def scalars(self) -> tuple[float, ...]:
-        """The hyperparameters as the float64 tuple ``kernels.rules.adam_constants`` reads."""
-        return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.eps_root,
-                float(self.maximize), float(self.bias_correction), float(self.decoupled_weight_decay))
-
-
 # ---------------------------------------------------------------------------------------------
-# The rest of the family: torch.optim's names, defaults and argument checks. Like PyTorch, every
-# rate and decay must be >= 0 and betas in [0, 1); unlike it, NaN and inf are refused too.
+# One record per optimizer, with torch.optim's names, defaults and argument checks. Like PyTorch,
+# every rate and decay must be >= 0 and betas in [0, 1); unlike it, NaN and inf are refused too.
 
 
 def check_finite(name: str, value: Any) -> float:
@@ -193,6 +150,32 @@ class _WithBetas(_Checked):
     @property
     def betas(self) -> tuple[float, float]:
         return (self.beta1, self.beta2)
+
+
+@dataclass(frozen=True)
+class AdamHyper(_WithBetas):
+    """Validated Adam/AdamW hyperparameters (PyTorch's names and meanings)."""
+
+    constants_fn = staticmethod(adam_constants)
+    _checks = {"lr": check_nonnegative, "beta1": check_beta, "beta2": check_beta, "eps": check_nonnegative,
+               "weight_decay": check_nonnegative, "amsgrad": check_flag, "maximize": check_flag,
+               "eps_root": check_nonnegative, "bias_correction": check_flag, "decoupled_weight_decay": check_flag}
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    maximize: bool = False
+    eps_root: float = 0.0
+    bias_correction: bool = True
+    decoupled_weight_decay: bool = False
+
+    def scalars(self) -> tuple[float, ...]:
+        """The hyperparameters as the float64 tuple ``kernels.rules.adam.adam_constants`` reads."""
+        return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.eps_root,
+                float(self.maximize), float(self.bias_correction), float(self.decoupled_weight_decay))
 
 
 @dataclass(frozen=True)
@@ -336,3 +319,23 @@ class RAdamHyper(_WithBetas):
         """The float64 tuple ``kernels.rules.radam_constants`` reads."""
         return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, float(self.maximize),
                 float(self.decoupled_weight_decay))
+
+
+@dataclass(frozen=True)
+class LionHyper(_WithBetas):
+    """Lion's hyperparameters (Chen et al., 2023): lr, the interpolation and momentum betas, decoupled
+    weight decay."""
+
+    constants_fn = staticmethod(lion_constants)
+    _checks = {"lr": check_nonnegative, "beta1": check_beta, "beta2": check_beta,
+               "weight_decay": check_nonnegative, "maximize": check_flag}
+
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    maximize: bool = False
+
+    def scalars(self) -> tuple[float, ...]:
+        """The float64 tuple ``kernels.rules.lion.lion_constants`` reads."""
+        return (self.lr, self.beta1, self.beta2, self.weight_decay, float(self.maximize))

@@ -50,8 +50,8 @@ class Launch(NamedTuple):
 
 
 class Optimizer:
-    """Base class: subclasses set ``hyper_class`` and implement ``state_names`` and ``rule`` (and
-    ``state_init`` when some state does not start at zero).
+    """Base class: subclasses set ``hyper_class`` and implement ``rule`` (and ``state_init`` when
+    some state does not start at zero); the state arrays are the rule's.
 
     Options every optimizer takes: ``skip_nonfinite=True`` makes a step whose gradients hold an inf
     or NaN change nothing (not even the step count) and counts it in ``steps_skipped``;
@@ -168,7 +168,8 @@ class Optimizer:
 
     # --- what a subclass defines -------------------------------------------------------------
     def state_names(self, hyper: Any) -> tuple[str, ...]:
-        raise NotImplementedError
+        """PyTorch's names of the state arrays ``hyper`` needs, in the kernel's order (its rule's)."""
+        return RULES[self.rule(hyper)].state_names
 
     def rule(self, hyper: Any) -> str:
         raise NotImplementedError

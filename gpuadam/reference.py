@@ -1,56 +1,30 @@
 """float64 NumPy reference of every update rule: the tests' oracle, never a fast path.
 
-Written from PyTorch's documented pseudo-code (``torch.optim.Adam``/``AdamW``), not from
-``kernels.rules``, so that the two are independent witnesses of the same algorithm.
+Written from the documented pseudo-code (``torch.optim``'s; Lion's paper), not from
+``kernels.rules``, so that the two are independent witnesses of the same algorithm. ``REFERENCES``
+gives each optimizer's by class name; every one has the same signature.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from gpuadam.hyper import AdagradHyper, AdamaxHyper, AdamHyper, NAdamHyper, RAdamHyper, RMSpropHyper, SGDHyper
+from gpuadam.hyper import (
+    AdagradHyper,
+    AdamaxHyper,
+    AdamHyper,
+    LionHyper,
+    NAdamHyper,
+    RAdamHyper,
+    RMSpropHyper,
+    SGDHyper,
+)
 
-
-def adam_reference(
-    p: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    vmax: np.ndarray | None,
-    hyper: AdamHyper,
-    step: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """One Adam step in float64; returns new ``(p, m, v, vmax)`` (``vmax`` None without AMSGrad)."""
-    p, g, m, v = (np.asarray(x, dtype=np.float64) for x in (p, g, m, v))
-    b1, b2, lr, wd = hyper.beta1, hyper.beta2, hyper.lr, hyper.weight_decay
-    if hyper.maximize:
-        g = -g
-    if wd != 0.0:
-        if hyper.decoupled_weight_decay:
-            p = p * (1.0 - lr * wd)
-        else:
-            g = g + wd * p
-    m = b1 * m + (1.0 - b1) * g
-    v = b2 * v + (1.0 - b2) * g * g
-    if vmax is not None:
-        vmax = np.maximum(np.asarray(vmax, dtype=np.float64), v)
-    v_used = vmax if vmax is not None else v
-    if hyper.bias_correction:
-        bc1 = 1.0 - b1**step
-        bc2 = 1.0 - b2**step
-    else:
-        bc1 = bc2 = 1.0
-    denom = np.sqrt(v_used / bc2 + hyper.eps_root) + hyper.eps
-    p = p - (lr / bc1) * m / denom
-    return p, m, v, vmax
-
-
-# ---------------------------------------------------------------------------------------------
-# The rest of the family, from the pseudo-code of torch.optim's SGD, RMSprop, Adagrad, Adamax,
-# NAdam and RAdam. Each takes one parameter, its gradient, its state as a dict of PyTorch's state
-# names (empty before the first step: each function starts its state as PyTorch does), the
-# hyperparameters and the step number t (1-based), and returns the new parameter and state.
-# ``maximize`` negates the gradient before weight decay is added, as PyTorch's code does.
+# Every reference takes one parameter, its gradient, its state as a dict of PyTorch's state names
+# (empty before the first step: each function starts its state as PyTorch does), the
+# hyperparameters and the step number t (1-based), and returns the new parameter and state, in
+# float64, from the pseudo-code of torch.optim's documentation (Lion: its paper's). ``maximize``
+# negates the gradient before weight decay is added, as PyTorch's code does.
 
 
 def _f64(x: np.ndarray) -> np.ndarray:
@@ -66,6 +40,26 @@ def _gradient(p: np.ndarray, g: np.ndarray, hyper, decoupled: bool = False) -> t
         else:
             g = g + hyper.weight_decay * p
     return p, g
+
+
+def adam_reference(
+    p: np.ndarray, g: np.ndarray, state: dict, hyper: AdamHyper, step: int
+) -> tuple[np.ndarray, dict]:
+    """One Adam/AdamW step (AMSGrad's ``max_exp_avg_sq`` with ``amsgrad``); ``eps_root`` inside the
+    root and ``bias_correction=False`` as gpuadam's ``Adam`` documents them."""
+    p = _f64(p)
+    p, g = _gradient(p, g, hyper, hyper.decoupled_weight_decay)
+    state = dict(state)
+    zeros = np.zeros_like(p)
+    b1, b2 = hyper.beta1, hyper.beta2
+    m = b1 * state.get("exp_avg", zeros) + (1.0 - b1) * g
+    v = b2 * state.get("exp_avg_sq", zeros) + (1.0 - b2) * g * g
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    if hyper.amsgrad:
+        v = state["max_exp_avg_sq"] = np.maximum(_f64(state.get("max_exp_avg_sq", zeros)), v)
+    bc1, bc2 = (1.0 - b1**step, 1.0 - b2**step) if hyper.bias_correction else (1.0, 1.0)
+    denom = np.sqrt(v / bc2 + hyper.eps_root) + hyper.eps
+    return p - (hyper.lr / bc1) * m / denom, state
 
 
 def sgd_reference(p: np.ndarray, g: np.ndarray, state: dict, hyper: SGDHyper, step: int) -> tuple[np.ndarray, dict]:
@@ -186,12 +180,30 @@ def radam_reference(
     return p - hyper.lr * m_hat, state
 
 
-#: The reference of each of the family's optimizers, by class name.
-FAMILY_REFERENCES = {
+def lion_reference(
+    p: np.ndarray, g: np.ndarray, state: dict, hyper: LionHyper, step: int
+) -> tuple[np.ndarray, dict]:
+    """One Lion step, the paper's pseudo-code: ``c = b1 m + (1 - b1) g``, ``p -= lr (sign(c) + wd p)``,
+    ``m = b2 m + (1 - b2) g``."""
+    p = _f64(p)
+    g = -_f64(g) if hyper.maximize else _f64(g)
+    state = dict(state)
+    m = state.get("exp_avg", np.zeros_like(p))
+    c = hyper.beta1 * m + (1.0 - hyper.beta1) * g
+    p = p - hyper.lr * (np.sign(c) + hyper.weight_decay * p)
+    state["exp_avg"] = hyper.beta2 * m + (1.0 - hyper.beta2) * g
+    return p, state
+
+
+#: The reference of every optimizer, by class name.
+REFERENCES = {
+    "Adam": adam_reference,
+    "AdamW": adam_reference,
     "SGD": sgd_reference,
     "RMSprop": rmsprop_reference,
     "Adagrad": adagrad_reference,
     "Adamax": adamax_reference,
     "NAdam": nadam_reference,
     "RAdam": radam_reference,
+    "Lion": lion_reference,
 }

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 import gpuadam
-from gpuadam.reference import FAMILY_REFERENCES
+from gpuadam.reference import REFERENCES
 
-NAMES = ("SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
+NAMES = ("SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Lion")
 
 # lr is set where the default moves too little for a wrong term to show in a 20-step trajectory.
 CASES = [
@@ -49,6 +49,10 @@ CASES = [
     ("RAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
     ("RAdam", {"betas": (0.9, 0.9), "lr": 1e-2}),
     ("RAdam", {"betas": (0.5, 0.0)}),  # rho_inf = 1: never rectified
+    ("Lion", {"lr": 1e-3}),
+    ("Lion", {"lr": 1e-3, "weight_decay": 0.5}),
+    ("Lion", {"lr": 1e-3, "betas": (0.5, 0.9), "maximize": True}),
+    ("Lion", {"lr": 1e-3, "betas": (0.0, 0.0), "weight_decay": 0.1}),
 ]
 
 
@@ -66,7 +70,7 @@ def describe(name: str, kw: dict):
 
 def reference_run(name: str, hyper, params0, grads_seq, first_step: int = 1, states0=None):
     """float64 ``(p, state)`` of every tensor after ``grads_seq`` from ``params0`` (and ``states0``)."""
-    ref = FAMILY_REFERENCES[name]
+    ref = REFERENCES[name]
     out = []
     for i, p0 in enumerate(params0):
         p = p0.astype(np.float64)

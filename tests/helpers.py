@@ -28,16 +28,14 @@ def problem(seed: int, shapes=SHAPES, dtype=np.float32, steps: int = 20):
 
 
 def reference_trajectory(params0, grads_seq, hyper: AdamHyper):
-    """float64 params (and state) after applying every step of ``grads_seq`` from ``params0``."""
+    """float64 ``(p, exp_avg, exp_avg_sq, max_exp_avg_sq or None)`` of each tensor after every step
+    of ``grads_seq`` from ``params0``."""
     out = []
     for i, p in enumerate(params0):
-        p = p.astype(np.float64)
-        m = np.zeros_like(p)
-        v = np.zeros_like(p)
-        vmax = np.zeros_like(p) if hyper.amsgrad else None
+        state = {}
         for t, grads in enumerate(grads_seq, start=1):
-            p, m, v, vmax = adam_reference(p, grads[i], m, v, vmax, hyper, t)
-        out.append((p, m, v, vmax))
+            p, state = adam_reference(p, grads[i], state, hyper, t)
+        out.append((p, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")))
     return out
 
 

@@ -13,7 +13,7 @@ import gpuadam
 from gpuadam import hyper as H
 from gpuadam.kernels import numba_cpu, rules
 from gpuadam.kernels.rules import N_CONSTANTS, SKIP, nadam
-from gpuadam.reference import FAMILY_REFERENCES
+from gpuadam.reference import REFERENCES
 
 STEPS = 30
 
@@ -462,5 +462,5 @@ def test_maximize_is_keyword_only_as_in_pytorch():
 @pytest.mark.parametrize("name", NAMES)
 def test_every_optimizer_is_public_with_its_reference(name):
     assert name in gpuadam.__all__
-    assert name in FAMILY_REFERENCES
+    assert name in REFERENCES
     assert issubclass(getattr(gpuadam, name), gpuadam.Optimizer)

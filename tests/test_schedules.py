@@ -158,14 +158,13 @@ def test_changed_hyperparameters_apply_from_the_next_step():
     got = _changed_run(params0, grads)
     group_of = [0, 0, 1, 1]
     for i, (p, p0) in enumerate(zip(got, params0)):
-        rp, m, v = (np.asarray(p0, np.float64), np.zeros(p0.shape), np.zeros(p0.shape))
-        unchanged = rp
+        rp, state = p0, {}
         for t, g in enumerate(grads, start=1):
-            rp, m, v, _ = adam_reference(rp, g[i], m, v, None, _hypers(t)[group_of[i]], t)
+            rp, state = adam_reference(rp, g[i], state, _hypers(t)[group_of[i]], t)
         assert trajectory_error(p, rp, p0, steps) < 1.0
-        m = v = np.zeros(p0.shape)
+        unchanged, state = p0, {}
         for t, g in enumerate(grads, start=1):  # the same run with no change: far from ours
-            unchanged, m, v, _ = adam_reference(unchanged, g[i], m, v, None, _hypers(1)[group_of[i]], t)
+            unchanged, state = adam_reference(unchanged, g[i], state, _hypers(1)[group_of[i]], t)
         assert trajectory_error(p, unchanged, p0, steps) > 100.0
 
 

@@ -88,13 +88,14 @@ class Implementation:
                       t: int) -> dict[str, np.ndarray]:
         """Step ``t`` of the float64 reference from ``before`` (this implementation's own values after
         the step before) with gradient ``g``, unrounded; with master weights ``p`` is the new master."""
-        vmax = before.get("vmax")
         p = before["w" if problem.master else "p"]
-        p, m, v, vmax = adam_reference(p, g.astype(np.float64), before["m"], before["v"], vmax,
-                                       problem.spec.hyper, t)
-        out = {"p": p, "m": m, "v": v}
+        state = {"exp_avg": before["m"], "exp_avg_sq": before["v"]}
+        if "vmax" in before:
+            state["max_exp_avg_sq"] = before["vmax"]
+        p, state = adam_reference(p, g, state, problem.spec.hyper, t)
+        out = {"p": p, "m": state["exp_avg"], "v": state["exp_avg_sq"]}
         if "vmax" in problem.spec.state:
-            out["vmax"] = vmax
+            out["vmax"] = state["max_exp_avg_sq"]
         if problem.master:
             out["w"] = p
         return out

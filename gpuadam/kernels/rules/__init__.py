@@ -14,7 +14,7 @@ and ``Rule``) named in ``_MODULES``; the loops of every backend, the CuPy kernel
 ``gpuadam inspect``'s traffic bar and the tests' tables follow from ``RULES``.
 """
 
-from gpuadam.kernels.rules import adagrad, adam, adamax, common, nadam, radam, rmsprop, sgd
+from gpuadam.kernels.rules import adagrad, adam, adamax, common, lion, nadam, radam, rmsprop, sgd
 from gpuadam.kernels.rules.common import (
     N_CONSTANTS,
     SKIP,
@@ -25,7 +25,7 @@ from gpuadam.kernels.rules.common import (
     slot_names,
 )
 
-_MODULES = (adam, sgd, rmsprop, adagrad, adamax, nadam, radam)
+_MODULES = (adam, sgd, rmsprop, adagrad, adamax, nadam, radam, lion)
 
 #: Every rule by kernel name.
 RULES: dict[str, Rule] = {rule.name: rule for module in _MODULES for rule in module.RULES}
