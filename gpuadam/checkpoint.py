@@ -34,7 +34,7 @@ import secrets
 import stat
 import warnings
 import zipfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -46,8 +46,10 @@ try:
 except ImportError:  # Windows: a file another process has open cannot be deleted anyway
     fcntl = None
 
-if TYPE_CHECKING:
-    from gpuadam.optim import Optimizer
+#: What this module calls of an optimizer (``gpuadam.optim.Optimizer``, which imports this module:
+#: this one names no class above it): ``state_dict``, ``load_state_dict``, ``param_groups``,
+#: ``state`` and ``state_dtype``.
+Optimizer = Any
 
 FORMAT = "gpuadam-checkpoint"
 VERSION = 1

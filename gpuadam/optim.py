@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gpuadam import backends, flat
+from gpuadam import backends, checkpoint, flat
 from gpuadam.arrays import (
     DEVICE,
     ArrayInfo,
@@ -28,10 +28,9 @@ from gpuadam.arrays import (
 from gpuadam.flat import FlatBuffer
 from gpuadam.hyper import AdamHyper, check_count, check_flag, check_positive
 from gpuadam.kernels.lowp import BFLOAT16
-from gpuadam.kernels.numba_cpu import half_to_float32
 from gpuadam.kernels.rules import RULES, grad_factor
 from gpuadam.on_device import DeviceSteps
-from gpuadam.precision import check_half_format
+from gpuadam.precision import check_half_format, widen_half
 
 
 class Launch(NamedTuple):
@@ -226,9 +225,7 @@ class Optimizer:
             return {n: self._kernel_view(be.zeros_like(p), fmt) for n in names}
         state = {n: be.zeros_like(p, np.float32) for n in names}
         bits = np.ascontiguousarray(be.to_host(p)).reshape(-1).view(np.uint16)
-        master = np.empty(bits.size, np.float32)
-        half_to_float32(bits, fmt, master)
-        be.copy_from_host(state["master"], master)
+        be.copy_from_host(state["master"], widen_half(bits, fmt))
         return state
 
     def state_dtype(self, i: int) -> np.dtype:
@@ -553,14 +550,10 @@ class Optimizer:
 
     def save(self, path: Any) -> None:
         """Write the optimizer's state to exactly ``path``, atomically (see ``gpuadam.checkpoint``)."""
-        from gpuadam import checkpoint
-
         checkpoint.save(self, path)
 
     def load(self, path: Any) -> None:
         """Restore a ``save()``d state; a bad or misfitting file is refused and nothing changes."""
-        from gpuadam import checkpoint
-
         checkpoint.load(self, path)
 
     # --- machinery ---------------------------------------------------------------------------

@@ -43,3 +43,16 @@ def half_format(dtype: np.dtype, declared: int | None) -> int | None:
         return declared
     extra = " (uint16/int16 storage needs half_format='bfloat16' or 'float16')" if dtype in _BITS else ""
     raise TypeError(f"expected dtype float32, float64, float16 or bfloat16, got {dtype}{extra}")
+
+
+def widen_half(bits: np.ndarray, fmt: int) -> np.ndarray:
+    """float32 values of host half-precision ``bits`` (uint16) in format ``fmt``, exactly as the
+    kernels widen them (``lowp.load_half``: a float16 NaN keeps its payload and is made quiet): the
+    master copy of half params, made once, on the host, whatever the backend."""
+    bits = np.asarray(bits, np.uint16)
+    if fmt == BFLOAT16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = bits.view(np.float16).astype(np.float32)  # exact, subnormals included
+    nan = np.isnan(out)
+    out.view(np.uint32)[nan] |= np.uint32(0x400000)
+    return out

@@ -10,6 +10,7 @@ import pytest
 from helpers import narrow_half, widen_half
 from numba import njit
 
+from gpuadam import precision
 from gpuadam.kernels import lowp
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -41,6 +42,8 @@ def test_widening_is_exact_for_all_65536_patterns():
             want = np.where(np.isnan(h.view(dtype)), want | 0x400000, want)
         np.testing.assert_array_equal(compiled.view(np.uint32), spec.view(np.uint32))
         np.testing.assert_array_equal(compiled.view(np.uint32), want)
+        # the master copy's widening, in NumPy on the host
+        np.testing.assert_array_equal(precision.widen_half(h, fmt).view(np.uint32), spec.view(np.uint32))
 
 
 @pytest.mark.parametrize("fmt, dtype", [(lowp.FLOAT16, np.float16), (lowp.BFLOAT16, ml_dtypes.bfloat16)],

@@ -25,7 +25,6 @@ from gpuadam.kernels.lowp import (
     BFLOAT16,
     FLOAT16,
     load,
-    load_half,
     store,  # noqa: F401 (the generated loops call it)
     store_rounded,  # noqa: F401 (the generated loops call it)
 )
@@ -225,16 +224,3 @@ def sumsq(g, fmt=None, inv_scale=1.0, valid=None):
     inv = np.float64(inv_scale) if g.dtype == np.float64 else np.float32(inv_scale)
     masked = valid is not None
     return run_parallel(_sumsq[masked], g, -1 if fmt is None else fmt, inv, valid if masked else _NO_MASK)
-
-
-def _half_to_float32(h, fmt, out):
-    for i in prange(h.size):
-        out[i] = load_half(h[i], fmt)
-
-
-_half_to_float32 = njit(parallel=True, cache=True, nogil=True)(_named(_half_to_float32, "_half_to_float32"))
-
-
-def half_to_float32(h, fmt, out):
-    """Widen half-precision bits to float32 (a master copy of half params)."""
-    run_parallel(_half_to_float32, h, fmt, out)
