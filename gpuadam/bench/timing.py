@@ -180,12 +180,12 @@ def run_entries(entries: list[Entry], config: Config, progress: Progress) -> Non
     l2 = _gpu_l2_bytes() if any(e.impl.device == GPU for e in entries) else L2_DEFAULT_BYTES
     live = []
     for e in entries:
-        progress.note(f"{e.impl.name} {e.problem.label}")
         reason = e.impl.unavailable(e.problem)
         if reason is not None:
             e.status, e.reason = "unavailable", reason
             progress.advance(1 + config.repeat)
             continue
+        progress.note(f"checking {e.impl.name} {e.problem.label}")
         try:
             e.sets = _buffer_sets(e, config, l2)
             with warnings.catch_warnings():
@@ -214,6 +214,7 @@ def run_entries(entries: list[Entry], config: Config, progress: Progress) -> Non
     for r in range(config.repeat):
         shift = r % max(1, len(live))  # rotate the order so no implementation always runs first
         for e in live[shift:] + live[:shift]:
+            progress.note(f"timing {e.impl.name} {e.problem.label} ({r + 1}/{config.repeat})")
             e.samples.append(_sample(e, e.steps_per_sample))
             progress.advance(1)
     for e in live:
