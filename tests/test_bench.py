@@ -75,6 +75,57 @@ def test_many_tensor_rows(quick_doc):
     assert {r["tensors"] for r in many} == {1, quick_doc["config"]["many_tensors"]}
 
 
+def test_table_reads_cleanly(quick_doc):
+    """Whole layout names in the many-tensor table, no dangling separator without peers, no "0 s"."""
+    table = bench.format_table(quick_doc)
+    lines = table.splitlines()
+    for layout in ("separate arrays", "flat buffer", "one tensor"):
+        assert any(line.lstrip().startswith(f"{layout}  gpuadam") for line in lines), table
+    ratios = [line for line in lines if "of ceiling" in line]
+    assert ratios and all(not line.rstrip().endswith(";") and "ceiling; " not in line for line in ratios), table
+    assert "(0 s;" not in table
+    assert bench.format_table({**quick_doc, "seconds": 0.4}).splitlines()[-1].startswith("(0.4 s;")
+
+
+def test_missing_peers_say_how_to_get_them(monkeypatch):
+    import sys
+
+    from gpuadam.bench import peers
+
+    def no_torch():
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(peers, "import_torch", no_torch)
+    for name in ("jax", "deepspeed"):
+        monkeypatch.setitem(sys.modules, name, None)
+    problem = bench.make_problem(bench.OPTIMIZERS["adam"], np.float32, (10,), 0)
+    for impl in (bench.TorchPeer("fused", "cpu"), bench.OptaxPeer("cpu"), bench.DeepSpeedPeer()):
+        reason = impl.unavailable(problem)
+        assert reason.endswith("not installed: pip install 'gpuadam[bench]'"), reason
+
+
+def test_progress_never_names_a_peer_that_does_not_run(monkeypatch):
+    """The bar names what runs now: an implementation that is not installed is never its label."""
+    from gpuadam.bench import suite
+
+    notes = []
+
+    class Recorder(suite.Progress):
+        def note(self, text):
+            notes.append(text)
+
+    class Missing(bench.Implementation):
+        name = "not-installed-peer"
+
+        def unavailable(self, problem):
+            return "not installed"
+
+    monkeypatch.setattr(suite, "Progress", Recorder)
+    bench.run(quick_config(sizes=(1000,), overhead=False, repeat=2), extra=[Missing()])
+    assert notes and not any("not-installed-peer" in n for n in notes), notes
+    assert notes[-1].startswith("timing ") and notes[-1].endswith("(2/2)"), notes
+
+
 def test_every_timed_implementation_was_verified(quick_doc):
     timed = [r for r in quick_doc["results"] if r["samples_s"]]
     assert timed

@@ -188,6 +188,11 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.3f}" if x < 1 else f"{x * 1e3:.0f}"
 
 
+def _seconds(s: float) -> str:
+    """A duration as a person reads it: no "0 s" for a short run."""
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+
+
 def _storage(doc: dict) -> str:
     config = doc["config"]
     return f"{config['dtype']} + float32 master weights" if config.get("master_weights") else config["dtype"]
@@ -214,11 +219,11 @@ def format_table(doc: dict) -> str:
     head = f"{'size':>10s}  {'implementation':42s} {'median ms':>10s} {'min ms':>9s} {'max ms':>9s} " \
            f"{'GB/s':>7s} {'ceiling':>8s}"
 
-    def line(r: dict, label: str) -> str:
+    def line(r: dict, label: str, width: int = 10) -> str:
         if r["status"] != "ok":
-            return f"{label:>10s}  {r['implementation']:42s} {r['status'].upper()}: {r['reason']}"
+            return f"{label:>{width}s}  {r['implementation']:42s} {r['status'].upper()}: {r['reason']}"
         frac = "-" if r["ceiling_fraction"] is None else f"{100 * r['ceiling_fraction']:.0f}%"
-        return (f"{label:>10s}  {r['implementation']:42s} {_ms(r['median_s']):>10s} {_ms(r['min_s']):>9s} "
+        return (f"{label:>{width}s}  {r['implementation']:42s} {_ms(r['median_s']):>10s} {_ms(r['min_s']):>9s} "
                 f"{_ms(r['max_s']):>9s} {r['bandwidth_gbs']:7.1f} {frac:>8s}")
 
     sweep = [r for r in rows if r["suite"] == "sizes"]
@@ -229,11 +234,13 @@ def format_table(doc: dict) -> str:
             lines.append(line(r, size_label(r["size"])))
     many = [r for r in rows if r["suite"] == "many"]
     if many:
+        width = max(len(r["layout"]) for r in many)
         lines += ["", f"== many tensors: {doc['config']['many_tensors']} tensors of "
                       f"{doc['config']['many_range'][0]}-{doc['config']['many_range'][1]} elements "
-                      f"({many[-1]['size']} in all) vs one tensor of the same size", head]
+                      f"({many[-1]['size']} in all) vs one tensor of the same size",
+                  f"{'layout':>{width}s}" + head[10:]]
         for r in many:
-            lines.append(line(r, r["layout"][:10]))
+            lines.append(line(r, r["layout"], width))
         ones = {(r["optimizer"], r["backend"]): r for r in many
                 if r["layout"] == "one tensor" and r["group"] == "ours" and r["median_s"]}
         for r in many:
@@ -256,11 +263,11 @@ def format_table(doc: dict) -> str:
                       "(> 1: we are faster)"]
         for q in doc["ratios"]:
             frac = "-" if q["ours_over_ceiling"] is None else f"{100 * q['ours_over_ceiling']:.0f}%"
-            peers = ", ".join(f"{k} {v:.2f}x" for k, v in q["peer_time_over_ours"].items())
-            lines.append(f"{q['optimizer']} {size_label(q['size']):>6s} {q['ours']}: {frac} of ceiling; {peers}")
+            peers = "".join(f"; {k} {v:.2f}x" for k, v in q["peer_time_over_ours"].items())
+            lines.append(f"{q['optimizer']} {size_label(q['size']):>6s} {q['ours']}: {frac} of ceiling{peers}")
     notes = {r["implementation"]: r["note"] for r in rows if r["note"] and r["status"] == "ok"}
     lines += [""] + [f"note: {k}: {v}" for k, v in notes.items()]
-    lines.append(f"({doc['seconds']:.0f} s; every timed implementation was first checked against the "
+    lines.append(f"({_seconds(doc['seconds'])}; every timed implementation was first checked against the "
                  "float64 reference)")
     return "\n".join(lines)
 
