@@ -17,6 +17,21 @@ from gpuadam import precision
 HOST = "host"
 DEVICE = "device"
 
+#: Bytes of a cache line (and of an AVX-512 vector): where every host array we allocate starts.
+CACHE_LINE = 64
+
+
+def aligned_zeros(size: int, dtype: Any) -> np.ndarray:
+    """A zeroed 1-D host array of ``size`` elements whose data starts on a 64-byte cache line.
+
+    NumPy's allocator starts large arrays 16 bytes past a line (``malloc``'s header): then every
+    64-byte vector load of a streaming kernel straddles two lines (BENCHMARKS.md has the cost).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(size) * dtype.itemsize
+    raw = np.zeros(nbytes + CACHE_LINE, np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE
+    return raw[start : start + nbytes].view(dtype)
 
 
 def is_simulator_array(x: Any) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuadam.arrays import DEVICE, HOST, ArrayInfo, is_simulator_array
+from gpuadam.arrays import DEVICE, HOST, ArrayInfo, aligned_zeros, is_simulator_array
 
 NAMES = ("numba-cuda", "cupy", "numba-cpu")
 ENV_VAR = "GPUADAM_BACKEND"
@@ -67,7 +67,7 @@ class NumbaCPU:
         return x.reshape(-1)
 
     def zeros_like(self, x: np.ndarray, dtype: Any = None) -> np.ndarray:
-        return np.zeros(x.size, dtype=x.dtype if dtype is None else dtype)
+        return aligned_zeros(x.size, x.dtype if dtype is None else dtype)
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, copy=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuadam.arrays import HOST, describe
+from gpuadam.arrays import HOST, aligned_zeros, describe
 
 ALIGN = 16
 
@@ -55,7 +55,7 @@ class FlatBuffer:
             self.offsets.append(end)
             end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
         self.size = end
-        self.data = np.zeros(end, self.dtype) if device == "cpu" else _device_zeros(end, self.dtype)
+        self.data = aligned_zeros(end, self.dtype) if device == "cpu" else _device_zeros(end, self.dtype)
         self.views = [
             self.data[o : o + int(np.prod(s))].reshape(s) for o, s in zip(self.offsets, self.shapes)
         ]
