@@ -67,7 +67,7 @@ class NumbaCPU:
         return x.reshape(-1)
 
     def zeros_like(self, x: np.ndarray, dtype: Any = None) -> np.ndarray:
-        return aligned_zeros(x.size, x.dtype if dtype is None else dtype)
+        return aligned_zeros(x.size, x.dtype if dtype is None else dtype, like=x)
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, copy=True)

@@ -1,11 +1,11 @@
-"""Every host array the package allocates (optimizer state, FlatBuffer) starts on a 64-byte cache
-line; NumPy's own allocation of a large array starts 16 bytes past one."""
+"""Host arrays the package allocates: a FlatBuffer starts on a 64-byte cache line, and optimizer
+state where its param does within a 4096-byte page (on a line beside an aligned param)."""
 
 import numpy as np
 import pytest
 
 import gpuadam
-from gpuadam.arrays import CACHE_LINE, aligned_zeros
+from gpuadam.arrays import CACHE_LINE, PAGE, aligned_zeros
 
 SIZES = [0, 1, 3, 1000, 1 << 20]  # 1 << 20 float32: 4 MiB, a fresh mmap (malloc's header before it)
 
@@ -26,17 +26,46 @@ def test_aligned_zeros_holds_bfloat16():
     assert a.dtype == ml_dtypes.bfloat16 and a.ctypes.data % CACHE_LINE == 0
 
 
-@pytest.mark.parametrize("name,kw", [("Adam", {"amsgrad": True}), ("SGD", {"momentum": 0.9}),
-                                     ("RMSprop", {"centered": True, "momentum": 0.5})])
-def test_optimizer_state_is_aligned(name, kw):
-    params = [np.ones(n, np.float32) for n in (1 << 20, 1000, 3)]
+def _page_offset(a):
+    return a.ctypes.data % PAGE
+
+
+@pytest.mark.parametrize("size", [1 << 20, 1000, 3])
+def test_like_puts_the_array_at_its_params_offset(size):
+    for shift in (0, 4, 16, 60):  # bytes past a line
+        raw = np.zeros(size * 4 + 2 * PAGE, np.uint8)
+        start = (-raw.ctypes.data % PAGE) + shift
+        param = raw[start : start + size * 4].view(np.float32)
+        a = aligned_zeros(size, np.float32, like=param)
+        period = PAGE if size * 4 >= PAGE else CACHE_LINE
+        assert a.ctypes.data % period == param.ctypes.data % period == shift % period
+
+
+OPTIMIZERS = [("Adam", {"amsgrad": True}), ("SGD", {"momentum": 0.9}), ("RMSprop", {"centered": True, "momentum": 0.5})]
+
+
+@pytest.mark.parametrize("name,kw", OPTIMIZERS)
+def test_state_of_aligned_params_is_aligned(name, kw):
+    params = [aligned_zeros(n, np.float32) for n in (1 << 20, 1000, 3)]
+    assert all(p.ctypes.data % CACHE_LINE == 0 for p in params)
     opt = getattr(gpuadam, name)(params, **kw)
     arrays = [a for state in opt.state for a in state.values()]
     assert arrays and all(a.ctypes.data % CACHE_LINE == 0 for a in arrays)
 
 
-def test_master_weights_and_their_state_are_aligned():
-    opt = gpuadam.Adam([np.ones(1 << 20, np.float16)], master_weights=True)
+@pytest.mark.parametrize("name,kw", OPTIMIZERS)
+def test_state_shares_the_page_offset_of_numpy_allocated_params(name, kw):
+    """NumPy's large params start 16 bytes past a line; their state starts where they do (a state
+    array on a line beside them measured slower, BENCHMARKS.md)."""
+    params = [np.ones(n, np.float32) for n in (1 << 20, 1 << 12)]
+    opt = getattr(gpuadam, name)(params, **kw)
+    for p, state in zip(params, opt.state):
+        assert state and all(_page_offset(a) == _page_offset(p) for a in state.values())
+
+
+def test_master_weights_and_their_state_follow_the_param():
+    param = aligned_zeros(1 << 20, np.float16)
+    opt = gpuadam.Adam([param], master_weights=True)
     state = opt.state[0]
     assert "master" in state
     assert all(a.ctypes.data % CACHE_LINE == 0 for a in state.values())
