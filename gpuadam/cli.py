@@ -148,7 +148,10 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                         "peers (the size sweep then runs only if --sizes is given)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="also time NumPy, PyTorch, optax, DeepSpeed where installed (default on)")
-    p.add_argument("--repeat", type=int, help="timed samples per implementation (default 7; --quick 3)")
+    p.add_argument("--repeat", type=int, help="timed samples per implementation and round (default 5; --quick 3)")
+    p.add_argument("--rounds", type=int,
+                   help="rounds of fresh allocations, each with another implementation allocating first; "
+                        "the spread of their medians is reported (default 3; --quick 1)")
     p.add_argument("--min-time", type=float, help="seconds per timed sample (default 0.02; --quick 0.002)")
     p.add_argument("--max-buffer-sets", type=int, help="GPU: at most this many buffer sets rotated (default 64)")
     p.add_argument("--no-overhead", action="store_true", help="skip the per-step host overhead rows")

@@ -123,7 +123,36 @@ def test_progress_never_names_a_peer_that_does_not_run(monkeypatch):
     monkeypatch.setattr(suite, "Progress", Recorder)
     bench.run(quick_config(sizes=(1000,), overhead=False, repeat=2), extra=[Missing()])
     assert notes and not any("not-installed-peer" in n for n in notes), notes
-    assert notes[-1].startswith("timing ") and notes[-1].endswith("(2/2)"), notes
+    assert notes[-1].startswith("timing ") and notes[-1].endswith("2/2)"), notes
+
+
+def test_rounds_allocate_in_a_rotated_order_and_report_their_spread():
+    """Each round sets up fresh buffers with another implementation first; every round's median is
+    kept, their spread reported, and the peer ratios given per round too."""
+    doc = bench.run(quick_config(sizes=(1000,), overhead=False, repeat=2, rounds=3),
+                    extra=[bench.NumpyPeer()])
+    timed = [r for r in doc["results"] if r["status"] == "ok"]
+    assert len(timed) >= 4 and doc["config"]["rounds"] == 3
+    for r in timed:
+        assert len(r["round_medians_s"]) == 3 and len(r["samples_s"]) == 6, r
+        assert r["spread"] == pytest.approx(max(r["round_medians_s"]) / min(r["round_medians_s"]) - 1)
+    firsts = sorted(j for r in timed for j in r["allocated_first_in_rounds"])
+    assert firsts == [0, 1, 2]  # one implementation first in each round
+    assert len({r["implementation"] for r in timed if r["allocated_first_in_rounds"]}) == 3  # a different one
+    (ratio,) = doc["ratios"]
+    assert len(ratio["peer_time_over_ours_rounds"]["numpy (in place, blocked)"]) == 3
+    assert "by round)" in bench.format_table(doc)
+
+
+def test_cpu_params_are_allocated_as_a_users_are():
+    """Our params and grads in the bench come from NumPy, as in a training loop, not from our
+    cache-line-aligned allocator (which only the optimizer's own state uses)."""
+    from gpuadam.bench.cases import BackendCase
+
+    problem = bench.make_problem(bench.OPTIMIZERS["adam"], np.float32, (1 << 20,), 0)
+    case = BackendCase("numba-cpu", problem, 1)
+    arrays = case.params[0] + case.grads[0]
+    assert all(type(a) is np.ndarray and a.base is None for a in arrays)  # NumPy's own, not a view of ours
 
 
 def test_every_timed_implementation_was_verified(quick_doc):

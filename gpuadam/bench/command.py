@@ -25,7 +25,8 @@ def config_from_args(args: Any) -> Config:
         kw["sizes"] = parse_sizes(args.sizes)
     if args.backends:
         kw["backends"] = split(args.backends)
-    for name, attr in (("repeat", "repeat"), ("min_time", "min_time"), ("max_buffer_sets", "max_sets")):
+    for name, attr in (("repeat", "repeat"), ("rounds", "rounds"), ("min_time", "min_time"),
+                       ("max_buffer_sets", "max_sets")):
         if getattr(args, name) is not None:
             kw[attr] = getattr(args, name)
     config = Config.quick_defaults(**kw) if args.quick else Config(**kw)

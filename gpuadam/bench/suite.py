@@ -54,7 +54,8 @@ class Config:
     dtype: str = "float32"
     master_weights: bool = False  # half params with float32 master weights and state
     peers: bool = True
-    repeat: int = 7
+    repeat: int = 5  # timed samples per implementation and round
+    rounds: int = 3  # fresh allocations, each in a rotated order (see timing.run_entries)
     min_time: float = 0.02  # seconds per sample
     max_steps: int = 10_000  # steps per sample at most
     max_sets: int = 64  # GPU buffer sets at most
@@ -66,7 +67,7 @@ class Config:
 
     @classmethod
     def quick_defaults(cls, **kw: Any) -> Config:
-        base = dict(sizes=QUICK_SIZES, repeat=3, min_time=0.002, max_sets=4, many_count=40,
+        base = dict(sizes=QUICK_SIZES, repeat=3, rounds=1, min_time=0.002, max_sets=4, many_count=40,
                     many_range=(100, 1000), quick=True)
         return cls(**{**base, **kw})
 
@@ -93,6 +94,8 @@ class Config:
                                  f"{', '.join(backends.NAMES)}")
         if self.repeat < 1:
             raise ValueError(f"--repeat: got {self.repeat}; expected an integer >= 1")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds: got {self.rounds}; expected an integer >= 1")
         if not self.min_time > 0:
             raise ValueError(f"--min-time: got {self.min_time}; expected seconds > 0")
         if self.max_sets < 1:
@@ -220,7 +223,7 @@ def run(config: Config, extra: Sequence[Implementation] = ()) -> dict:
     if not use:
         raise RuntimeError("no backend to benchmark: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     batches = build_batches(config, use, extra)
-    progress = Progress(sum(len(b.items) for b in batches) * (1 + config.repeat), config.progress)
+    progress = Progress(sum(len(b.items) for b in batches) * (1 + config.repeat) * config.rounds, config.progress)
     done: list[Entry] = []
     try:
         for batch in batches:  # one batch alive at a time: the 64M-element buffers add up
