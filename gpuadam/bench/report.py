@@ -274,7 +274,7 @@ def format_table(doc: dict) -> str:
         for q in doc["ratios"]:
             frac = "-" if q["ours_over_ceiling"] is None else f"{100 * q['ours_over_ceiling']:.0f}%"
             rounds = q.get("peer_time_over_ours_rounds", {})
-            peers = "".join(f"; {k} {v:.2f}x" + (f" ({min(rounds[k]):.2f}-{max(rounds[k]):.2f} by round)"
+            peers = "".join(f"; {k} {v:.2f}x" + (f" (rounds {'/'.join(f'{x:.2f}' for x in rounds[k])})"
                                                    if k in rounds else "")
                             for k, v in q["peer_time_over_ours"].items())
             lines.append(f"{q['optimizer']} {size_label(q['size']):>6s} {q['ours']}: {frac} of ceiling{peers}")
