@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from gpuadam import __version__, demo
 from gpuadam.backends import ENV_VAR, NAMES, available_backends
@@ -50,7 +51,7 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect_progress() -> object | None:
+def _inspect_progress() -> Callable[[int, int, str], None] | None:
     """A one-line progress report on stderr when it is a terminal (a log gets none)."""
     if not sys.stderr.isatty():
         return None
