@@ -19,6 +19,34 @@ from gpuadam import precision
 HOST = "host"
 DEVICE = "device"
 
+#: Bytes of a cache line (and of an AVX-512 vector): where every host array we allocate starts.
+CACHE_LINE = 64
+#: Addresses that agree modulo this many bytes look alike to a CPU's store-to-load check.
+PAGE = 4096
+
+
+def aligned_zeros(size: int, dtype: Any, like: np.ndarray | None = None) -> np.ndarray:
+    """A zeroed 1-D host array of ``size`` elements that starts on a 64-byte cache line, or, given
+    ``like`` (the param a state array belongs to), at ``like``'s offset within a 4096-byte page.
+
+    NumPy starts a large array 16 bytes past a line (``malloc``'s header), so every 64-byte vector
+    load of a streaming kernel straddles two lines. Yet a state array on a line beside a param 16
+    bytes past one is slower still: a store to the state then shares its low 12 address bits with
+    the load of the param 48 bytes on, and the CPU holds the load back as if it depended on the
+    store (4K aliasing). So the state follows its param: on a line beside an aligned param (a
+    FlatBuffer's, a torch tensor's), where the param is beside a param 16 bytes past one.
+    BENCHMARKS.md has the measurements.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(size) * dtype.itemsize
+    if like is None:
+        period, want = CACHE_LINE, 0
+    else:
+        period = PAGE if nbytes >= PAGE else CACHE_LINE
+        want = like.ctypes.data % period
+    raw = np.zeros(nbytes + period, np.uint8)
+    start = (want - raw.ctypes.data) % period
+    return raw[start : start + nbytes].view(dtype)
 
 def is_simulator_array(x: Any) -> bool:
     """True for a device array of Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""

@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import numpy as np
 
-from gpuadam.arrays import DEVICE, HOST, ArrayInfo, is_simulator_array
+from gpuadam.arrays import DEVICE, HOST, ArrayInfo, aligned_zeros, is_simulator_array
 
 NAMES = ("numba-cuda", "cupy", "numba-cpu")
 ENV_VAR = "GPUADAM_BACKEND"
+#: Why numba-cuda cannot run when its package is missing, and what to do.
+NUMBA_CUDA_MISSING = "not installed: pip install 'gpuadam[cuda]'"
+
+
+def numba_cuda_version() -> str | None:
+    """The installed ``numba-cuda`` package's version, or None.
+
+    Numba itself still ships a deprecated ``numba.cuda`` that imports without numba-cuda but lacks
+    what our kernels call (``get_current_device`` among others), so a successful ``import numba.cuda``
+    proves nothing: only the distribution's metadata says which one is there.
+    """
+    try:
+        return metadata.version("numba-cuda")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 class BackendUnavailable(RuntimeError):
@@ -53,7 +69,7 @@ class NumbaCPU:
         return np.asarray(x).reshape(-1)
 
     def zeros_like(self, x: np.ndarray, dtype: Any = None) -> np.ndarray:
-        return np.zeros(x.size, dtype=x.dtype if dtype is None else dtype)
+        return aligned_zeros(x.size, x.dtype if dtype is None else dtype, like=x)
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, copy=True)
@@ -171,6 +187,8 @@ def _probe(name: str) -> BackendStatus:
 
             return BackendStatus(name, True, f"numba {numba.__version__} on {os.cpu_count()} CPUs")
         if name == "numba-cuda":
+            if numba_cuda_version() is None:
+                return BackendStatus(name, False, NUMBA_CUDA_MISSING)
             from numba import cuda
 
             if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -190,6 +208,8 @@ def _probe(name: str) -> BackendStatus:
                 return BackendStatus(name, False, "no CUDA device found")
             return BackendStatus(name, True, f"cupy {cupy.__version__} on {count} CUDA device(s)")
     except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
+            return BackendStatus(name, False, "not installed: pip install 'gpuadam[cupy]'")
         return BackendStatus(name, False, f"not installed ({_first_line(exc)})")
     except Exception as exc:  # any failure of a GPU stack means: not here, and why
         return BackendStatus(name, False, _first_line(exc))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 import gpuadam
+from gpuadam.outputs import check_output_dir
 
 NOT_AVAILABLE = "not available in this version"
 PNG_NAME = "demo_losses.png"
@@ -206,16 +208,18 @@ def resolve_backend(requested: str) -> tuple[str, Any]:
             requested = "numba-cuda" if status["numba-cuda"].available else "cupy"
         else:
             requested = "numba-cpu"
+    usable = ", ".join(["auto", *(n for n in BACKENDS[1:] if status[n].available)])
     if requested not in status:
-        raise DemoError(f"unknown backend {requested!r}; expected one of {', '.join(BACKENDS)}")
+        raise DemoError(f"got {requested!r}; expected one of {', '.join(BACKENDS)}")
     if not status[requested].available:
-        raise DemoError(f"backend {requested!r} is not available here: {status[requested].reason}")
+        raise DemoError(f"got {requested!r}, which cannot run here ({status[requested].reason}); "
+                        f"expected one of {usable}")
     if requested == "numba-cpu":
         return requested, np
     if not cupy_ok:
         raise DemoError(
-            f"backend {requested!r}: the demo's forward and backward on the GPU use CuPy, which cannot run "
-            f"here ({status['cupy'].reason})"
+            f"got {requested!r}, but the demo's forward and backward pass on the GPU use CuPy, which cannot "
+            f"run here ({status['cupy'].reason}); expected numba-cpu or auto"
         )
     import cupy
 
@@ -381,14 +385,22 @@ def format_table(table: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=".", help=f"folder for {PNG_NAME} and {JSON_NAME} (default: .)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="where the optimizer runs (default: auto: a GPU with CuPy if present, else numba-cpu)")
+                        help="where the optimizer runs (default auto: on a GPU when CuPy runs there, which "
+                             "computes the forward and backward pass, with numba-cuda, else cupy; otherwise "
+                             "numba-cpu)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"optimizer steps per optimizer (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
     parser.add_argument("--quick", action="store_true", help="a short run: a smoke test, not a comparison")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and batches")
 
 
+def _fail(message: str) -> int:
+    print(f"gpuadam demo: {message}", file=sys.stderr)
+    return 2
+
+
 def main(args: argparse.Namespace) -> int:
+    """``gpuadam demo``: every check (extras, --steps, --out, --backend) before the training starts."""
     missing = []
     for module in ("sklearn", "matplotlib", "tqdm"):
         try:
@@ -396,18 +408,19 @@ def main(args: argparse.Namespace) -> int:
         except ImportError:
             missing.append(module)
     if missing:
-        print(f"gpuadam demo needs {', '.join(missing)}: pip install 'gpuadam[demo]'")
-        return 2
+        return _fail(f"needs {', '.join(missing)}, not installed: pip install 'gpuadam[demo]'")
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if steps < 1:
-        print(f"--steps must be >= 1, got {steps}")
-        return 2
-    config = Config(steps=steps, seed=args.seed)
+        return _fail(f"--steps: got {steps}; expected an integer >= 1")
     try:
-        table = run(config, args.backend, args.out)
+        check_output_dir("--out", args.out)
+        resolve_backend(args.backend)
+    except ValueError as exc:
+        return _fail(str(exc))
     except DemoError as exc:
-        print(f"gpuadam demo: {exc}")
-        return 2
+        return _fail(f"--backend: {exc}")
+    config = Config(steps=steps, seed=args.seed)
+    table = run(config, args.backend, args.out)
     print(format_table(table))
     out = Path(args.out)
     print(f"wrote {out / PNG_NAME} and {out / JSON_NAME} ({table['train_seconds']:.1f} s of training)")

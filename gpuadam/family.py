@@ -5,8 +5,9 @@ Each class names its hyperparameter record (``gpuadam.hyper``), its state arrays
 names, in the order the kernel takes them) and the rule that updates them (``kernels.rules``);
 ``Optimizer`` does everything else: groups, validation, flat buffers, step counts, clipping and
 skipping, ``state_dict`` and checkpoints. ``maximize`` is keyword-only, as in PyTorch (where a
-positional argument in its place means something else). ``options`` are every optimizer's:
-``skip_nonfinite``, ``capturable`` (see ``Optimizer``).
+positional argument in its place means something else). The options every optimizer shares
+(``skip_nonfinite``, ``capturable``, ``master_weights``, ``stochastic_rounding``, ``seed``,
+``half_format``) are keyword-only parameters of each class, so ``help()`` and editors show them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ class SGD(Optimizer):
     (with ``dampening=momentum`` PyTorch's later steps are the same recurrence, but from ``g``), and
     without dampening PyTorch's buffer settles ``1 / (1 - momentum)`` times larger: the same
     training needs an ``lr`` that much larger. It takes no dampening and no Nesterov.
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
     """
 
     hyper_class = SGDHyper
@@ -45,12 +54,20 @@ class SGD(Optimizer):
         maximize: bool = False,
         ema_momentum: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, ema_momentum=ema_momentum)
         SGDHyper.from_kwargs(**defaults)  # refuse bad defaults even when every group overrides them
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def state_names(self, hyper: SGDHyper) -> tuple[str, ...]:
         return ("momentum_buffer",) if hyper.momentum != 0.0 else ()
@@ -62,7 +79,16 @@ class SGD(Optimizer):
 class RMSprop(Optimizer):
     """Fused ``torch.optim.RMSprop``: ``v = alpha v + (1 - alpha) g^2``, ``p -= lr g / (sqrt(v) +
     eps)``; ``centered`` subtracts the squared running mean of g from v, ``momentum > 0`` keeps a
-    buffer of the scaled steps. Each of the four variants is its own kernel (their arrays differ)."""
+    buffer of the scaled steps. Each of the four variants is its own kernel (their arrays differ).
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    """
 
     hyper_class = RMSpropHyper
 
@@ -78,12 +104,20 @@ class RMSprop(Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         centered=centered, maximize=maximize)
         RMSpropHyper.from_kwargs(**defaults)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def state_names(self, hyper: RMSpropHyper) -> tuple[str, ...]:
         names = ("square_avg",)
@@ -103,6 +137,14 @@ class Adagrad(Optimizer):
 
     Each param group's own ``initial_accumulator_value`` sets its state (PyTorch uses the
     constructor's value for every group; the two agree unless a group overrides it).
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
     """
 
     hyper_class = AdagradHyper
@@ -118,12 +160,20 @@ class Adagrad(Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
         AdagradHyper.from_kwargs(**defaults)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def state_names(self, hyper: AdagradHyper) -> tuple[str, ...]:
         return ("sum",)
@@ -137,7 +187,16 @@ class Adagrad(Optimizer):
 
 class Adamax(Optimizer):
     """Fused ``torch.optim.Adamax``: Adam with the infinity norm ``u = max(beta2 u, |g| + eps)`` in
-    place of the second moment, ``p -= lr / (1 - beta1^t) * m / u``."""
+    place of the second moment, ``p -= lr / (1 - beta1^t) * m / u``.
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    """
 
     hyper_class = AdamaxHyper
 
@@ -151,11 +210,19 @@ class Adamax(Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         AdamaxHyper.from_kwargs(**defaults)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def state_names(self, hyper: AdamaxHyper) -> tuple[str, ...]:
         return ("exp_avg", "exp_inf")
@@ -168,7 +235,16 @@ class NAdam(Optimizer):
     """Fused ``torch.optim.NAdam``: Adam with Nesterov momentum and PyTorch's momentum schedule
     ``mu_t = beta1 (1 - 0.5 * 0.96**(t momentum_decay))``. The product of the ``mu`` that PyTorch
     keeps as state is a function of the step count, computed with the step's constants (so the
-    state is ``exp_avg`` and ``exp_avg_sq`` only)."""
+    state is ``exp_avg`` and ``exp_avg_sq`` only).
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    """
 
     hyper_class = NAdamHyper
 
@@ -184,12 +260,20 @@ class NAdam(Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         NAdamHyper.from_kwargs(**defaults)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def state_names(self, hyper: NAdamHyper) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
@@ -200,7 +284,16 @@ class NAdam(Optimizer):
 
 class RAdam(Optimizer):
     """Fused ``torch.optim.RAdam``: Adam's moments, the variance-rectified adaptive step once the
-    SMA length ``rho_t`` exceeds 5, the bias-corrected momentum step (no division by v) before."""
+    SMA length ``rho_t`` exceeds 5, the bias-corrected momentum step (no division by v) before.
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    """
 
     hyper_class = RAdamHyper
 
@@ -215,12 +308,20 @@ class RAdam(Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         RAdamHyper.from_kwargs(**defaults)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def state_names(self, hyper: RAdamHyper) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")

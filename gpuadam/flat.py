@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuadam.arrays import HOST, describe
+from gpuadam.arrays import HOST, aligned_zeros, describe
 
 ALIGN = 16
 
@@ -56,7 +56,7 @@ class FlatBuffer:
             end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
         self.size = end
         self._valid: np.ndarray | None = None
-        self.data = np.zeros(end, self.dtype) if device == "cpu" else _device_zeros(end, self.dtype)
+        self.data = aligned_zeros(end, self.dtype) if device == "cpu" else _device_zeros(end, self.dtype)
         self.views = [
             self.data[o : o + int(np.prod(s))].reshape(s) for o, s in zip(self.offsets, self.shapes)
         ]

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +67,47 @@ def find_ptxas() -> str:
             for candidate in Path(root).glob("*/bin/ptxas"):
                 return str(candidate)
     raise ToolMissing("ptxas not found: install the CUDA toolkit or the nvidia-cuda-nvcc wheel")
+
+
+#: What ``gpuadam inspect`` needs beyond the base install: numba-cuda and libNVVM for Numba's kernels,
+#: NVRTC and CuPy's headers for CuPy's, ptxas for both.
+INSTALL_HINT = "pip install 'gpuadam[inspect]'"
+
+
+def missing_requirements() -> str | None:
+    """What ``gpuadam inspect`` cannot do without, in one line with the command that installs it;
+    None when numba-cuda and ptxas are both here (CuPy's kernels are reported apart if they cannot be)."""
+    from gpuadam.backends import numba_cuda_version
+
+    missing = []
+    if numba_cuda_version() is None:
+        missing.append("numba-cuda (not installed)")
+    try:
+        find_ptxas()
+    except ToolMissing:
+        missing.append("ptxas (not on PATH, nor from the nvidia-cuda-nvcc wheel)")
+    return f"needs {' and '.join(missing)}: {INSTALL_HINT}" if missing else None
+
+
+_ARCH = re.compile(r"sm_(\d+)")
+
+
+def ptxas_architectures(ptxas: str) -> list[str]:
+    """The real architectures (``sm_XY``, no ``a``/``f`` suffix) that ``ptxas --help`` lists as
+    values of ``--gpu-name``; empty when its help says nothing we can read."""
+    out = subprocess.run([ptxas, "--help"], capture_output=True, text=True)
+    section = re.search(r"^--gpu-name\b(.*?)^--", out.stdout, re.M | re.S)
+    found = re.findall(r"'(sm_\d+)'", section.group(1)) if section else []
+    return sorted(set(found), key=lambda a: int(a[3:]))
+
+
+def check_arch(arch: str) -> None:
+    """A ValueError, in one line, unless ``arch`` is an ``sm_XY`` that this ptxas can assemble for."""
+    known = ptxas_architectures(find_ptxas())
+    if _ARCH.fullmatch(arch) and (not known or arch in known):
+        return
+    accepted = f"one of {', '.join(known)}" if known else "sm_XY such as sm_90"
+    raise ValueError(f"--arch: got {arch!r}; expected {accepted}")
 
 
 _F64 = re.compile(r"^\s*(?:@!?%p\d+\s+)?[a-z]+(?:\.[a-z0-9]+)*\.f64\b", re.M)
@@ -178,8 +220,23 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
     return ptx
 
 
-def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = None) -> tuple[list, list]:
-    """Reports for every GPU kernel of both backends, and the reasons for any that could not be built."""
+def _cupy_compiler_missing() -> str | None:
+    from gpuadam.kernels import cupy_elementwise
+
+    if cupy_elementwise._load_nvrtc() is None and shutil.which("nvcc") is None:
+        return f"neither libnvrtc (the nvidia-cuda-nvrtc wheel) nor nvcc is here: {INSTALL_HINT}"
+    return None
+
+
+def inspect_kernels(
+    arch: str = "sm_90",
+    ptx_dir: str | os.PathLike | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[list, list]:
+    """Reports for every GPU kernel of both backends, and the reasons for any that could not be built.
+
+    ``progress(done, total, label)`` is called before each kernel is compiled, and once at the end.
+    """
     from gpuadam.kernels import numba_cuda
 
     reports, problems = [], []
@@ -189,6 +246,9 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
     try:
         from gpuadam.kernels import cupy_elementwise
 
+        missing = _cupy_compiler_missing()
+        if missing is not None:
+            raise ToolMissing(missing)
         jobs += [("cupy", k + v, cupy_elementwise.compile_ptx, DTYPES)
                  for k in cupy_elementwise.SNIPPETS for v in ("", DEVICE_CONSTANTS)]
         jobs += [("cupy", f"{k}/{layout}{v}", cupy_elementwise.compile_ptx, ("float32",))
@@ -196,15 +256,19 @@ def inspect_kernels(arch: str = "sm_90", ptx_dir: str | os.PathLike | None = Non
                  for v in ("", DEVICE_CONSTANTS)]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
         problems.append(f"cupy: {exc}")
-    for backend, kernel, compile_, dtypes in jobs:
-        for dtype in dtypes:
-            try:
-                ptx = compile_(kernel, dtype, arch)
-                reports.append(report(backend, kernel, dtype, arch, ptx))
-            except (ToolMissing, ImportError, OSError) as exc:
-                problems.append(f"{backend} {kernel} {dtype}: {exc}")
-                continue
-            if ptx_dir is not None:
-                Path(ptx_dir).mkdir(parents=True, exist_ok=True)
-                Path(ptx_dir, f"{backend}-{kernel.replace('/', '-')}-{dtype}-{arch}.ptx").write_text(ptx)
+    todo = [(backend, kernel, compile_, dtype) for backend, kernel, compile_, dtypes in jobs for dtype in dtypes]
+    for done, (backend, kernel, compile_, dtype) in enumerate(todo):
+        if progress is not None:
+            progress(done, len(todo), f"{backend} {kernel} {dtype}")
+        try:
+            ptx = compile_(kernel, dtype, arch)
+            reports.append(report(backend, kernel, dtype, arch, ptx))
+        except (ToolMissing, ImportError, OSError) as exc:
+            problems.append(f"{backend} {kernel} {dtype}: {exc}")
+            continue
+        if ptx_dir is not None:
+            Path(ptx_dir).mkdir(parents=True, exist_ok=True)
+            Path(ptx_dir, f"{backend}-{kernel.replace('/', '-')}-{dtype}-{arch}.ptx").write_text(ptx)
+    if progress is not None:
+        progress(len(todo), len(todo), "")
     return reports, problems

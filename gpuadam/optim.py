@@ -650,8 +650,15 @@ class Adam(Optimizer):
     """Fused Adam (and AdamW with ``decoupled_weight_decay=True``), PyTorch's algorithm and names.
 
     ``eps_root`` adds a term inside the square root (``sqrt(v_hat + eps_root) + eps``, as optax);
-    ``bias_correction=False`` drops both bias corrections. ``options`` are every optimizer's:
-    ``skip_nonfinite``, ``capturable`` (see ``Optimizer``).
+    ``bias_correction=False`` drops both bias corrections.
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
     """
 
     def __init__(
@@ -668,7 +675,12 @@ class Adam(Optimizer):
         bias_correction: bool = True,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -676,7 +688,10 @@ class Adam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         AdamHyper.from_kwargs(**defaults)  # refuse bad defaults even when every group overrides them
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def state_names(self, hyper: AdamHyper) -> tuple[str, ...]:
         base = ("exp_avg", "exp_avg_sq")
@@ -687,7 +702,16 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (``p *= 1 - lr * weight_decay``), default decay 1e-2."""
+    """Adam with decoupled weight decay (``p *= 1 - lr * weight_decay``), default decay 1e-2.
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    """
 
     def __init__(
         self,
@@ -703,12 +727,18 @@ class AdamW(Adam):
         bias_correction: bool = True,
         decoupled_weight_decay: bool = True,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_root=eps_root,
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
-            backend=backend, **options,
+            backend=backend, skip_nonfinite=skip_nonfinite, capturable=capturable, master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
         )
 
 

@@ -60,3 +60,46 @@ def test_a_gpu_stack_that_raises_on_import_is_reported_unavailable(monkeypatch):
         assert not report[name].available
         assert "libcudart" in report[name].reason
     assert report["numba-cpu"].available
+
+
+def _without_numba_cuda(monkeypatch):
+    """What `pip install gpuadam` (no [cuda]) leaves: Numba's own deprecated numba.cuda, no numba-cuda."""
+    from importlib import metadata
+
+    real = metadata.version
+
+    def version(dist):
+        if dist == "numba-cuda":
+            raise metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(backends.metadata, "version", version)
+    monkeypatch.setattr(backends, "_statuses", {})
+
+
+@pytest.mark.parametrize("simulator", ["1", None])
+def test_numba_cuda_without_its_package_is_not_installed(monkeypatch, simulator):
+    """Numba's built-in numba.cuda imports, even in the simulator, but is not numba-cuda: the
+    probe asks the package metadata, and says how to install it."""
+    _without_numba_cuda(monkeypatch)
+    if simulator:
+        monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", simulator)
+    st = gpuadam.available_backends()["numba-cuda"]
+    assert not st.available
+    assert st.reason == "not installed: pip install 'gpuadam[cuda]'"
+
+
+def test_numba_cuda_in_the_simulator_is_available_when_installed(monkeypatch):
+    if backends.numba_cuda_version() is None:
+        pytest.skip("numba-cuda is not installed (pip install 'gpuadam[cuda]')")
+    monkeypatch.setattr(backends, "_statuses", {})
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    assert gpuadam.available_backends()["numba-cuda"].available
+
+
+def test_a_missing_cupy_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(backends, "_statuses", {})
+    assert gpuadam.available_backends()["cupy"].reason == "not installed: pip install 'gpuadam[cupy]'"

@@ -4,6 +4,7 @@ its GPU timing path in Numba's CUDA simulator (in a process of its own). No timi
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,86 @@ def test_many_tensor_rows(quick_doc):
     assert flat and all(r["status"] == "ok" and r["launches"] == "one" for r in flat)
     assert len({r["size"] for r in many}) == 1  # one tensor holds as many elements as the many
     assert {r["tensors"] for r in many} == {1, quick_doc["config"]["many_tensors"]}
+
+
+def test_table_reads_cleanly(quick_doc):
+    """Whole layout names in the many-tensor table, no dangling separator without peers, no "0 s"."""
+    table = bench.format_table(quick_doc)
+    lines = table.splitlines()
+    for layout in ("separate arrays", "flat buffer", "one tensor"):
+        assert any(line.lstrip().startswith(f"{layout}  gpuadam") for line in lines), table
+    ratios = [line for line in lines if "of ceiling" in line]
+    assert ratios and all(not line.rstrip().endswith(";") and "ceiling; " not in line for line in ratios), table
+    assert "(0 s;" not in table
+    assert bench.format_table({**quick_doc, "seconds": 0.4}).splitlines()[-1].startswith("(0.4 s;")
+
+
+def test_missing_peers_say_how_to_get_them(monkeypatch):
+    import sys
+
+    from gpuadam.bench import peers
+
+    def no_torch():
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(peers, "import_torch", no_torch)
+    for name in ("jax", "deepspeed"):
+        monkeypatch.setitem(sys.modules, name, None)
+    problem = bench.make_problem(bench.OPTIMIZERS["adam"], np.float32, (10,), 0)
+    for impl in (bench.TorchPeer("fused", "cpu"), bench.OptaxPeer("cpu"), bench.DeepSpeedPeer()):
+        reason = impl.unavailable(problem)
+        assert reason.endswith("not installed: pip install 'gpuadam[bench]'"), reason
+
+
+def test_progress_never_names_a_peer_that_does_not_run(monkeypatch):
+    """The bar names what runs now: an implementation that is not installed is never its label."""
+    from gpuadam.bench import suite
+
+    notes = []
+
+    class Recorder(suite.Progress):
+        def note(self, text):
+            notes.append(text)
+
+    class Missing(bench.Implementation):
+        name = "not-installed-peer"
+
+        def unavailable(self, problem):
+            return "not installed"
+
+    monkeypatch.setattr(suite, "Progress", Recorder)
+    bench.run(quick_config(sizes=(1000,), overhead=False, repeat=2), extra=[Missing()])
+    assert notes and not any("not-installed-peer" in n for n in notes), notes
+    assert notes[-1].startswith("timing ") and notes[-1].endswith("2/2)"), notes
+
+
+def test_rounds_allocate_in_a_rotated_order_and_report_their_spread():
+    """Each round sets up fresh buffers with another implementation first; every round's median is
+    kept, their spread reported, and the peer ratios given per round too."""
+    doc = bench.run(quick_config(sizes=(1000,), overhead=False, repeat=2, rounds=3),
+                    extra=[bench.NumpyPeer()])
+    timed = [r for r in doc["results"] if r["status"] == "ok"]
+    assert len(timed) >= 4 and doc["config"]["rounds"] == 3
+    for r in timed:
+        assert len(r["round_medians_s"]) == 3 and len(r["samples_s"]) == 6, r
+        assert r["spread"] == pytest.approx(max(r["round_medians_s"]) / min(r["round_medians_s"]) - 1)
+    firsts = sorted(j for r in timed for j in r["allocated_first_in_rounds"])
+    assert firsts == [0, 1, 2]  # one implementation first in each round
+    assert len({r["implementation"] for r in timed if r["allocated_first_in_rounds"]}) == 3  # a different one
+    (ratio,) = doc["ratios"]
+    assert len(ratio["peer_time_over_ours_rounds"]["numpy (in place, blocked)"]) == 3
+    assert re.search(r"numpy \(in place, blocked\) [\d.]+x \(rounds [\d.]+/[\d.]+/[\d.]+\)", bench.format_table(doc))
+
+
+def test_cpu_params_are_allocated_as_a_users_are():
+    """Our params and grads in the bench come from NumPy, as in a training loop, not from our
+    cache-line-aligned allocator (which only the optimizer's own state uses)."""
+    from gpuadam.bench.cases import BackendCase
+
+    problem = bench.make_problem(bench.OPTIMIZERS["adam"], np.float32, (1 << 20,), 0)
+    case = BackendCase("numba-cpu", problem, 1)
+    arrays = case.params[0] + case.grads[0]
+    assert all(type(a) is np.ndarray and a.base is None for a in arrays)  # NumPy's own, not a view of ours
 
 
 def test_every_timed_implementation_was_verified(quick_doc):

@@ -81,7 +81,8 @@ def test_demo_refuses_an_unavailable_backend_with_the_reason(tmp_path, capsys):
     if st.available:
         pytest.skip("CuPy can run here")
     assert cli.main(["demo", "--backend", "cupy", "--out", str(tmp_path)]) == 2
-    assert st.reason in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert st.reason in err and err.startswith("gpuadam demo: --backend: got 'cupy'") and err.count("\n") == 1
     assert not (tmp_path / demo.PNG_NAME).exists()
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from gpuadam import backends
 from gpuadam.bench.problems import parse_sizes
 from gpuadam.bench.report import format_table, plot, write_json
 from gpuadam.bench.suite import Config, run
+from gpuadam.outputs import check_importable, check_output_file
 
 
 def config_from_args(args: Any) -> Config:
@@ -23,7 +25,8 @@ def config_from_args(args: Any) -> Config:
         kw["sizes"] = parse_sizes(args.sizes)
     if args.backends:
         kw["backends"] = split(args.backends)
-    for name, attr in (("repeat", "repeat"), ("min_time", "min_time"), ("max_buffer_sets", "max_sets")):
+    for name, attr in (("repeat", "repeat"), ("rounds", "rounds"), ("min_time", "min_time"),
+                       ("max_buffer_sets", "max_sets")):
         if getattr(args, name) is not None:
             kw[attr] = getattr(args, name)
     config = Config.quick_defaults(**kw) if args.quick else Config(**kw)
@@ -31,10 +34,27 @@ def config_from_args(args: Any) -> Config:
     return config
 
 
+def check_before_running(config: Config, args: Any) -> None:
+    """Everything that would otherwise fail after the benchmark has run, as a one-line ValueError:
+    a requested backend that cannot run here, the plot's matplotlib, the output paths."""
+    if config.backends is not None:
+        statuses = backends.available_backends()
+        down = [f"{b} cannot run here ({statuses[b].reason})" for b in config.backends if not statuses[b].available]
+        if down:
+            usable = [n for n in backends.NAMES if statuses[n].available]
+            raise ValueError(f"--backends: {'; '.join(down)}; expected some of {', '.join(usable)}")
+    if args.plot:
+        check_importable("--plot", "matplotlib", "demo")
+        check_output_file("--plot", args.plot)
+    if args.json:
+        check_output_file("--json", args.json)
+
+
 def main(args: Any) -> int:
     """``gpuadam bench``: run, print the table, write the JSON and the plot. 1 if ours failed a check."""
     try:
         config = config_from_args(args)
+        check_before_running(config, args)
     except ValueError as exc:
         print(f"gpuadam bench: {exc}", file=sys.stderr)
         return 2

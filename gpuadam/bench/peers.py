@@ -137,6 +137,17 @@ def _widen(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+#: How a user gets the peers that are missing.
+BENCH_EXTRA = "pip install 'gpuadam[bench]'"
+
+
+def not_importable(what: str, exc: BaseException) -> str:
+    """Why a peer cannot run: not installed (and how to get it), or its import's own words."""
+    if isinstance(exc, ModuleNotFoundError):
+        return f"{what} not installed: {BENCH_EXTRA}"
+    return f"{what} not importable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+
+
 def import_torch() -> Any:
     import torch
 
@@ -175,7 +186,7 @@ class TorchPeer(Implementation):
         try:
             torch = import_torch()
         except Exception as exc:
-            return f"torch not importable ({type(exc).__name__}: {exc})"
+            return not_importable("torch", exc)
         if self.torch_device == "cuda" and not torch.cuda.is_available():
             return "torch has no CUDA device here"
         if problem.master:
@@ -249,7 +260,7 @@ class OptaxPeer(Implementation):
             import jax
             import optax  # noqa: F401
         except Exception as exc:
-            return f"jax/optax not importable ({type(exc).__name__}: {exc})"
+            return not_importable("jax/optax", exc)
         if self.jax_device == "gpu" and not any(d.platform == "gpu" for d in jax.devices()):
             return "jax has no GPU here"
         if problem.master:
@@ -327,7 +338,7 @@ class DeepSpeedPeer(Implementation):
         try:
             import deepspeed.ops.adam  # noqa: F401
         except Exception as exc:
-            return f"deepspeed not importable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+            return not_importable("deepspeed", exc)
         h = problem.spec.hyper
         if h.amsgrad or h.maximize or h.eps_root or not h.bias_correction:
             return "DeepSpeedCPUAdam has no amsgrad, maximize or eps_root"

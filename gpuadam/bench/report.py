@@ -51,12 +51,15 @@ def _row(e: Entry, entries: list[Entry]) -> dict:
         "buffer_sets": e.sets, "steps_per_sample": e.steps_per_sample, "samples_s": e.samples,
         "bytes_per_step": e.problem.bytes_per_step,
         "median_s": None, "min_s": None, "max_s": None, "bandwidth_gbs": None, "bandwidth_gbs_best": None,
-        "ceiling_fraction": None,
+        "ceiling_fraction": None, "round_medians_s": e.round_medians, "spread": None,
+        "allocated_first_in_rounds": e.first_in_round,
     }
     if e.samples:
         med, lo, hi = e.median(), min(e.samples), max(e.samples)
         row.update(median_s=med, min_s=lo, max_s=hi, bandwidth_gbs=e.problem.bytes_per_step / med / 1e9,
                    bandwidth_gbs_best=e.problem.bytes_per_step / lo / 1e9)
+        if len(e.round_medians) > 1:
+            row["spread"] = max(e.round_medians) / min(e.round_medians) - 1
         ceiling = _ceiling_for(e, entries) if e.suite != "overhead" else None
         if ceiling is not None:
             row["ceiling_fraction"] = ceiling.median() / med
@@ -72,10 +75,14 @@ def _ratios(rows: list[dict]) -> list[dict]:
                 and r["median_s"]]
         ours = [r for r in same if r["group"] == "ours" and r["implementation"].endswith("Adam.step")]
         for o in ours:
+            peers = [r for r in same if r["group"] == "peer"]
             entry = {"optimizer": opt, "size": size, "device": device, "ours": o["implementation"],
                      "ours_over_ceiling": o["ceiling_fraction"],
-                     "peer_time_over_ours": {r["implementation"]: r["median_s"] / o["median_s"]
-                                             for r in same if r["group"] == "peer"}}
+                     "peer_time_over_ours": {r["implementation"]: r["median_s"] / o["median_s"] for r in peers},
+                     # the same ratio within each round (same allocations' fate), when there are several
+                     "peer_time_over_ours_rounds": {
+                         r["implementation"]: [a / b for a, b in zip(r["round_medians_s"], o["round_medians_s"])]
+                         for r in peers if len(r["round_medians_s"]) == len(o["round_medians_s"]) > 1}}
             out.append(entry)
     return out
 
@@ -156,7 +163,7 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
             "backends": sorted({e.impl.backend for e in entries if e.impl.group == "ours"}),
             "backends_unavailable": skipped, "optimizers": list(config.optimizers), "dtype": config.dtype,
             "master_weights": config.master_weights,
-            "peers": config.peers, "repeat": config.repeat, "min_time_s": config.min_time,
+            "peers": config.peers, "repeat": config.repeat, "rounds": config.rounds, "min_time_s": config.min_time,
             "max_buffer_sets": config.max_sets, "quick": config.quick, "seed": config.seed,
             "many_tensors": config.many_count if config.many else 0, "many_range": list(config.many_range),
             "overhead_elements": TINY, "verify": {
@@ -169,7 +176,9 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
             },
             "timing": {
                 "cpu": "perf_counter around a sample of back-to-back steps, implementations interleaved "
-                       "round-robin, median/min/max over repeats",
+                       "round-robin, median/min/max over the samples of every round; each round allocates "
+                       "fresh buffers in a rotated order (another implementation first), and spread is "
+                       "max/min - 1 of the rounds' medians",
                 "gpu": "CUDA events around the launches after warm-up, buffer sets rotated when the working "
                        "set fits twice in the L2 cache",
                 "overhead": f"host perf_counter per step on a {TINY}-element tensor (GPU: synchronised once "
@@ -186,6 +195,11 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.3f}" if x < 1 else f"{x * 1e3:.0f}"
+
+
+def _seconds(s: float) -> str:
+    """A duration as a person reads it: no "0 s" for a short run."""
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
 
 
 def _storage(doc: dict) -> str:
@@ -212,14 +226,15 @@ def format_table(doc: dict) -> str:
         lines.append(f"backend {b}: unavailable ({why})")
     rows = doc["results"]
     head = f"{'size':>10s}  {'implementation':42s} {'median ms':>10s} {'min ms':>9s} {'max ms':>9s} " \
-           f"{'GB/s':>7s} {'ceiling':>8s}"
+           f"{'GB/s':>7s} {'ceiling':>8s} {'spread':>7s}"
 
-    def line(r: dict, label: str) -> str:
+    def line(r: dict, label: str, width: int = 10) -> str:
         if r["status"] != "ok":
-            return f"{label:>10s}  {r['implementation']:42s} {r['status'].upper()}: {r['reason']}"
+            return f"{label:>{width}s}  {r['implementation']:42s} {r['status'].upper()}: {r['reason']}"
         frac = "-" if r["ceiling_fraction"] is None else f"{100 * r['ceiling_fraction']:.0f}%"
-        return (f"{label:>10s}  {r['implementation']:42s} {_ms(r['median_s']):>10s} {_ms(r['min_s']):>9s} "
-                f"{_ms(r['max_s']):>9s} {r['bandwidth_gbs']:7.1f} {frac:>8s}")
+        spread = "-" if r.get("spread") is None else f"{100 * r['spread']:.0f}%"
+        return (f"{label:>{width}s}  {r['implementation']:42s} {_ms(r['median_s']):>10s} {_ms(r['min_s']):>9s} "
+                f"{_ms(r['max_s']):>9s} {r['bandwidth_gbs']:7.1f} {frac:>8s} {spread:>7s}")
 
     sweep = [r for r in rows if r["suite"] == "sizes"]
     for opt in dict.fromkeys(r["optimizer"] for r in sweep):
@@ -229,11 +244,13 @@ def format_table(doc: dict) -> str:
             lines.append(line(r, size_label(r["size"])))
     many = [r for r in rows if r["suite"] == "many"]
     if many:
+        width = max(len(r["layout"]) for r in many)
         lines += ["", f"== many tensors: {doc['config']['many_tensors']} tensors of "
                       f"{doc['config']['many_range'][0]}-{doc['config']['many_range'][1]} elements "
-                      f"({many[-1]['size']} in all) vs one tensor of the same size", head]
+                      f"({many[-1]['size']} in all) vs one tensor of the same size",
+                  f"{'layout':>{width}s}" + head[10:]]
         for r in many:
-            lines.append(line(r, r["layout"][:10]))
+            lines.append(line(r, r["layout"], width))
         ones = {(r["optimizer"], r["backend"]): r for r in many
                 if r["layout"] == "one tensor" and r["group"] == "ours" and r["median_s"]}
         for r in many:
@@ -256,11 +273,14 @@ def format_table(doc: dict) -> str:
                       "(> 1: we are faster)"]
         for q in doc["ratios"]:
             frac = "-" if q["ours_over_ceiling"] is None else f"{100 * q['ours_over_ceiling']:.0f}%"
-            peers = ", ".join(f"{k} {v:.2f}x" for k, v in q["peer_time_over_ours"].items())
-            lines.append(f"{q['optimizer']} {size_label(q['size']):>6s} {q['ours']}: {frac} of ceiling; {peers}")
+            rounds = q.get("peer_time_over_ours_rounds", {})
+            peers = "".join(f"; {k} {v:.2f}x" + (f" (rounds {'/'.join(f'{x:.2f}' for x in rounds[k])})"
+                                                   if k in rounds else "")
+                            for k, v in q["peer_time_over_ours"].items())
+            lines.append(f"{q['optimizer']} {size_label(q['size']):>6s} {q['ours']}: {frac} of ceiling{peers}")
     notes = {r["implementation"]: r["note"] for r in rows if r["note"] and r["status"] == "ok"}
     lines += [""] + [f"note: {k}: {v}" for k, v in notes.items()]
-    lines.append(f"({doc['seconds']:.0f} s; every timed implementation was first checked against the "
+    lines.append(f"({_seconds(doc['seconds'])}; every timed implementation was first checked against the "
                  "float64 reference)")
     return "\n".join(lines)
 

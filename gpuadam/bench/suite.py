@@ -54,7 +54,8 @@ class Config:
     dtype: str = "float32"
     master_weights: bool = False  # half params with float32 master weights and state
     peers: bool = True
-    repeat: int = 7
+    repeat: int = 5  # timed samples per implementation and round
+    rounds: int = 3  # fresh allocations, each in a rotated order (see timing.run_entries)
     min_time: float = 0.02  # seconds per sample
     max_steps: int = 10_000  # steps per sample at most
     max_sets: int = 64  # GPU buffer sets at most
@@ -66,16 +67,17 @@ class Config:
 
     @classmethod
     def quick_defaults(cls, **kw: Any) -> Config:
-        base = dict(sizes=QUICK_SIZES, repeat=3, min_time=0.002, max_sets=4, many_count=40,
+        base = dict(sizes=QUICK_SIZES, repeat=3, rounds=1, min_time=0.002, max_sets=4, many_count=40,
                     many_range=(100, 1000), quick=True)
         return cls(**{**base, **kw})
 
     def check(self) -> None:
+        """A one-line ValueError naming the flag, what was given and what is accepted."""
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"--dtype: got {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.master_weights and self.dtype not in LOW_PRECISION:
-            raise ValueError(f"--master-weights: float32 master weights are for float16/bfloat16 params, "
-                             f"got --dtype {self.dtype}")
+            raise ValueError(f"--master-weights: got --dtype {self.dtype}; float32 master weights are for "
+                             f"{'/'.join(LOW_PRECISION)} params")
         if self.dtype == "bfloat16":
             try:
                 numpy_dtype(self.dtype)
@@ -83,33 +85,50 @@ class Config:
                 raise ValueError("--dtype bfloat16 needs ml_dtypes on the host: pip install 'gpuadam[half]'") from None
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
         if unknown or not self.optimizers:
-            raise ValueError(f"--optimizers: unknown {unknown}; expected some of {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"--optimizers: got {','.join(unknown) or 'nothing'}; expected some of "
+                             f"{', '.join(OPTIMIZERS)}")
         if self.backends is not None:
             bad = [b for b in self.backends if b not in backends.NAMES]
             if bad or not self.backends:
-                raise ValueError(f"--backends: unknown {bad}; expected some of {', '.join(backends.NAMES)}")
+                raise ValueError(f"--backends: got {','.join(bad) or 'nothing'}; expected some of "
+                                 f"{', '.join(backends.NAMES)}")
         if self.repeat < 1:
-            raise ValueError(f"--repeat: expected >= 1, got {self.repeat}")
+            raise ValueError(f"--repeat: got {self.repeat}; expected an integer >= 1")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds: got {self.rounds}; expected an integer >= 1")
+        if not self.min_time > 0:
+            raise ValueError(f"--min-time: got {self.min_time}; expected seconds > 0")
+        if self.max_sets < 1:
+            raise ValueError(f"--max-buffer-sets: got {self.max_sets}; expected an integer >= 1")
 
 
 class Progress:
-    """A progress bar on stderr: tqdm when installed, else one rewritten line."""
+    """A progress bar on stderr, only when stderr is a terminal (a log or a pipe gets no ``\\r``
+    updates): tqdm when installed, else one rewritten line. Its label names what runs now."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+    def __init__(self, total: int, enabled: bool = True, stream: Any = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        enabled = enabled and callable(isatty) and bool(isatty())
+        self.total, self.done, self.enabled, self.bar, self._text = total, 0, enabled, None, ""
         if enabled:
             try:
                 from tqdm import tqdm
 
                 fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"
-                self.bar = tqdm(total=total, desc="gpuadam bench", file=sys.stderr, leave=False, bar_format=fmt)
+                self.bar = tqdm(total=total, desc="gpuadam bench", file=self.stream, leave=False, bar_format=fmt)
             except ImportError:
                 pass
 
     def note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text[:48], refresh=False)
+        """Show ``text`` as what runs now (before it runs: a label after the fact misleads)."""
         self._text = text
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:60], refresh=True)
+        else:
+            self._line()
 
     def advance(self, n: int) -> None:
         self.done += n
@@ -118,15 +137,18 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
         else:
-            pct = 100 * self.done // max(1, self.total)
-            print(f"\rgpuadam bench: {pct:3d}% ({self.done}/{self.total}) {getattr(self, '_text', '')[:48]:48s}",
-                  end="", file=sys.stderr, flush=True)
+            self._line()
+
+    def _line(self) -> None:
+        pct = 100 * self.done // max(1, self.total)
+        print(f"\rgpuadam bench: {pct:3d}% ({self.done}/{self.total}) {self._text[:60]:60s}",
+              end="", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled:
-            print(file=sys.stderr)
+            print(file=self.stream)
 
 
 def selected_backends(config: Config) -> tuple[list[str], dict[str, str]]:
@@ -201,7 +223,7 @@ def run(config: Config, extra: Sequence[Implementation] = ()) -> dict:
     if not use:
         raise RuntimeError("no backend to benchmark: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     batches = build_batches(config, use, extra)
-    progress = Progress(sum(len(b.items) for b in batches) * (1 + config.repeat), config.progress)
+    progress = Progress(sum(len(b.items) for b in batches) * (1 + config.repeat) * config.rounds, config.progress)
     done: list[Entry] = []
     try:
         for batch in batches:  # one batch alive at a time: the 64M-element buffers add up

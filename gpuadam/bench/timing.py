@@ -38,6 +38,8 @@ class Entry:
     sets: int = 1
     steps_per_sample: int = 0
     samples: list[float] = field(default_factory=list)  # seconds per step
+    round_medians: list[float] = field(default_factory=list)  # each round's median (see run_entries)
+    first_in_round: list[int] = field(default_factory=list)  # the rounds in which it allocated first
     case: Case | None = None
     _next_set: int = 0
 
@@ -175,46 +177,73 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
-def run_entries(entries: list[Entry], config: Config, progress: Progress) -> None:
-    """Set up, verify, then time ``entries`` (interleaved round-robin); fills each entry in place."""
-    l2 = _gpu_l2_bytes() if any(e.impl.device == GPU for e in entries) else L2_DEFAULT_BYTES
-    live = []
-    for e in entries:
-        progress.note(f"{e.impl.name} {e.problem.label}")
+def _set_up(e: Entry, config: Config, l2: int, progress: Progress, first: bool) -> bool:
+    """Allocate, verify and warm up ``e``'s case; False (with the status set) when it cannot be timed.
+    The first round also sizes a sample, so every round's samples are alike."""
+    work = 1 + config.repeat
+    if first:
         reason = e.impl.unavailable(e.problem)
         if reason is not None:
             e.status, e.reason = "unavailable", reason
-            progress.advance(1 + config.repeat)
-            continue
-        try:
-            e.sets = _buffer_sets(e, config, l2)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. JAX on donation, torch on fused defaults
-                e.case = e.impl.setup(e.problem, e.sets)
-                e.verify_error, where = verify(e)
-        except Exception as exc:
-            e.status, e.reason, e.case = "error", _reason(exc), None
-            progress.advance(1 + config.repeat)
-            continue
-        if not e.verify_error <= 1.0:
-            e.status, e.case = "failed", None
-            e.reason = f"disagrees with the float64 reference: {where}"
-            progress.advance(1 + config.repeat)
-            continue
-        e.verified = True
-        e.timer = "cuda-events" if e.case.events and not e.host_timer else "perf_counter"
-        # Warm up every buffer set, then size a sample so the timer's resolution does not matter.
-        for k in range(e.case.sets):
-            e.case.step(k)
-        e.case.sync()
-        first = _sample(e, 1)
-        e.steps_per_sample = int(min(config.max_steps, max(1, math.ceil(config.min_time / max(first, 1e-9)))))
-        live.append(e)
-        progress.advance(1)
-    for r in range(config.repeat):
-        shift = r % max(1, len(live))  # rotate the order so no implementation always runs first
-        for e in live[shift:] + live[:shift]:
-            e.samples.append(_sample(e, e.steps_per_sample))
-            progress.advance(1)
-    for e in live:
-        e.status, e.case = "ok", None
+            progress.advance(work * config.rounds)
+            return False
+    progress.note(f"checking {e.impl.name} {e.problem.label}")
+    try:
+        e.sets = _buffer_sets(e, config, l2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. JAX on donation, torch on fused defaults
+            e.case = e.impl.setup(e.problem, e.sets)
+            error, where = verify(e)
+    except Exception as exc:
+        e.status, e.reason, e.case = "error", _reason(exc), None
+        progress.advance(work * (config.rounds if first else 1))
+        return False
+    e.verify_error = error if e.verify_error is None else max(e.verify_error, error)
+    if not error <= 1.0:
+        e.status, e.case = "failed", None
+        e.reason = f"disagrees with the float64 reference: {where}"
+        progress.advance(work * (config.rounds if first else 1))
+        return False
+    e.verified = True
+    e.timer = "cuda-events" if e.case.events and not e.host_timer else "perf_counter"
+    # Warm up every buffer set, then size a sample so the timer's resolution does not matter.
+    for k in range(e.case.sets):
+        e.case.step(k)
+    e.case.sync()
+    if first:
+        one = _sample(e, 1)
+        e.steps_per_sample = int(min(config.max_steps, max(1, math.ceil(config.min_time / max(one, 1e-9)))))
+    progress.advance(1)
+    return True
+
+
+def run_entries(entries: list[Entry], config: Config, progress: Progress) -> None:
+    """Set up, verify, then time ``entries`` (interleaved round-robin), in ``config.rounds`` rounds;
+    fills each entry in place.
+
+    Which implementation allocates first changes the memory each one gets, and with it the time of
+    a memory-bound step by several percent, so each round allocates fresh buffers in a rotated order
+    (a different implementation first) and drops them before the next. ``round_medians`` keep each
+    round's median: their spread is part of the figure, not noise to hide.
+    """
+    l2 = _gpu_l2_bytes() if any(e.impl.device == GPU for e in entries) else L2_DEFAULT_BYTES
+    for j in range(config.rounds):
+        shift = (j * len(entries)) // config.rounds
+        order = [e for e in entries[shift:] + entries[:shift] if e.status == "pending"]
+        live = [e for e in order if _set_up(e, config, l2, progress, first=j == 0)]
+        if live:
+            live[0].first_in_round.append(j)
+        start = {id(e): len(e.samples) for e in live}
+        for r in range(config.repeat):
+            turn = r % max(1, len(live))  # rotate the order so no implementation always runs first
+            for e in live[turn:] + live[:turn]:
+                progress.note(f"timing {e.impl.name} {e.problem.label} (round {j + 1}/{config.rounds}, "
+                              f"{r + 1}/{config.repeat})")
+                e.samples.append(_sample(e, e.steps_per_sample))
+                progress.advance(1)
+        for e in live:
+            e.round_medians.append(float(np.median(e.samples[start[id(e)]:])))
+            e.case = None  # freed before the next round allocates
+    for e in entries:
+        if e.status == "pending" and e.samples:
+            e.status = "ok"

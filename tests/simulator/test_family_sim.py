@@ -106,6 +106,7 @@ def test_capturable_equals_default_mode_bit_for_bit(case):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.usefixtures("small_launches")
 @pytest.mark.parametrize("case", [MACHINERY[i] for i in (0, 2, 4)], ids=case_id)
 def test_skip_and_clip_on_device_match_the_cpu_backend(case):
     name, kw = case
