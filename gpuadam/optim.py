@@ -26,7 +26,7 @@ from gpuadam.arrays import (
     span,
 )
 from gpuadam.flat import FlatBuffer
-from gpuadam.hyper import AdamHyper, check_count, check_flag, check_positive
+from gpuadam.hyper import Hyper, check_count, check_flag, check_positive
 from gpuadam.kernels.lowp import BFLOAT16
 from gpuadam.kernels.rules import RULES, grad_factor
 from gpuadam.on_device import DeviceSteps
@@ -58,7 +58,7 @@ class Optimizer:
     synchronises with the host in ``step()``, so the step can be captured in a CUDA graph.
     """
 
-    hyper_class: type = AdamHyper
+    hyper_class: type = Hyper
 
     def __init__(
         self,
@@ -644,102 +644,6 @@ def _groups(params: Any) -> list[dict[str, Any]]:
     if any(isinstance(p, dict) for p in params):
         raise TypeError("params: expected all arrays or all dicts, got a mix")
     return [{"params": params}]
-
-
-class Adam(Optimizer):
-    """Fused Adam (and AdamW with ``decoupled_weight_decay=True``), PyTorch's algorithm and names.
-
-    ``eps_root`` adds a term inside the square root (``sqrt(v_hat + eps_root) + eps``, as optax);
-    ``bias_correction=False`` drops both bias corrections.
-
-    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
-    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
-    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
-    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
-    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
-    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
-    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
-    """
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        *,
-        eps_root: float = 0.0,
-        bias_correction: bool = True,
-        decoupled_weight_decay: bool = False,
-        backend: str = "auto",
-        skip_nonfinite: bool = False,
-        capturable: bool = False,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        seed: int = 0,
-        half_format: str | None = None,
-    ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, eps_root=eps_root, bias_correction=bias_correction,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        AdamHyper.from_kwargs(**defaults)  # refuse bad defaults even when every group overrides them
-        super().__init__(
-            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
-            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
-        )
-
-    def state_names(self, hyper: AdamHyper) -> tuple[str, ...]:
-        base = ("exp_avg", "exp_avg_sq")
-        return (*base, "max_exp_avg_sq") if hyper.amsgrad else base
-
-    def rule(self, hyper: AdamHyper) -> str:
-        return "amsgrad" if hyper.amsgrad else "adam"
-
-
-class AdamW(Adam):
-    """Adam with decoupled weight decay (``p *= 1 - lr * weight_decay``), default decay 1e-2.
-
-    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
-    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
-    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
-    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
-    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
-    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
-    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
-    """
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        *,
-        eps_root: float = 0.0,
-        bias_correction: bool = True,
-        decoupled_weight_decay: bool = True,
-        backend: str = "auto",
-        skip_nonfinite: bool = False,
-        capturable: bool = False,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        seed: int = 0,
-        half_format: str | None = None,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_root=eps_root,
-            bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
-            backend=backend, skip_nonfinite=skip_nonfinite, capturable=capturable, master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
-        )
 
 
 class _Unfrozen(Exception):

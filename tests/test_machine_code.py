@@ -159,7 +159,7 @@ def test_half_precision_kernels_meet_the_bar(inspected, rule, spec, variant, bac
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
 
 
-# The rest of the family (gpuadam.family): every kernel of both backends, under Adam's bar.
+# The rest of the family (gpuadam.optimizers): every kernel of both backends, under Adam's bar.
 
 #: Loads and stores per element, from each rule's record: p, g and the state in; p and the state out.
 FAMILY_TRAFFIC = {name: rule.traffic for name, rule in RULES.items() if name not in ("adam", "amsgrad")}

@@ -1,21 +1,125 @@
-"""The rest of the textbook family, fused like Adam: SGD (with momentum), RMSprop, Adagrad, Adamax,
-NAdam and RAdam, with the names, defaults, argument checks and algorithms of ``torch.optim``.
+"""The optimizers: Adam, AdamW, SGD (with momentum), RMSprop, Adagrad, Adamax, NAdam and RAdam with
+the names, defaults, argument checks and algorithms of ``torch.optim``, and Lion.
 
-Each class names its hyperparameter record (``gpuadam.hyper``), its state arrays (PyTorch's state
-names, in the order the kernel takes them) and the rule that updates them (``kernels.rules``);
-``Optimizer`` does everything else: groups, validation, flat buffers, step counts, clipping and
-skipping, ``state_dict`` and checkpoints. ``maximize`` is keyword-only, as in PyTorch (where a
-positional argument in its place means something else). The options every optimizer shares
-(``skip_nonfinite``, ``capturable``, ``master_weights``, ``stochastic_rounding``, ``seed``,
-``half_format``) are keyword-only parameters of each class, so ``help()`` and editors show them.
+Each class names its hyperparameter record (``gpuadam.hyper``) and the rule that updates its params
+(``kernels.rules``, which also names the state arrays); ``Optimizer`` does everything else: groups,
+validation, flat buffers, step counts, clipping and skipping, ``state_dict`` and checkpoints.
+``maximize`` is keyword-only where PyTorch has a positional argument in its place. The options every
+optimizer shares (``skip_nonfinite``, ``capturable``, ``master_weights``, ``stochastic_rounding``,
+``seed``, ``half_format``) are keyword-only parameters of each class, so ``help()`` and editors
+show them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gpuadam.hyper import AdagradHyper, AdamaxHyper, LionHyper, NAdamHyper, RAdamHyper, RMSpropHyper, SGDHyper
+from gpuadam.hyper import (
+    AdagradHyper,
+    AdamaxHyper,
+    AdamHyper,
+    LionHyper,
+    NAdamHyper,
+    RAdamHyper,
+    RMSpropHyper,
+    SGDHyper,
+)
 from gpuadam.optim import Optimizer
+
+
+class Adam(Optimizer):
+    """Fused Adam (and AdamW with ``decoupled_weight_decay=True``), PyTorch's algorithm and names.
+
+    ``eps_root`` adds a term inside the square root (``sqrt(v_hat + eps_root) + eps``, as optax);
+    ``bias_correction=False`` drops both bias corrections.
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    """
+
+    hyper_class = AdamHyper
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        *,
+        eps_root: float = 0.0,
+        bias_correction: bool = True,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, eps_root=eps_root, bias_correction=bias_correction,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        AdamHyper.from_kwargs(**defaults)  # refuse bad defaults even when every group overrides them
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
+
+
+    def rule(self, hyper: AdamHyper) -> str:
+        return "amsgrad" if hyper.amsgrad else "adam"
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (``p *= 1 - lr * weight_decay``), default decay 1e-2.
+
+    Shared options, keyword-only as in every optimizer here: ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN changes nothing, not even the step count), ``capturable`` (GPU: step
+    counts and lr on the device, no host synchronisation, for CUDA graphs), ``master_weights``
+    (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
+    with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
+    step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        *,
+        eps_root: float = 0.0,
+        bias_correction: bool = True,
+        decoupled_weight_decay: bool = True,
+        backend: str = "auto",
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_root=eps_root,
+            bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
+            backend=backend, skip_nonfinite=skip_nonfinite, capturable=capturable, master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
 
 class SGD(Optimizer):
@@ -69,8 +173,6 @@ class SGD(Optimizer):
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
         )
 
-    def state_names(self, hyper: SGDHyper) -> tuple[str, ...]:
-        return ("momentum_buffer",) if hyper.momentum != 0.0 else ()
 
     def rule(self, hyper: SGDHyper) -> str:
         return "sgd_momentum" if hyper.momentum != 0.0 else "sgd"
@@ -119,13 +221,6 @@ class RMSprop(Optimizer):
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
         )
 
-    def state_names(self, hyper: RMSpropHyper) -> tuple[str, ...]:
-        names = ("square_avg",)
-        if hyper.momentum > 0.0:
-            names += ("momentum_buffer",)
-        if hyper.centered:
-            names += ("grad_avg",)
-        return names
 
     def rule(self, hyper: RMSpropHyper) -> str:
         return "rmsprop" + ("_centered" if hyper.centered else "") + ("_momentum" if hyper.momentum > 0.0 else "")
@@ -175,8 +270,6 @@ class Adagrad(Optimizer):
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
         )
 
-    def state_names(self, hyper: AdagradHyper) -> tuple[str, ...]:
-        return ("sum",)
 
     def state_init(self, hyper: AdagradHyper) -> dict[str, float]:
         return {"sum": hyper.initial_accumulator_value}
@@ -224,8 +317,6 @@ class Adamax(Optimizer):
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
         )
 
-    def state_names(self, hyper: AdamaxHyper) -> tuple[str, ...]:
-        return ("exp_avg", "exp_inf")
 
     def rule(self, hyper: AdamaxHyper) -> str:
         return "adamax"
@@ -275,8 +366,6 @@ class NAdam(Optimizer):
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
         )
 
-    def state_names(self, hyper: NAdamHyper) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
 
     def rule(self, hyper: NAdamHyper) -> str:
         return "nadam"
@@ -323,8 +412,6 @@ class RAdam(Optimizer):
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
         )
 
-    def state_names(self, hyper: RAdamHyper) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
 
     def rule(self, hyper: RAdamHyper) -> str:
         return "radam"
@@ -333,7 +420,8 @@ class RAdam(Optimizer):
 class Lion(Optimizer):
     """Fused Lion (Chen et al., 2023): ``u = beta1 m + (1 - beta1) g``, ``p = p (1 - lr wd) - lr
     sign(u)``, ``m = beta2 m + (1 - beta2) g``. One state array (``exp_avg``), no bias correction;
-    its steps are all of size lr, so it wants an lr 3-10x below AdamW's and a larger weight decay."""
+    its steps are all of size lr, so it wants an lr 3-10x below AdamW's and a larger weight decay.
+    The shared options are Adam's."""
 
     hyper_class = LionHyper
 
@@ -346,11 +434,19 @@ class Lion(Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
-        **options: Any,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        half_format: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         LionHyper.from_kwargs(**defaults)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(
+            params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+        )
 
     def rule(self, hyper: LionHyper) -> str:
         return "lion"
