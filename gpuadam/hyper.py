@@ -206,7 +206,7 @@ class SGDHyper(_Checked):
                              f"nesterov, got dampening={self.dampening!r}, nesterov={self.nesterov!r}")
 
     def scalars(self) -> tuple[float, ...]:
-        """The float64 tuple ``kernels.rules.sgd_constants`` reads."""
+        """The float64 tuple ``kernels.rules.sgd.sgd_constants`` reads."""
         return (self.lr, self.momentum, self.dampening, self.weight_decay, float(self.nesterov),
                 float(self.maximize), float(self.ema_momentum))
 
@@ -229,7 +229,7 @@ class RMSpropHyper(_Checked):
     maximize: bool = False
 
     def scalars(self) -> tuple[float, ...]:
-        """The float64 tuple ``kernels.rules.rmsprop_constants`` reads (``centered`` picks the rule)."""
+        """The float64 tuple ``kernels.rules.rmsprop.rmsprop_constants`` reads (``centered`` picks the rule)."""
         return (self.lr, self.alpha, self.eps, self.weight_decay, self.momentum, float(self.maximize))
 
 
@@ -250,7 +250,7 @@ class AdagradHyper(_Checked):
     maximize: bool = False
 
     def scalars(self) -> tuple[float, ...]:
-        """The float64 tuple ``kernels.rules.adagrad_constants`` reads (the initial value is the
+        """The float64 tuple ``kernels.rules.adagrad.adagrad_constants`` reads (the initial value is the
         state's, not the kernel's)."""
         return (self.lr, self.lr_decay, self.weight_decay, self.eps, float(self.maximize))
 
@@ -271,7 +271,7 @@ class AdamaxHyper(_WithBetas):
     maximize: bool = False
 
     def scalars(self) -> tuple[float, ...]:
-        """The float64 tuple ``kernels.rules.adamax_constants`` reads."""
+        """The float64 tuple ``kernels.rules.adamax.adamax_constants`` reads."""
         return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, float(self.maximize))
 
 
@@ -294,7 +294,7 @@ class NAdamHyper(_WithBetas):
     maximize: bool = False
 
     def scalars(self) -> tuple[float, ...]:
-        """The float64 tuple ``kernels.rules.nadam_constants`` reads."""
+        """The float64 tuple ``kernels.rules.nadam.nadam_constants`` reads."""
         return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.momentum_decay,
                 float(self.maximize), float(self.decoupled_weight_decay))
 
@@ -316,7 +316,7 @@ class RAdamHyper(_WithBetas):
     maximize: bool = False
 
     def scalars(self) -> tuple[float, ...]:
-        """The float64 tuple ``kernels.rules.radam_constants`` reads."""
+        """The float64 tuple ``kernels.rules.radam.radam_constants`` reads."""
         return (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, float(self.maximize),
                 float(self.decoupled_weight_decay))
 
