@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -138,6 +139,8 @@ class Optimizer:
         # One lock per optimizer: step(), state_dict() and load_state_dict() from several threads run
         # one at a time (each step counted once); two optimizers still run side by side.
         self._lock = threading.RLock()
+        self._claimed = False  # whether this optimizer owns its params' memory (see _claim)
+        self._displaced: tuple | None = None  # (the newer owner, its param, ours) once another took over
         self._calls = 0  # step() calls that reached the kernels: the stochastic rounding counter
         self.last_step_launches = 0
         self._steps_skipped = 0
@@ -305,7 +308,11 @@ class Optimizer:
         reduce = max_norm > 0.0 or self.skip_nonfinite
         if reduce and self._device_missing:
             raise ValueError(f"max_grad_norm on {self._backend.name}: {self._device_missing}")
-        units = self._plan(grads, hypers)  # every check is done: from here on, nothing can refuse
+        units = self._plan(grads, hypers)
+        if self._displaced is not None:
+            _check_owner(self)
+        if not self._claimed:
+            _claim(self)  # the last check: from here on, nothing can refuse
         if self._device is not None and (reduce or self._device_counts):
             self._step_on_device(units, hypers, inv_scale, max_norm, reduce)
             return
@@ -690,3 +697,44 @@ def _saved_count(name: str, value: Any) -> int:
         return check_count(name, value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"state_dict: {exc}") from None
+
+
+# The optimizer that stepped a param last owns it: one that had stepped the same memory before (one
+# FlatBuffer's views in two optimizers) is refused from then on, while the new owner lives: stepping
+# both would update each param twice a step. Taken over at a step, not at construction, so that a
+# new optimizer may replace a live one over the same params (``opt = Adam(...)`` run again, or a
+# state loaded into a fresh optimizer) as long as the old one steps no more.
+_claims: dict[int, tuple[weakref.ref, list[tuple[int, int]]]] = {}
+_claims_lock = threading.Lock()
+
+
+def _claim(opt: Optimizer) -> None:
+    """Make ``opt`` the owner of its params' memory: every other live optimizer that stepped memory
+    one of them overlaps is displaced (its next ``step()`` is refused while ``opt`` lives)."""
+    with _claims_lock:
+        for key, (ref, spans) in list(_claims.items()):
+            other = ref()
+            if other is None or other is opt:
+                continue
+            # the params of one optimizer never overlap (refused at construction): a pair is one of
+            # each, ours first
+            pair = first_overlap(opt._spans + spans)
+            if pair is not None:
+                other._displaced = (weakref.ref(opt), pair[1] - len(opt._spans), pair[0])
+                del _claims[key]
+        _claims[id(opt)] = (weakref.ref(opt), opt._spans)
+        weakref.finalize(opt, _claims.pop, id(opt), None)
+        opt._claimed = True
+        opt._displaced = None
+
+
+def _check_owner(opt: Optimizer) -> None:
+    """Refuse a step of ``opt`` when a live optimizer has stepped its params since."""
+    newer, mine, theirs = opt._displaced
+    owner = newer()
+    if owner is None:  # the newer owner is gone: this one may claim its params again
+        opt._claimed = False
+        opt._displaced = None
+        return
+    raise ValueError(f"param {mine} shares memory with param {theirs} of a {type(owner).__name__} that has stepped it "
+                     "since: each step of both would update it twice; step one optimizer per param (drop the other)")

@@ -228,6 +228,44 @@ def test_functional_state_aliasing_the_param_is_refused():
     np.testing.assert_array_equal(p, 1.0)
 
 
+def test_one_flatbuffer_in_two_live_optimizers_refuses_the_one_stepped_over():
+    buf = gpuadam.FlatBuffer.from_arrays(_params(shapes=PADDED))
+    gbuf = buf.zeros_like()
+    gbuf.data[:] = 1.0
+    first = gpuadam.Adam(buf.views)
+    first.step(gbuf.views)
+    second = gpuadam.SGD(buf.views[1:], lr=0.1)
+    second.step(gbuf.views[1:])  # the newer optimizer takes the params over
+    before = buf.data.copy()
+    with pytest.raises(ValueError, match="param 1 shares memory with param 0 of a SGD that has stepped it since"):
+        first.step(gbuf.views)
+    np.testing.assert_array_equal(buf.data, before)
+    assert first.steps == [1] * len(PADDED)
+    second.step(gbuf.views[1:])
+    del second
+    first.step(gbuf.views)  # the newer owner is gone
+    assert first.steps == [2] * len(PADDED)
+
+
+def test_state_loaded_into_a_new_optimizer_over_the_same_params_steps_on():
+    params = _params()
+    old = gpuadam.Adam(params)
+    old.step(_grads(1))
+    new = gpuadam.Adam(params)
+    new.load_state_dict(old.state_dict())
+    new.step(_grads(2))
+    assert new.steps == [2] * len(SHAPES)
+
+
+def test_an_optimizer_built_again_over_the_same_params_steps():
+    params = _params()
+    opt = gpuadam.Adam(params)
+    opt.step(_grads(1))
+    opt = gpuadam.Adam(params)  # the first is dropped when the name is rebound
+    opt.step(_grads(2))
+    assert opt.steps == [1] * len(SHAPES)
+
+
 # --- 7. threads -----------------------------------------------------------------------------------
 
 
