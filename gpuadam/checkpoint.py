@@ -340,12 +340,7 @@ def load(optimizer: Optimizer, path: str | os.PathLike[str]) -> None:
             raise ValueError(f"{path!r} is not a valid gpuadam checkpoint: {exc}") from None
         except _Misfit as exc:
             raise ValueError(f"checkpoint {path!r} does not fit this optimizer: {exc}") from None
-    state_dict = {
-        **header["extra"],
-        "optimizer": header["optimizer"],
-        "param_groups": [{k: v if k == "params" else _tuples(v) for k, v in g.items()} for g in header["param_groups"]],
-        "state": {i: {"step": int(steps[i]), **arrays[i]} for i in range(len(arrays))},
-    }
+    state_dict = _state_dict(header, {i: {"step": int(steps[i]), **arrays[i]} for i in range(len(arrays))})
     try:
         optimizer.load_state_dict(state_dict)  # validates everything again before mutating
     except (TypeError, ValueError) as exc:
@@ -510,33 +505,30 @@ def _dtype(name: Any) -> np.dtype:
 
 
 def _check_fit(optimizer: Optimizer, params: list, header: dict[str, Any]) -> None:
-    """``_Misfit`` naming the first difference between the checkpoint's header and ``optimizer``'s
-    params (the shapes are checked member by member, from each ``.npy`` header)."""
-    kind = type(optimizer).__name__
-    if header["optimizer"] != kind:
-        raise _Misfit(f"it was saved by {header['optimizer']}, this optimizer is {kind}")
-    saved_state = header["state"]
-    if len(saved_state) != len(params):
-        raise _Misfit(f"it holds state for {len(saved_state)} params, this optimizer has {len(params)}")
-    saved_sizes = [len(g["params"]) for g in header["param_groups"]]
-    sizes = [len(g["params"]) for g in optimizer.param_groups]
-    if saved_sizes != sizes:
-        raise _Misfit(
-            f"it has {len(saved_sizes)} param groups of sizes {saved_sizes}, this optimizer has "
-            f"{len(sizes)} of sizes {sizes}"
-        )
-    for i, saved in enumerate(saved_state):
-        live = optimizer.state[i]
-        if set(saved) != set(live):
-            # load_state_dict cannot add or drop state arrays: they are allocated at construction
-            raise _Misfit(
-                f"param {i}: it holds state {sorted(saved)}, this optimizer allocated {sorted(live)} "
-                "(construct it with the same flags, e.g. amsgrad, as the saved one)"
-            )
-        want = optimizer.state_dtype(i)
-        for name, dtype in saved.items():
-            if dtype != want:
-                raise _Misfit(f"param {i}: state {name!r} has dtype {dtype}, this optimizer's is {want}")
+    """``_Misfit`` naming the first way the checkpoint does not fit ``optimizer``, from its header
+    alone: ``optimizer.check_state_dict`` on the state dict the file describes, every state array a
+    zero-byte stand-in of the dtype the header names and the param's shape (each member's shape is
+    checked from its own ``.npy`` header as it is read)."""
+    if len(header["state"]) != len(params):  # before a stand-in is made per saved param
+        raise _Misfit(f"it holds state for {len(header['state'])} params, this optimizer has {len(params)}")
+    stand_ins = {
+        i: {"step": 0, **{name: np.broadcast_to(np.zeros((), dtype), _shape(p)) for name, dtype in names.items()}}
+        for i, (p, names) in enumerate(zip(params, header["state"]))
+    }
+    try:
+        optimizer.check_state_dict(_state_dict(header, stand_ins))
+    except (TypeError, ValueError) as exc:
+        raise _Misfit(str(exc).removeprefix("state_dict: ")) from None
+
+
+def _state_dict(header: dict[str, Any], state: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The ``state_dict()`` a checkpoint's header and ``state`` (per param: step and arrays) make."""
+    return {
+        **header["extra"],
+        "optimizer": header["optimizer"],
+        "param_groups": [{k: v if k == "params" else _tuples(v) for k, v in g.items()} for g in header["param_groups"]],
+        "state": state,
+    }
 
 
 def _shape(x: Any) -> tuple:

@@ -499,18 +499,31 @@ class Optimizer:
         dict without ``steps_skipped`` or ``rounding_counter`` (an older one) sets them to 0.
         """
         with self._lock:
-            self._load_state_dict(state_dict)
+            calls, skipped, new_groups, loaded = self._checked_state_dict(state_dict)
+            self._load_checked(calls, skipped, new_groups, loaded)
 
-    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError (or TypeError) naming the first way ``state_dict`` does not fit this
+        optimizer; change nothing. ``load_state_dict`` and ``load`` check with this."""
+        with self._lock:
+            self._checked_state_dict(state_dict)
+
+    def _checked_state_dict(self, state_dict: dict[str, Any]) -> tuple:
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
-            raise ValueError(f"state_dict: expected one saved by {type(self).__name__}, got {kind!r}")
+            raise ValueError(f"state_dict: saved by {kind}, this optimizer is {type(self).__name__}")
         calls = _saved_count("rounding_counter", state_dict.get("rounding_counter", 0))
         skipped = _saved_count("steps_skipped", state_dict.get("steps_skipped", 0))
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
-            got = len(groups) if isinstance(groups, list) else type(groups).__name__
-            raise ValueError(f"state_dict: expected {len(self.param_groups)} param groups, got {got}")
+            mine = [len(r) for r in self._ranges]
+            if isinstance(groups, list):
+                sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else "?"
+                         for g in groups]
+                got = f"it has {len(groups)} param groups of sizes {sizes}"
+            else:
+                got = f"its param_groups is a {type(groups).__name__}"
+            raise ValueError(f"state_dict: {got}, this optimizer has {len(mine)} of sizes {mine}")
         new_groups = []
         for gi, (saved, group, indices) in enumerate(zip(groups, self.param_groups, self._ranges)):
             if not isinstance(saved, dict):
@@ -536,10 +549,14 @@ class Optimizer:
             for index in indices:
                 if set(names) != set(self.state[index]):
                     raise ValueError(
-                        f"state_dict: param {index}: its hyperparameters need state {sorted(names)}, but this "
-                        f"optimizer was built with {sorted(self.state[index])} (e.g. amsgrad differs)"
+                        f"state_dict: param {index}: it holds state {sorted(names)} (its hyperparameters say), this "
+                        f"optimizer allocated {sorted(self.state[index])} (construct it with the same flags, e.g. "
+                        "amsgrad, as the saved one)"
                     )
                 loaded.append(self._check_saved_state(index, state.get(index), names))
+        return calls, skipped, new_groups, loaded
+
+    def _load_checked(self, calls: int, skipped: int, new_groups: list, loaded: list) -> None:
         steps = [step for step, _ in loaded]
         be = self._backend
         for i, (_, arrays) in enumerate(loaded):
@@ -617,18 +634,22 @@ class Optimizer:
                              f"the device and checkpoints count in), got {step!r}") from None
         got = set(saved) - {"step"}
         if got != set(names):
-            raise ValueError(f"state_dict: param {i}: expected state {sorted(names)}, got {sorted(got)}")
+            raise ValueError(f"state_dict: param {i}: it holds state {sorted(got)}, this optimizer allocated "
+                             f"{sorted(names)} (construct it with the same flags, e.g. amsgrad, as the saved one)")
         info = self._infos[i]
         arrays = {}
         for name in names:
             value = saved[name]
             dtype = self.state_dtype(i)
-            if not isinstance(value, np.ndarray) or value.shape != info.shape or value.dtype != dtype:
-                got = (value.shape, value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
-                raise ValueError(
-                    f"state_dict: param {i}: {name} expected an array of shape {info.shape} and dtype "
-                    f"{dtype}, got {got}"
-                )
+            if not isinstance(value, np.ndarray):
+                raise ValueError(f"state_dict: param {i}: state {name!r} is a {type(value).__name__}, expected an "
+                                 f"array of shape {info.shape} and dtype {dtype}")
+            if value.dtype != dtype:
+                raise ValueError(f"state_dict: param {i}: state {name!r} has dtype {value.dtype}, this optimizer's "
+                                 f"is {dtype}")
+            if value.shape != info.shape:
+                raise ValueError(f"state_dict: param {i}: state {name!r} has shape {value.shape}, the param's shape "
+                                 f"is {info.shape}")
             arrays[name] = value
         return step, arrays
 
