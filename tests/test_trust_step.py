@@ -160,6 +160,7 @@ def test_valid_counts_mark_exactly_the_views():
 # --- 5. array subclasses --------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_matrix_gradient_is_stepped_like_a_plain_array():
     a, b = _params(shapes=[(4,), (2, 3)])
     plain = [a.copy(), b.copy()]
