@@ -14,8 +14,16 @@ torch = pytest.importorskip(
     "torch", reason="torch is not installed: the parity tests against torch.optim need pip install -e '.[test]'")
 
 STEPS = 20
-# the textbook momentum and the optimizers torch.optim does not have (Lion) are ours alone
-TORCH_CASES = [c for c in CASES if not c[1].get("ema_momentum") and hasattr(torch.optim, c[0])]
+
+
+def _torch_takes(name: str, kw: dict) -> bool:
+    """Whether torch.optim has the optimizer and every keyword: the textbook momentum
+    (``ema_momentum``), Adam's ``eps_root`` and ``bias_correction=False``, AdamW's
+    ``decoupled_weight_decay`` and the optimizers torch.optim lacks (Lion) are ours alone."""
+    return hasattr(torch.optim, name) and set(kw) <= set(inspect.signature(getattr(torch.optim, name)).parameters)
+
+
+TORCH_CASES = [c for c in CASES if _torch_takes(*c)]
 TORCH_NAMES = [name for name in NAMES if hasattr(torch.optim, name)]
 
 
