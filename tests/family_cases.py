@@ -26,6 +26,7 @@ ADAM_CASES = [("Adam", _adam_keywords(flags)) for flags in FLAG_GRID] + [
     ("Adam", {"maximize": True, "weight_decay": 0.1}),
     ("Adam", {"betas": (0.5, 0.9), "eps": 1e-6, "lr": 1e-2}),
     ("Adam", {"eps_root": 1e-6, "bias_correction": False, "amsgrad": True}),
+    ("Adam", {"amsgrad": True, "betas": (0.9, 0.5)}),  # v falls often: the max binds (with beta2 near 1 it hardly does)
     ("AdamW", {}),
     ("AdamW", {"weight_decay": 0.3, "amsgrad": True, "lr": 3e-3}),
     ("AdamW", {"maximize": True, "eps_root": 1e-8}),
