@@ -10,7 +10,8 @@ import gpuadam
 from gpuadam.reference import REFERENCES
 
 # The optimizers whose signature follows torch.optim's to the letter (tests of names and defaults).
-# Adam and AdamW are not here: their ``maximize`` is positional, where PyTorch's is keyword-only.
+# Adam and AdamW are not here: their ``maximize`` is positional, where PyTorch's is keyword-only,
+# and ``eps_root`` and ``bias_correction`` are theirs alone.
 NAMES = ("SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Lion")
 
 
