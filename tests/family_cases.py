@@ -1,17 +1,41 @@
-"""The family's test cases (every optimizer and flag combination) and their float64 reference runs,
-shared by the CPU, simulator and CuPy-snippet tests."""
+"""The family's test cases (every optimizer, Adam and AdamW included, and flag combination) and their
+float64 reference runs, shared by the CPU, PyTorch-parity, simulator and CuPy-snippet tests."""
 
 from __future__ import annotations
 
 import numpy as np
+from helpers import FLAG_GRID
 
 import gpuadam
 from gpuadam.reference import REFERENCES
 
+# The optimizers whose signature follows torch.optim's to the letter (tests of names and defaults).
+# Adam and AdamW are not here: their ``maximize`` is positional, where PyTorch's is keyword-only,
+# and ``eps_root`` and ``bias_correction`` are theirs alone.
 NAMES = ("SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Lion")
 
+
+def _adam_keywords(flags: dict) -> dict:
+    """A ``helpers.FLAG_GRID`` entry (``AdamHyper`` fields) as ``Adam``'s constructor keywords."""
+    kw = {k: v for k, v in flags.items() if k not in ("beta1", "beta2")}
+    if "beta1" in flags or "beta2" in flags:
+        kw["betas"] = (flags.get("beta1", 0.9), flags.get("beta2", 0.999))
+    return kw
+
+
+ADAM_CASES = [("Adam", _adam_keywords(flags)) for flags in FLAG_GRID] + [
+    ("Adam", {"maximize": True, "weight_decay": 0.1}),
+    ("Adam", {"betas": (0.5, 0.9), "eps": 1e-6, "lr": 1e-2}),
+    ("Adam", {"eps_root": 1e-6, "bias_correction": False, "amsgrad": True}),
+    ("Adam", {"amsgrad": True, "betas": (0.9, 0.5)}),  # v falls often: the max binds (with beta2 near 1 it hardly does)
+    ("AdamW", {}),
+    ("AdamW", {"weight_decay": 0.3, "amsgrad": True, "lr": 3e-3}),
+    ("AdamW", {"maximize": True, "eps_root": 1e-8}),
+    ("AdamW", {"decoupled_weight_decay": False}),  # AdamW that is Adam with L2 decay 1e-2
+]
+
 # lr is set where the default moves too little for a wrong term to show in a 20-step trajectory.
-CASES = [
+CASES = ADAM_CASES + [
     ("SGD", {"lr": 0.05}),
     ("SGD", {"lr": 0.05, "weight_decay": 0.1, "maximize": True}),
     ("SGD", {"lr": 0.05, "momentum": 0.9}),
