@@ -52,8 +52,8 @@ class Adam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         amsgrad: bool = False,
-        maximize: bool = False,
         *,
+        maximize: bool = False,
         eps_root: float = 0.0,
         bias_correction: bool = True,
         decoupled_weight_decay: bool = False,
@@ -101,8 +101,8 @@ class AdamW(Adam):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
-        maximize: bool = False,
         *,
+        maximize: bool = False,
         eps_root: float = 0.0,
         bias_correction: bool = True,
         decoupled_weight_decay: bool = True,
@@ -115,7 +115,7 @@ class AdamW(Adam):
         half_format: str | None = None,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_root=eps_root,
+            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, eps_root=eps_root,
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
             backend=backend, skip_nonfinite=skip_nonfinite, capturable=capturable, master_weights=master_weights,
             stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,

@@ -583,6 +583,9 @@ def test_maximize_is_keyword_only_as_in_pytorch():
         gpuadam.SGD(p, 0.1, 0.9, 0.0, 0.0, False, True)
     with pytest.raises(TypeError):
         gpuadam.RMSprop(p, 0.1, 0.99, 1e-8, 0.0, 0.0, False, True)  # PyTorch's capturable
+    for cls in (gpuadam.Adam, gpuadam.AdamW):  # PyTorch's Adam takes nothing positional after amsgrad
+        with pytest.raises(TypeError):
+            cls(p, 1e-3, (0.9, 0.999), 1e-8, 0.0, False, True)
 
 
 @pytest.mark.parametrize("name", sorted({name for name, _ in CASES}))
