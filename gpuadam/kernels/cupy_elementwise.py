@@ -19,21 +19,15 @@ choice below 2**31 elements), which costs registers: for float32 on sm_90 that A
 needed 38 (75% occupancy) where the raw one needed 32, both measured before the stores went
 through ``opaque_index`` (raw: now 24).
 
-Nothing here imports CuPy at module level: ``SNIPPETS``, ``cuda_source`` and ``compile_ptx`` work
-on a machine without CuPy or a GPU; the ``ElementwiseKernel`` objects are built at first use.
+Nothing here imports CuPy at module level: ``SNIPPETS`` and ``cuda_source`` work on a machine
+without CuPy or a GPU; the ``ElementwiseKernel`` objects are built at first use. Compiling the
+source to PTX (NVRTC or nvcc) is inspection, in ``gpuadam.machine_code``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import glob
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -279,6 +273,12 @@ def launch(rule: str, arrays: tuple, c: tuple, *extra) -> None:
     elementwise_kernel(base, False, layout)(g, *scalars, *half_scalars, *outs, size=p.size)
 
 
+#: CuPy compiles every kernel with ``-ftz=true`` (``cupy.cuda.compiler`` adds it): float32 subnormals
+#: are zero in the math. ``cupy_generated_source`` passes it on, and ``machine_code`` compiles with it
+#: so that the PTX inspected is the PTX CuPy runs.
+FTZ_OPTION = "-ftz=true"
+
+
 def cupy_generated_source(kernel: str, dtype: Any, index_32_bits: bool = True) -> tuple[str, str, tuple]:
     """``(kernel_name, source, options)``: the kernel exactly as CuPy generates and compiles it.
 
@@ -311,113 +311,3 @@ def cupy_generated_source(kernel: str, dtype: Any, index_32_bits: bool = True) -
     header = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
     options = tuple(core.assemble_cupy_compiler_options(())) + (FTZ_OPTION,)
     return k.name, header + code, options
-
-
-# ---------------------------------------------------------------------------------------------
-# Compilation to PTX: NVRTC from the CUDA 13.0 wheel, else nvcc
-
-#: CuPy compiles every kernel with ``-ftz=true``; the PTX we inspect should be the PTX it runs.
-FTZ_OPTION = "-ftz=true"
-
-_NVRTC_NAMES = ("libnvrtc.so.13", "libnvrtc.so")
-
-
-def _find_nvrtc() -> str | None:
-    """Path of libnvrtc: the ``nvidia-cuda-nvrtc`` 13.0 wheel first, then ``cuda.pathfinder``."""
-    for root in sys.path:
-        for name in _NVRTC_NAMES:
-            for path in glob.glob(os.path.join(root or ".", "nvidia", "cu13", "lib", name)):
-                return path
-    try:
-        from cuda.pathfinder import load_nvidia_dynamic_lib
-
-        return load_nvidia_dynamic_lib("nvrtc").abs_path
-    except Exception:  # not installed, or no NVRTC anywhere it looks
-        return None
-
-
-@functools.cache
-def _load_nvrtc() -> Any:
-    """libnvrtc as a ctypes library, or None when it cannot be found or loaded."""
-    path = _find_nvrtc()
-    if path is None:
-        return None
-    try:
-        # libnvrtc dlopens its builtins by soname, and the wheel's lib directory is on no search
-        # path: load them first from beside it (the loader reuses a soname already loaded).
-        for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")):
-            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
-        lib = ctypes.CDLL(path)
-    except OSError:
-        return None
-    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-    return lib
-
-
-def _nvrtc_ptx(lib: Any, source: str, name: str, options: list[str]) -> str:
-    def check(result: int, what: str, log: str = "") -> None:
-        if result != 0:
-            error = lib.nvrtcGetErrorString(result).decode()
-            raise RuntimeError(f"NVRTC {what} failed for {name}: {error}\n{log}".rstrip())
-
-    prog = ctypes.c_void_p()
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None),
-          "nvrtcCreateProgram")
-    try:
-        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-        result = lib.nvrtcCompileProgram(prog, len(options), opts)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        check(result, "compilation", log.value.decode(errors="replace"))
-        check(lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
-        ptx = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-        return ptx.value.decode()
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
-def _nvcc_ptx(nvcc: str, source: str, name: str, options: list[str]) -> str:
-    with tempfile.TemporaryDirectory(prefix="gpuadam-ptx-") as tmp:
-        src, out = os.path.join(tmp, f"{name}.cu"), os.path.join(tmp, f"{name}.ptx")
-        with open(src, "w") as f:
-            f.write(source)
-        cmd = [nvcc, "-ptx", *options, "-o", out, src]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"nvcc failed for {name}: {' '.join(cmd)}\n{proc.stderr}".rstrip())
-        with open(out) as f:
-            return f.read()
-
-
-def compile_source_ptx(source: str, name: str, arch: str = "sm_90", options: tuple = ()) -> str:
-    """PTX of CUDA C++ ``source`` for ``arch``, with CuPy's ``-ftz=true`` and any extra ``options``.
-
-    NVRTC (``-arch=compute_XX``: NVRTC gives PTX only for a virtual architecture) when libnvrtc
-    loads, else ``nvcc -ptx -arch=sm_XX``; a RuntimeError says so when neither is available.
-    """
-    number = arch.split("_", 1)[-1]
-    extra = [o for o in options if o != FTZ_OPTION and not o.startswith(("-arch", "--gpu-architecture"))]
-    lib = _load_nvrtc()
-    if lib is not None:
-        return _nvrtc_ptx(lib, source, name, [f"-arch=compute_{number}", FTZ_OPTION, *extra])
-    nvcc = shutil.which("nvcc")
-    if nvcc is not None:
-        return _nvcc_ptx(nvcc, source, name, [f"-arch=sm_{number}", "--ftz=true", *extra])
-    raise RuntimeError(
-        "cannot compile CUDA C++ to PTX: libnvrtc was not found (pip install 'nvidia-cuda-nvrtc==13.0.*') "
-        "and nvcc is not on PATH"
-    )
-
-
-def compile_ptx(kernel: str, dtype: Any, arch: str = "sm_90") -> str:
-    """PTX of ``cuda_source`` for ``arch``, compiled as CuPy would (``-ftz=true``).
-
-    ``kernel`` is a rule name, optionally with a half-precision layout (``/half``, ``/master``;
-    float32 only) and then ``/device-constants`` (the variant that reads its constants from memory).
-    """
-    rule, device_constants, layout = parse_kernel(kernel)
-    name, source = cuda_source(rule, dtype, device_constants, layout)
-    return compile_source_ptx(source, name, arch)
