@@ -77,13 +77,6 @@ class OursFlatBuffer(OursOptimizer):
         super().__init__(backend)
         self.name = f"gpuadam {backend} FlatBuffer"
 
-    def unavailable(self, problem: Problem) -> str | None:
-        import gpuadam
-
-        if not hasattr(gpuadam, "FlatBuffer"):
-            return "gpuadam.FlatBuffer is not in this version of gpuadam"
-        return None
-
     def setup(self, problem: Problem, sets: int) -> Case:
         return _FlatCase(self.backend, problem, sets)
 
