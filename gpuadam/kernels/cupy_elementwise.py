@@ -15,9 +15,8 @@ store to ``m`` before ``g`` is last read would force a second load of ``g``.
 
 The arrays are ``raw`` parameters indexed by CuPy's loop index ``i``; ``launch`` passes ``size``.
 With non-raw parameters CuPy indexes every array through its strides in 32-bit arithmetic (its
-choice below 2**31 elements), which costs registers: for float32 on sm_90 that AMSGrad kernel
-needed 38 (75% occupancy) where the raw one needed 32, both measured before the stores went
-through ``opaque_index`` (raw: now 24).
+choice below 2**31 elements), which costs registers past full occupancy (figures: BENCHMARKS.md,
+"Why the kernels look as they do").
 
 Nothing here imports CuPy at module level: ``SNIPPETS`` and ``cuda_source`` work on a machine
 without CuPy or a GPU; the ``ElementwiseKernel`` objects are built at first use. Compiling the
@@ -54,10 +53,10 @@ def constant_params(rule: str) -> tuple[tuple[int, str], ...]:
 # Every kernel's stores index through ``opaque_index(i)``, a copy of ``i`` the optimizer cannot see
 # through. Indexed by ``i`` itself, each array's 64-bit address is kept live from its load across
 # the sqrt/div slow-path calls to its store, or strength-reduced into a pointer carried around the
-# loop: two registers per array. With the constants also held in registers (device constants) the
-# float32 kernels needed up to 48 and the half master kernels 35-36 (sm_90, NVRTC 13.0). Recomputed
-# after the math, for a few integer instructions per element, every float32 and half kernel fits
-# in 32, device constants included, and the float64 kernels need up to 12 fewer.
+# loop: two registers per array, which with the constants also held in registers (device
+# constants) pushed the float32 and half kernels past full occupancy. Recomputed after the math, for
+# a few integer instructions per element, every float32 and half kernel fits in 32, device constants
+# included (figures: BENCHMARKS.md, "Why the kernels look as they do").
 INDEX_SOURCE = FN_SOURCE + r"""
 GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
 #ifdef __CUDA_ARCH__

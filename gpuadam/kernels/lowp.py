@@ -128,9 +128,9 @@ def _mul32(x, k):
 # ---------------------------------------------------------------------------------------------
 # Compiled code: the same results in 16- and 32-bit integer operations and the hardware's float16
 # conversions (F16C on the host, ``cvt`` on the GPU). Numba widens integer arithmetic written in
-# Python to 64 bits, which halves the lanes of a vectorized host loop (bfloat16 half state ran
-# 3.4x the time of float32 at 2^16 on one core); the functions above stay the specification, and
-# the simulator's code. ``tests/test_lowp.py`` checks the two agree bit for bit.
+# Python to 64 bits, which halves the lanes of a vectorized host loop (BENCHMARKS.md, "Why the
+# kernels look as they do"); the functions above stay the specification, and the simulator's code.
+# ``tests/test_lowp.py`` checks the two agree bit for bit.
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 

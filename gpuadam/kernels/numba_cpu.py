@@ -29,7 +29,7 @@ from gpuadam.kernels.lowp import (
     store_rounded,  # noqa: F401 (the generated loops call it)
 )
 
-PARALLEL_MIN = 1 << 18  # with OMP_WAIT_POLICY=PASSIVE a parallel launch costs ~50 us to wake the pool
+PARALLEL_MIN = 1 << 18  # below it, waking the pool (OMP_WAIT_POLICY=PASSIVE) costs more than the loop
 
 # Numba's cache checks only the file that defines a function, not the functions it inlines: an
 # edit of the rules or conversions kept running the old machine code (seen: a cached half loop
@@ -62,8 +62,8 @@ def _half_loop(rule, n_state, fmt, stochastic, master):
     # master with the half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math
     # is float32. ``fmt``, ``stochastic`` and ``master`` are constants of the compiled loop, and the
     # param is stored here rather than by ``lowp.store_updated``: with the conversion chosen at
-    # compile time and no array handed to a helper that stores, LLVM vectorizes the loop (bfloat16
-    # half state ran 22x faster; handing the arrays to the store helper kept it scalar).
+    # compile time and no array handed to a helper that stores, LLVM vectorizes the loop (handed
+    # to the store helper, the arrays kept it scalar; figures: BENCHMARKS.md).
     state, new = state_names(n_state)
     loads = "".join(f"load({s}, i, fmt), " for s in state)
     stores = "".join(f"\n            store({s}, i, {a}, fmt)" for s, a in zip(state, new))

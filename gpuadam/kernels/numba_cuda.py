@@ -6,8 +6,8 @@ which raises on a machine without the CUDA runtime: ``gpuadam.backends`` imports
 backend is probed or used. The kernels are compiled lazily, per signature, at their first launch.
 
 Unsigned 64-bit indices on purpose: a signed induction variable lets LLVM prove the trip count and
-unroll the loop 4x, which holds four elements' loads in flight and pushes the float32 Adam kernel
-past 32 registers (below full occupancy); the unsigned loop compiles to one lean body.
+unroll the loop, whose elements' loads in flight then cost registers past full occupancy; the
+unsigned loop compiles to one lean body (figures: BENCHMARKS.md, "Why the kernels look as they do").
 
 Each kernel starts with ``load_constants(c)``: ``c`` is a tuple argument, or a device array that
 ``prepare_kernel`` wrote (clipping, skipping, capturable), read once per thread.
@@ -39,12 +39,12 @@ def opaque_index(i):
     """``i``, as a value the compiler cannot see through: the plain kernels store at it.
 
     Stored at ``i`` itself, each array's address is kept live from its load across the sqrt/div
-    slow paths of the rule to its store: two registers per array, and with the constants read from
-    a device array also held in registers the float32 kernels needed up to 38 (sm_90; Adam 35,
-    AMSGrad 38, NAdam 36, RAdam 34). Recomputed after the math, for a few integer instructions per
-    element, every float32 kernel fits in 32 (14-30 with device constants) and the float64 ones
-    need up to 8 fewer. The CuPy kernels do the same (``cupy_elementwise.INDEX_SOURCE``). In the
-    simulator this runs as plain Python.
+    slow paths of the rule to its store: two registers per array, which with the constants read
+    from a device array pushed the float32 kernels past full occupancy. Recomputed after the math,
+    for a few integer instructions per element, every float32 kernel fits in 32 registers
+    (``tests/test_machine_code.py``; figures: BENCHMARKS.md, "Why the kernels look as they do").
+    The CuPy kernels do the same (``cupy_elementwise.INDEX_SOURCE``). In the simulator this runs
+    as plain Python.
     """
     return i
 
