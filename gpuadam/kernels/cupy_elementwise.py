@@ -73,7 +73,8 @@ GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
 #   "half"    every array holds half bits; the param is rounded as ``lowp.store_param`` says
 #             (to nearest even, or stochastically for bfloat16), the state to nearest even;
 #   "master"  the param is a float32 master with float32 state, the gradient holds half bits, and
-#             the half param ``p16`` gets the new master rounded to nearest even in the same pass.
+#             the half param (``half_param``) gets the new master rounded to nearest even in the
+#             same pass.
 # Each element is read BY VALUE into a float local widened from its storage, the snippet runs on
 # the locals, and each output is stored once after it: the snippet text stays the one of float32.
 # On the host (g++, no contraction) the result is bit for bit the Numba CPU loops'; on a GPU, NVRTC
@@ -82,7 +83,7 @@ GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
 
 HALF_LAYOUTS = ("half", "master")
 
-#: The half format and stochastic rounding's ``(stochastic, seed, counter)``, as ``lowp``'s ``lp``;
+#: The half format and stochastic rounding's ``(stochastic, seed, counter)``: ``lowp``'s ``rounding``;
 #: a master kernel always rounds to nearest even and takes the format only.
 _HALF_SCALARS = {"half": (("int32", "fmt"), ("int32", "stochastic"), ("uint32", "seed"), ("uint32", "counter")),
                  "master": (("int32", "fmt"),)}
@@ -112,7 +113,7 @@ def kernel_params(rule: str, device_constants: bool = False,
     ins += [(True, f32, "c")] if device_constants else [(False, f32, n) for _, n in constant_params(rule)]
     ins += [(False, t, n) for t, n in _HALF_SCALARS.get(layout, ())]
     outs = [(True, half if layout == "half" else f32, f"raw_{n}") for n in OUTPUTS[rule]]
-    outs += [(True, "uint16", "raw_p16")] if layout == "master" else []
+    outs += [(True, "uint16", "raw_half_param")] if layout == "master" else []
     return tuple(ins), tuple(outs)
 
 
@@ -159,7 +160,7 @@ def operation(rule: str, device_constants: bool = False, layout: str | None = No
     else:
         bind += [f"T {n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
         store += [f"raw_{n}[i_store] = {n};\n" for n in OUTPUTS[rule]]
-        store += ["raw_p16[i_store] = lowp_store_half(p, fmt);\n"]
+        store += ["raw_half_param[i_store] = lowp_store_half(p, fmt);\n"]
     return "".join(bind) + SNIPPETS[rule] + "".join(store)
 
 
@@ -248,21 +249,22 @@ def launch(rule: str, arrays: tuple, c: tuple, *extra) -> None:
     allocates nothing and writes them in place; with only raw arrays CuPy takes the loop length
     from ``size`` (shapes were validated upstream).
 
-    Half storage (``rule`` ``NAME/half``, as the Numba kernels are named) passes ``extra = (lp,
-    p16)`` as they take it, ``lp = (format, stochastic, seed, counter)``: uint16 ``p`` is the half
-    param (the "half" layout; ``p16`` is ``p`` itself), float32 ``p`` the master of ``p16``.
+    Half storage (``rule`` ``NAME/half``, as the Numba kernels are named) passes ``extra =
+    (rounding, half_param)`` as they take it, ``rounding = (format, stochastic, seed, counter)``:
+    uint16 ``p`` is the half param (the "half" layout; ``half_param`` is ``p`` itself), float32
+    ``p`` the master of ``half_param``.
     """
     base = rule.removesuffix("/half")
     p, g, *state = arrays
     layout, outs, half_scalars = None, (p, *state), ()
     if extra:
-        (fmt, stochastic, seed, counter), p16 = extra
+        (fmt, stochastic, seed, counter), half_param = extra
         if p.dtype == np.uint16:
             # seed and counter are lowp's 32-bit words: the counter wraps as its hash masks it
             layout, half_scalars = "half", (np.int32(fmt), np.int32(stochastic), np.uint32(seed & 0xFFFFFFFF),
                                             np.uint32(counter & 0xFFFFFFFF))
         else:
-            layout, half_scalars, outs = "master", (np.int32(fmt),), (p, *state, p16)
+            layout, half_scalars, outs = "master", (np.int32(fmt),), (p, *state, half_param)
     if not isinstance(c, tuple):  # constants written on the device: any CUDA array of T
         import cupy
 

@@ -86,40 +86,43 @@ def make(rule):
 
 def _half_kernel(rule, n_state):
     # Half-precision storage (``lowp``): ``p`` is the half param, or the float32 master with the
-    # half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math is float32.
+    # half param in ``half_param``; ``rounding = (format, stochastic, seed, counter)``; the math is
+    # float32.
     state, new = state_names(n_state)
     loads = "".join(f"load({s}, i, f), " for s in state)
     stores = "".join(f"\n            store({s}, i, {a}, f)" for s, a in zip(state, new))
     return generated(f"""
 def make(rule):
-    def kernel(p, g, {"".join(f"{s}, " for s in state)}c, lp, p16):
+    def kernel(p, g, {"".join(f"{s}, " for s in state)}c, rounding, half_param):
         c = load_constants(c)
         if c[SKIP] != 0:
             return
-        f = lp[0]
+        f = rounding[0]
         i = uint64(cuda.grid(1))
         stride = uint64(cuda.gridsize(1))
         n = uint64(p.size)
         while i < n:
             {", ".join(["x", *new])} = rule(load(p, i, f), load(g, i, f), {loads}c)
-            store_updated(p, p16, i, x, lp){stores}
+            store_updated(p, half_param, i, x, rounding){stores}
             i += stride
     return kernel
 """, globals(), __file__, rule)
 
 
-def _named(kernel, name):
+def _renamed(kernel, name):
+    """``kernel`` itself, renamed in place (no copy, no stamp: CUDA kernels are not cached on disk),
+    so PTX and profilers show which rule it runs."""
     kernel.__name__ = kernel.__qualname__ = name
     return kernel
 
 
 #: Python kernels by name, with their count of arrays (p, g and the state): ``"adam"`` etc. take
-#: ``(p, g, *state, c)``, ``"adam/half"`` etc. ``(p, g, *state, c, lp, p16)``. ``gpuadam inspect``
-#: compiles every one.
+#: ``(p, g, *state, c)``, ``"adam/half"`` etc. ``(p, g, *state, c, rounding, half_param)``.
+#: ``gpuadam inspect`` compiles every one.
 KERNELS = {}
 for _name, _rule in rules.RULES.items():
-    KERNELS[_name] = (_named(_plain_kernel(_rule.element, _rule.n_state), f"{_name}_kernel"), _rule.n_state + 2)
-    KERNELS[f"{_name}/half"] = (_named(_half_kernel(_rule.element, _rule.n_state), f"{_name}_half_kernel"),
+    KERNELS[_name] = (_renamed(_plain_kernel(_rule.element, _rule.n_state), f"{_name}_kernel"), _rule.n_state + 2)
+    KERNELS[f"{_name}/half"] = (_renamed(_half_kernel(_rule.element, _rule.n_state), f"{_name}_half_kernel"),
                                 _rule.n_state + 2)
 
 
