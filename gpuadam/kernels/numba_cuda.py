@@ -89,20 +89,20 @@ def _half_kernel(rule, n_state):
     # half param in ``half_param``; ``rounding = (format, stochastic, seed, counter)``; the math is
     # float32.
     state, new = state_names(n_state)
-    loads = "".join(f"load({s}, i, f), " for s in state)
-    stores = "".join(f"\n            store({s}, i, {a}, f)" for s, a in zip(state, new))
+    loads = "".join(f"load({s}, i, fmt), " for s in state)
+    stores = "".join(f"\n            store({s}, i, {a}, fmt)" for s, a in zip(state, new))
     return generated(f"""
 def make(rule):
     def kernel(p, g, {"".join(f"{s}, " for s in state)}c, rounding, half_param):
         c = load_constants(c)
         if c[SKIP] != 0:
             return
-        f = rounding[0]
+        fmt = rounding[0]
         i = uint64(cuda.grid(1))
         stride = uint64(cuda.gridsize(1))
         n = uint64(p.size)
         while i < n:
-            {", ".join(["x", *new])} = rule(load(p, i, f), load(g, i, f), {loads}c)
+            {", ".join(["x", *new])} = rule(load(p, i, fmt), load(g, i, fmt), {loads}c)
             store_updated(p, half_param, i, x, rounding){stores}
             i += stride
     return kernel
