@@ -32,7 +32,6 @@ import numpy as np
 import gpuadam
 from gpuadam.outputs import check_output_dir
 
-NOT_AVAILABLE = "not available in this version"
 PNG_NAME = "demo_losses.png"
 JSON_NAME = "demo_table.json"
 DEFAULT_STEPS = 2000
@@ -275,7 +274,6 @@ def train_one(
     pred_item, pred_domain = net.predict(xt)
     return {
         "optimizer": contender.label,
-        "available": True,
         "class": contender.class_name,
         "kwargs": dict(contender.kwargs),
         "linestyle": contender.linestyle,
@@ -303,12 +301,6 @@ def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: 
     start = time.perf_counter()
     results = []
     for contender in CONTENDERS:
-        if not hasattr(gpuadam, contender.class_name):
-            results.append({
-                "optimizer": contender.label, "available": False, "class": contender.class_name,
-                "kwargs": dict(contender.kwargs), "note": NOT_AVAILABLE,
-            })
-            continue
         results.append(train_one(contender, config, backend, xp, data, init, schedule, progress))
     seconds = time.perf_counter() - start
     out = Path(out)
@@ -341,11 +333,7 @@ def plot_curves(results: list[dict], config: Config, backend: str, initial: floa
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     window = max(1, config.steps // 40)
-    missing = []
     for i, r in enumerate(results):
-        if not r["available"]:
-            missing.append(r["optimizer"])
-            continue
         args = ", ".join(f"{k}={v:g}" for k, v in r["kwargs"].items())
         ax.plot(np.arange(1, len(r["curve"]) + 1), smooth(r["curve"], window), lw=1.8, color=f"C{i}", ls=r["linestyle"],
                 label=f"{r['optimizer']} ({args})")
@@ -356,8 +344,6 @@ def plot_curves(results: list[dict], config: Config, backend: str, initial: floa
     ax.set_title(f"Two-headed digits classifier (10 items x 3 domains), gpuadam on {backend}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right", fontsize=9)
-    if missing:
-        fig.supxlabel(f"{NOT_AVAILABLE}: {', '.join(missing)}", fontsize=8, color="0.4")
     fig.savefig(path, dpi=120)
 
 
@@ -365,9 +351,6 @@ def format_table(table: dict[str, Any]) -> str:
     head = f"{'optimizer':10s} {'final loss':>10s} {'item acc':>9s} {'domain acc':>10s} {'step (us)':>10s}"
     lines = [head, "-" * len(head)]
     for r in table["results"]:
-        if not r["available"]:
-            lines.append(f"{r['optimizer']:10s} {r['note']}")
-            continue
         loss = "diverged" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
         lines.append(
             f"{r['optimizer']:10s} {loss:>10s} {r['item_accuracy']:>9.1%} {r['domain_accuracy']:>10.1%} "

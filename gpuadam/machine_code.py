@@ -1,24 +1,32 @@
 """Compile every GPU kernel for real (no GPU needed) and read its machine code.
 
-Numba's kernels go through ``numba.cuda.compile_ptx`` (libNVVM), CuPy's CUDA source through
-NVRTC or nvcc; ``ptxas -v`` then assembles each PTX for the target and reports registers, spills
-and stack. From the PTX we count float64 instructions and global loads/stores. This is how the
-GPU code is held to its bar on machines without a GPU (``gpuadam inspect``).
+Numba's kernels go through ``numba.cuda.compile_ptx`` (libNVVM), CuPy's CUDA source
+(``cupy_elementwise.cuda_source``) through NVRTC or nvcc (``cupy_ptx``: the toolchain lives here,
+with inspection; at run time CuPy compiles its kernels itself); ``ptxas -v`` then assembles each PTX
+for the target and reports registers, spills and stack. From the PTX we count float64 instructions
+and global loads/stores. This is how the GPU code is held to its bar on machines without a GPU
+(``gpuadam inspect``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import glob
 import math
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gpuadam.kernels import cupy_elementwise
+from gpuadam.kernels.cupy_elementwise import FTZ_OPTION
 from gpuadam.kernels.rules import N_CONSTANTS
 
 DTYPES = ("float32", "float64")
@@ -220,10 +228,115 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
     return ptx
 
 
-def _cupy_compiler_missing() -> str | None:
-    from gpuadam.kernels import cupy_elementwise
+# ---------------------------------------------------------------------------------------------
+# CuPy's CUDA source to PTX: NVRTC from the CUDA 13.0 wheel, else nvcc, with CuPy's FTZ_OPTION
 
-    if cupy_elementwise._load_nvrtc() is None and shutil.which("nvcc") is None:
+_NVRTC_NAMES = ("libnvrtc.so.13", "libnvrtc.so")
+
+
+def find_nvrtc() -> str | None:
+    """Path of libnvrtc: the ``nvidia-cuda-nvrtc`` 13.0 wheel first, then ``cuda.pathfinder``."""
+    for root in sys.path:
+        for name in _NVRTC_NAMES:
+            for path in glob.glob(os.path.join(root or ".", "nvidia", "cu13", "lib", name)):
+                return path
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        return load_nvidia_dynamic_lib("nvrtc").abs_path
+    except Exception:  # not installed, or no NVRTC anywhere it looks
+        return None
+
+
+@functools.cache
+def load_nvrtc() -> ctypes.CDLL | None:
+    """libnvrtc as a ctypes library, or None when it cannot be found or loaded."""
+    path = find_nvrtc()
+    if path is None:
+        return None
+    try:
+        # libnvrtc dlopens its builtins by soname, and the wheel's lib directory is on no search
+        # path: load them first from beside it (the loader reuses a soname already loaded).
+        for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")):
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def _nvrtc_ptx(lib: ctypes.CDLL, source: str, name: str, options: list[str]) -> str:
+    def check(result: int, what: str, log: str = "") -> None:
+        if result != 0:
+            error = lib.nvrtcGetErrorString(result).decode()
+            raise RuntimeError(f"NVRTC {what} failed for {name}: {error}\n{log}".rstrip())
+
+    prog = ctypes.c_void_p()
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None),
+          "nvrtcCreateProgram")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        result = lib.nvrtcCompileProgram(prog, len(options), opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        check(result, "compilation", log.value.decode(errors="replace"))
+        check(lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
+        ptx = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _nvcc_ptx(nvcc: str, source: str, name: str, options: list[str]) -> str:
+    with tempfile.TemporaryDirectory(prefix="gpuadam-ptx-") as tmp:
+        src, out = os.path.join(tmp, f"{name}.cu"), os.path.join(tmp, f"{name}.ptx")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [nvcc, "-ptx", *options, "-o", out, src]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {name}: {' '.join(cmd)}\n{proc.stderr}".rstrip())
+        with open(out) as f:
+            return f.read()
+
+
+def compile_source_ptx(source: str, name: str, arch: str = "sm_90", options: tuple = ()) -> str:
+    """PTX of CUDA C++ ``source`` for ``arch``, with CuPy's ``-ftz=true`` and any extra ``options``.
+
+    NVRTC (``-arch=compute_XX``: NVRTC gives PTX only for a virtual architecture) when libnvrtc
+    loads, else ``nvcc -ptx -arch=sm_XX``; a RuntimeError says so when neither is available.
+    """
+    number = arch.split("_", 1)[-1]
+    extra = [o for o in options if o != FTZ_OPTION and not o.startswith(("-arch", "--gpu-architecture"))]
+    lib = load_nvrtc()
+    if lib is not None:
+        return _nvrtc_ptx(lib, source, name, [f"-arch=compute_{number}", FTZ_OPTION, *extra])
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        return _nvcc_ptx(nvcc, source, name, [f"-arch=sm_{number}", "--ftz=true", *extra])
+    raise RuntimeError(
+        "cannot compile CUDA C++ to PTX: libnvrtc was not found (pip install 'nvidia-cuda-nvrtc==13.0.*') "
+        "and nvcc is not on PATH"
+    )
+
+
+def cupy_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
+    """PTX of ``cupy_elementwise.cuda_source`` for ``arch``, compiled as CuPy would (``-ftz=true``).
+
+    ``kernel`` is a rule name, optionally with a half-precision layout (``/half``, ``/master``;
+    float32 only) and then ``/device-constants`` (the variant that reads its constants from memory).
+    """
+    rule, device_constants, layout = cupy_elementwise.parse_kernel(kernel)
+    name, source = cupy_elementwise.cuda_source(rule, dtype, device_constants, layout)
+    return compile_source_ptx(source, name, arch)
+
+
+def _cupy_compiler_missing() -> str | None:
+    if load_nvrtc() is None and shutil.which("nvcc") is None:
         return f"neither libnvrtc (the nvidia-cuda-nvrtc wheel) nor nvcc is here: {INSTALL_HINT}"
     return None
 
@@ -244,14 +357,12 @@ def inspect_kernels(
     jobs = [("numba-cuda", k + v, numba_ptx, DTYPES) for k in plain for v in ("", DEVICE_CONSTANTS)]
     jobs += [("numba-cuda", k + v, numba_ptx, ("float32",)) for k in plain for v in ("/master", "/half")]
     try:
-        from gpuadam.kernels import cupy_elementwise
-
         missing = _cupy_compiler_missing()
         if missing is not None:
             raise ToolMissing(missing)
-        jobs += [("cupy", k + v, cupy_elementwise.compile_ptx, DTYPES)
+        jobs += [("cupy", k + v, cupy_ptx, DTYPES)
                  for k in cupy_elementwise.SNIPPETS for v in ("", DEVICE_CONSTANTS)]
-        jobs += [("cupy", f"{k}/{layout}{v}", cupy_elementwise.compile_ptx, ("float32",))
+        jobs += [("cupy", f"{k}/{layout}{v}", cupy_ptx, ("float32",))
                  for k in cupy_elementwise.SNIPPETS for layout in cupy_elementwise.HALF_LAYOUTS
                  for v in ("", DEVICE_CONSTANTS)]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here

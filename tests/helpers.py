@@ -76,9 +76,9 @@ def adam_kwargs(hyper: AdamHyper) -> dict:
 def ptx_from_child(code: str) -> dict:
     """Run ``code`` (which prints a JSON dict, typically of PTX) in a child process: the house compiles
     PTX away from the test process. Skips when neither NVRTC nor nvcc is there."""
-    from gpuadam.kernels import cupy_elementwise as ce
+    from gpuadam.machine_code import find_nvrtc
 
-    if ce._find_nvrtc() is None and shutil.which("nvcc") is None:
+    if find_nvrtc() is None and shutil.which("nvcc") is None:
         pytest.skip("neither libnvrtc (nvidia-cuda-nvrtc wheel) nor nvcc is available")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

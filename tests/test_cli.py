@@ -14,7 +14,7 @@ import gpuadam
 from gpuadam import backends, cli, demo, machine_code
 from gpuadam.backends import BackendStatus
 from gpuadam.bench import command as bench_command
-from gpuadam.bench.suite import Progress
+from gpuadam.bench.progress import Progress
 
 
 def _one_line_error(capsys, prefix: str) -> str:

@@ -476,11 +476,11 @@ out = {}
 for rule in ce.SNIPPETS:
     for variant in VARIANTS:
         kernel = rule + variant
-        sources = {"ours": ce.compile_ptx(kernel, "float32", ARCH)}
+        sources = {"ours": mc.cupy_ptx(kernel, "float32", ARCH)}
         if cupy is not None:
             for bits in (32, 64):
                 name, src, options = ce.cupy_generated_source(kernel, "float32", index_32_bits=bits == 32)
-                sources[f"cupy{bits}"] = ce.compile_source_ptx(src, name, ARCH, options)
+                sources[f"cupy{bits}"] = mc.compile_source_ptx(src, name, ARCH, options)
         for origin, ptx in sources.items():
             try:
                 resources = mc.ptxas_resources(ptx, ARCH)

@@ -222,20 +222,21 @@ VARIANTS = ["", "/device-constants"]
 
 _COMPILE = """
 import json, sys
+from gpuadam import machine_code as mc
 from gpuadam.kernels import cupy_elementwise as ce
 out = {}
 for rule in ce.SNIPPETS:
     for variant in VARIANTS:
         kernel = rule + variant
         for dtype in ("float32", "float64"):
-            out[f"{kernel}-{dtype}"] = ce.compile_ptx(kernel, dtype, ARCH)
+            out[f"{kernel}-{dtype}"] = mc.cupy_ptx(kernel, dtype, ARCH)
             try:
                 import cupy  # noqa: F401  (CuPy's own generator needs CuPy, not a GPU)
             except Exception:
                 continue
             for bits in (32, 64):
                 name, src, options = ce.cupy_generated_source(kernel, dtype, index_32_bits=bits == 32)
-                out[f"{kernel}-{dtype}-cupy{bits}"] = ce.compile_source_ptx(src, name, ARCH, options)
+                out[f"{kernel}-{dtype}-cupy{bits}"] = mc.compile_source_ptx(src, name, ARCH, options)
 json.dump(out, sys.stdout)
 """.replace("ARCH", repr(ARCH)).replace("VARIANTS", repr(VARIANTS))
 

@@ -10,10 +10,14 @@ Reading order:
 - ``ours``      - the public ``Adam.step``, ``FlatBuffer``, ``adam_step`` and the raw kernel launch,
                   so host overhead shows separately
 - ``peers``     - NumPy, PyTorch, optax, DeepSpeed, each only if importable
+- ``config``    - ``Config``, what to run and how hard; ``progress``: the progress bar
 - ``timing``    - CPU: ``perf_counter``, implementations interleaved round-robin; GPU: CUDA events
                   around the launches, buffer sets rotated past the L2 cache; and verification:
                   every implementation checked against ``gpuadam.reference`` before it is timed
-- ``suite``     - ``Config`` and ``run``; ``report``: table, JSON, PNG; ``command``: the CLI
+- ``report``    - table, JSON, PNG, from the timed entries
+- ``suite``     - ``run``: the batches, timed, then reported; ``command``: the CLI
+
+Each module imports only those listed above it (``tests/test_layers.py`` fails on a circle).
 
 Byte accounting: a step must read every array it uses once and write every array it changes once;
 for Adam that is p, g, m, v read and p, m, v written, ``7 * itemsize`` = 28 B/element in float32
@@ -27,6 +31,7 @@ it nor for us).
 from gpuadam.bench.cases import Case, Implementation
 from gpuadam.bench.ceiling import CUPY_CEILING, Ceiling, ceiling_kernel
 from gpuadam.bench.command import config_from_args, main
+from gpuadam.bench.config import Config
 from gpuadam.bench.ours import OursFlatBuffer, OursFunctional, OursLaunch, OursOptimizer
 from gpuadam.bench.peers import DeepSpeedPeer, NumpyPeer, OptaxPeer, TorchPeer, numpy_adam
 from gpuadam.bench.problems import (
@@ -41,7 +46,7 @@ from gpuadam.bench.problems import (
     parse_sizes,
 )
 from gpuadam.bench.report import format_table, plot, report, write_json
-from gpuadam.bench.suite import Config, run
+from gpuadam.bench.suite import run
 from gpuadam.bench.timing import ulp, verify
 
 __all__ = [

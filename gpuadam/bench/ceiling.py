@@ -18,9 +18,9 @@ from gpuadam.kernels.numba_cpu import PARALLEL_MIN
 # Adam:    p, m, v = g, p, m + v              reads p g m v, writes p m v
 # AMSGrad: p, m, v, x = g, p, m + v, x + v    reads p g m v x, writes p m v x
 # Half state: the same on the 16-bit patterns (integer sums, wrapping). Master weights, float32
-# w, m, v (and x) beside the half p and g, as our kernels take them: (w, g, m, v[, x], p16):
-# Adam:    w, m, v, p16 = m, w, m + v, g            reads w g m v, writes w m v p16
-# AMSGrad: w, m, v, x, p16 = m, w, m + v, x + v, g  reads w g m v x, writes w m v x p16
+# w, m, v (and x) beside the half p and g, as our kernels take them: (w, g, m, v[, x], half_param):
+# Adam:    w, m, v, half_param = m, w, m + v, g            reads w g m v, writes w m v half_param
+# AMSGrad: w, m, v, x, half_param = m, w, m + v, x + v, g  reads w g m v x, writes w m v x half_param
 
 
 @njit(parallel=True, cache=True)
@@ -48,27 +48,27 @@ def _ceiling_amsgrad_serial(p, g, m, v, w):
 
 
 @njit(parallel=True, cache=True)
-def _ceiling_adam_master_parallel(w, g, m, v, p16):
+def _ceiling_adam_master_parallel(w, g, m, v, half_param):
     for i in prange(w.size):
-        w[i], m[i], v[i], p16[i] = m[i], w[i], m[i] + v[i], g[i]
+        w[i], m[i], v[i], half_param[i] = m[i], w[i], m[i] + v[i], g[i]
 
 
 @njit(cache=True)
-def _ceiling_adam_master_serial(w, g, m, v, p16):
+def _ceiling_adam_master_serial(w, g, m, v, half_param):
     for i in range(w.size):
-        w[i], m[i], v[i], p16[i] = m[i], w[i], m[i] + v[i], g[i]
+        w[i], m[i], v[i], half_param[i] = m[i], w[i], m[i] + v[i], g[i]
 
 
 @njit(parallel=True, cache=True)
-def _ceiling_amsgrad_master_parallel(w, g, m, v, x, p16):
+def _ceiling_amsgrad_master_parallel(w, g, m, v, x, half_param):
     for i in prange(w.size):
-        w[i], m[i], v[i], x[i], p16[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
+        w[i], m[i], v[i], x[i], half_param[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
 
 
 @njit(cache=True)
-def _ceiling_amsgrad_master_serial(w, g, m, v, x, p16):
+def _ceiling_amsgrad_master_serial(w, g, m, v, x, half_param):
     for i in range(w.size):
-        w[i], m[i], v[i], x[i], p16[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
+        w[i], m[i], v[i], x[i], half_param[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
 
 
 def _threaded(parallel: Callable, serial: Callable) -> Callable:
@@ -107,15 +107,17 @@ CUPY_CEILING = {
                 "const T g = raw_g[i]; const T p = raw_p[i]; const T v = raw_v[i];\n"
                 "const T s = raw_m[i] + v; const T w = raw_w[i] + v;\n"
                 "raw_p[i] = g; raw_m[i] = p; raw_v[i] = s; raw_w[i] = w;"),
-    "adam/master": ("raw uint16 raw_g", "raw float32 raw_w, raw float32 raw_m, raw float32 raw_v, raw uint16 raw_p16",
+    "adam/master": ("raw uint16 raw_g",
+                    "raw float32 raw_w, raw float32 raw_m, raw float32 raw_v, raw uint16 raw_half_param",
                     "const unsigned short g = raw_g[i]; const float w = raw_w[i]; const float m = raw_m[i];\n"
                     "const float s = m + raw_v[i];\n"
-                    "raw_w[i] = m; raw_m[i] = w; raw_v[i] = s; raw_p16[i] = g;"),
+                    "raw_w[i] = m; raw_m[i] = w; raw_v[i] = s; raw_half_param[i] = g;"),
     "amsgrad/master": ("raw uint16 raw_g",
-                       "raw float32 raw_w, raw float32 raw_m, raw float32 raw_v, raw float32 raw_x, raw uint16 raw_p16",
+                       "raw float32 raw_w, raw float32 raw_m, raw float32 raw_v, raw float32 raw_x, "
+                       "raw uint16 raw_half_param",
                        "const unsigned short g = raw_g[i]; const float w = raw_w[i]; const float m = raw_m[i];\n"
                        "const float v = raw_v[i]; const float s = m + v; const float x = raw_x[i] + v;\n"
-                       "raw_w[i] = m; raw_m[i] = w; raw_v[i] = s; raw_x[i] = x; raw_p16[i] = g;"),
+                       "raw_w[i] = m; raw_m[i] = w; raw_v[i] = s; raw_x[i] = x; raw_half_param[i] = g;"),
 }
 
 
@@ -133,7 +135,7 @@ def _cupy_ceiling() -> dict[str, Callable]:
 
 def ceiling_kernel(backend: str, rule: str, master: bool = False) -> Callable:
     """The ceiling kernel of ``backend`` for ``rule``: ``kernel(p, g, m, v[, vmax])`` (any dtype,
-    16-bit patterns for half state), or with ``master`` ``kernel(w, g, m, v[, vmax], p16)``."""
+    16-bit patterns for half state), or with ``master`` ``kernel(w, g, m, v[, vmax], half_param)``."""
     table = {"numba-cpu": _cpu_ceiling, "numba-cuda": _numba_cuda_ceiling, "cupy": _cupy_ceiling}
     return table[backend]()[f"{rule}/master" if master else rule]
 

@@ -29,25 +29,25 @@ def move_amsgrad(p, g, m, v, w):
         i += stride
 
 
-def move_adam_master(w, g, m, v, p16):
+def move_adam_master(w, g, m, v, half_param):
     i = uint64(cuda.grid(1))
     stride = uint64(cuda.gridsize(1))
     n = uint64(w.size)
     while i < n:
-        w[i], m[i], v[i], p16[i] = m[i], w[i], m[i] + v[i], g[i]
+        w[i], m[i], v[i], half_param[i] = m[i], w[i], m[i] + v[i], g[i]
         i += stride
 
 
-def move_amsgrad_master(w, g, m, v, x, p16):
+def move_amsgrad_master(w, g, m, v, x, half_param):
     i = uint64(cuda.grid(1))
     stride = uint64(cuda.gridsize(1))
     n = uint64(w.size)
     while i < n:
-        w[i], m[i], v[i], x[i], p16[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
+        w[i], m[i], v[i], x[i], half_param[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
         i += stride
 
 
-#: By rule; ``/master``: float32 master, moments (and max) beside the 16-bit g and p16. Half state
+#: By rule; ``/master``: float32 master, moments (and max) beside the 16-bit g and half param. Half state
 #: runs the plain kernels on the 16-bit patterns.
 KERNELS = {"adam": move_adam, "amsgrad": move_amsgrad,
            "adam/master": move_adam_master, "amsgrad/master": move_amsgrad_master}

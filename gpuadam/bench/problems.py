@@ -32,8 +32,7 @@ TINY = 64  # elements of the tensor that measures per-step host overhead
 MANY_COUNT = 400
 MANY_RANGE = (1_000, 100_000)
 #: Elements per block of the NumPy peer: its two scratch blocks and the array blocks stay in cache,
-#: so the dozen ufunc passes per element hit cache instead of memory (on a 32 MB-L3 EPYC, 2^16 to
-#: 2^18 were best; unblocked was 1.9x slower at 2^24 elements).
+#: so the dozen ufunc passes per element hit cache instead of memory (figures: BENCHMARKS.md).
 NUMPY_BLOCK = 1 << 18
 
 STATE_NAMES = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax", "master": "w"}

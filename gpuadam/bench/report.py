@@ -7,9 +7,10 @@ import json
 import os
 import platform
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpuadam import backends
+from gpuadam.bench.config import Config
 from gpuadam.bench.problems import (
     CPU,
     OPTIMIZERS,
@@ -22,10 +23,8 @@ from gpuadam.bench.problems import (
     numpy_dtype,
     size_label,
 )
+from gpuadam.bench.timing import Entry
 
-if TYPE_CHECKING:
-    from gpuadam.bench.suite import Config
-    from gpuadam.bench.timing import Entry
 
 def _ceiling_for(entry: Entry, entries: list[Entry]) -> Entry | None:
     """The ceiling this entry is compared with: its own backend's, else the best on its device."""

@@ -1,20 +1,19 @@
-"""What to run (``Config``), in batches alive one at a time, with a progress bar: ``run``."""
+"""What to run (a ``Config``), in batches alive one at a time, with a progress bar: ``run``."""
 
 from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from gpuadam import backends
 from gpuadam.bench.cases import Implementation, device_of
 from gpuadam.bench.ceiling import Ceiling
+from gpuadam.bench.config import Config
 from gpuadam.bench.ours import (
     OursFlatBuffer,
     OursFunctional,
@@ -23,132 +22,12 @@ from gpuadam.bench.ours import (
     our_implementations,
 )
 from gpuadam.bench.peers import TorchPeer, peer_implementations
-from gpuadam.bench.problems import (
-    DEFAULT_SIZES,
-    DTYPES,
-    LOW_PRECISION,
-    MANY_COUNT,
-    MANY_RANGE,
-    OPTIMIZERS,
-    QUICK_SIZES,
-    TINY,
-    Problem,
-    make_problem,
-    many_sizes,
-    numpy_dtype,
-)
+from gpuadam.bench.problems import OPTIMIZERS, TINY, Problem, make_problem, many_sizes, numpy_dtype
+from gpuadam.bench.progress import Progress
 from gpuadam.bench.report import report
 from gpuadam.bench.timing import Entry, run_entries
 
-
-@dataclass
-class Config:
-    """What to benchmark and how hard; ``Config.quick()`` for a smoke run."""
-
-    sizes: tuple[int, ...] = DEFAULT_SIZES
-    sweep: bool = True
-    many: bool = False
-    overhead: bool = True
-    backends: tuple[str, ...] | None = None  # None: every available one
-    optimizers: tuple[str, ...] = ("adam",)
-    dtype: str = "float32"
-    master_weights: bool = False  # half params with float32 master weights and state
-    peers: bool = True
-    repeat: int = 5  # timed samples per implementation and round
-    rounds: int = 3  # fresh allocations, each in a rotated order (see timing.run_entries)
-    min_time: float = 0.02  # seconds per sample
-    max_steps: int = 10_000  # steps per sample at most
-    max_sets: int = 64  # GPU buffer sets at most
-    many_count: int = MANY_COUNT
-    many_range: tuple[int, int] = MANY_RANGE
-    seed: int = 0
-    quick: bool = False
-    progress: bool = True
-
-    @classmethod
-    def quick_defaults(cls, **kw: Any) -> Config:
-        base = dict(sizes=QUICK_SIZES, repeat=3, rounds=1, min_time=0.002, max_sets=4, many_count=40,
-                    many_range=(100, 1000), quick=True)
-        return cls(**{**base, **kw})
-
-    def check(self) -> None:
-        """A one-line ValueError naming the flag, what was given and what is accepted."""
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype: got {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-        if self.master_weights and self.dtype not in LOW_PRECISION:
-            raise ValueError(f"--master-weights: got --dtype {self.dtype}; float32 master weights are for "
-                             f"{'/'.join(LOW_PRECISION)} params")
-        if self.dtype == "bfloat16":
-            try:
-                numpy_dtype(self.dtype)
-            except ImportError:
-                raise ValueError("--dtype bfloat16 needs ml_dtypes on the host: pip install 'gpuadam[half]'") from None
-        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
-        if unknown or not self.optimizers:
-            raise ValueError(f"--optimizers: got {','.join(unknown) or 'nothing'}; expected some of "
-                             f"{', '.join(OPTIMIZERS)}")
-        if self.backends is not None:
-            bad = [b for b in self.backends if b not in backends.NAMES]
-            if bad or not self.backends:
-                raise ValueError(f"--backends: got {','.join(bad) or 'nothing'}; expected some of "
-                                 f"{', '.join(backends.NAMES)}")
-        if self.repeat < 1:
-            raise ValueError(f"--repeat: got {self.repeat}; expected an integer >= 1")
-        if self.rounds < 1:
-            raise ValueError(f"--rounds: got {self.rounds}; expected an integer >= 1")
-        if not self.min_time > 0:
-            raise ValueError(f"--min-time: got {self.min_time}; expected seconds > 0")
-        if self.max_sets < 1:
-            raise ValueError(f"--max-buffer-sets: got {self.max_sets}; expected an integer >= 1")
-
-
-class Progress:
-    """A progress bar on stderr, only when stderr is a terminal (a log or a pipe gets no ``\\r``
-    updates): tqdm when installed, else one rewritten line. Its label names what runs now."""
-
-    def __init__(self, total: int, enabled: bool = True, stream: Any = None) -> None:
-        self.stream = sys.stderr if stream is None else stream
-        isatty = getattr(self.stream, "isatty", None)
-        enabled = enabled and callable(isatty) and bool(isatty())
-        self.total, self.done, self.enabled, self.bar, self._text = total, 0, enabled, None, ""
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"
-                self.bar = tqdm(total=total, desc="gpuadam bench", file=self.stream, leave=False, bar_format=fmt)
-            except ImportError:
-                pass
-
-    def note(self, text: str) -> None:
-        """Show ``text`` as what runs now (before it runs: a label after the fact misleads)."""
-        self._text = text
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(text[:60], refresh=True)
-        else:
-            self._line()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            self._line()
-
-    def _line(self) -> None:
-        pct = 100 * self.done // max(1, self.total)
-        print(f"\rgpuadam bench: {pct:3d}% ({self.done}/{self.total}) {self._text[:60]:60s}",
-              end="", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=self.stream)
+__all__ = ["Batch", "Config", "Progress", "build_batches", "run", "selected_backends"]
 
 
 def selected_backends(config: Config) -> tuple[list[str], dict[str, str]]:

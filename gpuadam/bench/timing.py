@@ -9,16 +9,16 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from gpuadam.bench.cases import Case, Implementation
+from gpuadam.bench.config import Config
 from gpuadam.bench.peers import import_torch
 from gpuadam.bench.problems import GPU, L2_DEFAULT_BYTES, VERIFY_STEPS, Problem, is_half
+from gpuadam.bench.progress import Progress
 
-if TYPE_CHECKING:
-    from gpuadam.bench.suite import Config, Progress
 
 @dataclass
 class Entry:

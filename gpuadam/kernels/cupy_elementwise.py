@@ -15,25 +15,18 @@ store to ``m`` before ``g`` is last read would force a second load of ``g``.
 
 The arrays are ``raw`` parameters indexed by CuPy's loop index ``i``; ``launch`` passes ``size``.
 With non-raw parameters CuPy indexes every array through its strides in 32-bit arithmetic (its
-choice below 2**31 elements), which costs registers: for float32 on sm_90 that AMSGrad kernel
-needed 38 (75% occupancy) where the raw one needed 32, both measured before the stores went
-through ``opaque_index`` (raw: now 24).
+choice below 2**31 elements), which costs registers past full occupancy (figures: BENCHMARKS.md,
+"Why the kernels look as they do").
 
-Nothing here imports CuPy at module level: ``SNIPPETS``, ``cuda_source`` and ``compile_ptx`` work
-on a machine without CuPy or a GPU; the ``ElementwiseKernel`` objects are built at first use.
+Nothing here imports CuPy at module level: ``SNIPPETS`` and ``cuda_source`` work on a machine
+without CuPy or a GPU; the ``ElementwiseKernel`` objects are built at first use. Compiling the
+source to PTX (NVRTC or nvcc) is inspection, in ``gpuadam.machine_code``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import glob
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -60,10 +53,10 @@ def constant_params(rule: str) -> tuple[tuple[int, str], ...]:
 # Every kernel's stores index through ``opaque_index(i)``, a copy of ``i`` the optimizer cannot see
 # through. Indexed by ``i`` itself, each array's 64-bit address is kept live from its load across
 # the sqrt/div slow-path calls to its store, or strength-reduced into a pointer carried around the
-# loop: two registers per array. With the constants also held in registers (device constants) the
-# float32 kernels needed up to 48 and the half master kernels 35-36 (sm_90, NVRTC 13.0). Recomputed
-# after the math, for a few integer instructions per element, every float32 and half kernel fits
-# in 32, device constants included, and the float64 kernels need up to 12 fewer.
+# loop: two registers per array, which with the constants also held in registers (device
+# constants) pushed the float32 and half kernels past full occupancy. Recomputed after the math, for
+# a few integer instructions per element, every float32 and half kernel fits in 32, device constants
+# included (figures: BENCHMARKS.md, "Why the kernels look as they do").
 INDEX_SOURCE = FN_SOURCE + r"""
 GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
 #ifdef __CUDA_ARCH__
@@ -80,7 +73,8 @@ GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
 #   "half"    every array holds half bits; the param is rounded as ``lowp.store_param`` says
 #             (to nearest even, or stochastically for bfloat16), the state to nearest even;
 #   "master"  the param is a float32 master with float32 state, the gradient holds half bits, and
-#             the half param ``p16`` gets the new master rounded to nearest even in the same pass.
+#             the half param (``half_param``) gets the new master rounded to nearest even in the
+#             same pass.
 # Each element is read BY VALUE into a float local widened from its storage, the snippet runs on
 # the locals, and each output is stored once after it: the snippet text stays the one of float32.
 # On the host (g++, no contraction) the result is bit for bit the Numba CPU loops'; on a GPU, NVRTC
@@ -89,7 +83,7 @@ GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
 
 HALF_LAYOUTS = ("half", "master")
 
-#: The half format and stochastic rounding's ``(stochastic, seed, counter)``, as ``lowp``'s ``lp``;
+#: The half format and stochastic rounding's ``(stochastic, seed, counter)``: ``lowp``'s ``rounding``;
 #: a master kernel always rounds to nearest even and takes the format only.
 _HALF_SCALARS = {"half": (("int32", "fmt"), ("int32", "stochastic"), ("uint32", "seed"), ("uint32", "counter")),
                  "master": (("int32", "fmt"),)}
@@ -119,7 +113,7 @@ def kernel_params(rule: str, device_constants: bool = False,
     ins += [(True, f32, "c")] if device_constants else [(False, f32, n) for _, n in constant_params(rule)]
     ins += [(False, t, n) for t, n in _HALF_SCALARS.get(layout, ())]
     outs = [(True, half if layout == "half" else f32, f"raw_{n}") for n in OUTPUTS[rule]]
-    outs += [(True, "uint16", "raw_p16")] if layout == "master" else []
+    outs += [(True, "uint16", "raw_half_param")] if layout == "master" else []
     return tuple(ins), tuple(outs)
 
 
@@ -166,7 +160,7 @@ def operation(rule: str, device_constants: bool = False, layout: str | None = No
     else:
         bind += [f"T {n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
         store += [f"raw_{n}[i_store] = {n};\n" for n in OUTPUTS[rule]]
-        store += ["raw_p16[i_store] = lowp_store_half(p, fmt);\n"]
+        store += ["raw_half_param[i_store] = lowp_store_half(p, fmt);\n"]
     return "".join(bind) + SNIPPETS[rule] + "".join(store)
 
 
@@ -255,21 +249,22 @@ def launch(rule: str, arrays: tuple, c: tuple, *extra) -> None:
     allocates nothing and writes them in place; with only raw arrays CuPy takes the loop length
     from ``size`` (shapes were validated upstream).
 
-    Half storage (``rule`` ``NAME/half``, as the Numba kernels are named) passes ``extra = (lp,
-    p16)`` as they take it, ``lp = (format, stochastic, seed, counter)``: uint16 ``p`` is the half
-    param (the "half" layout; ``p16`` is ``p`` itself), float32 ``p`` the master of ``p16``.
+    Half storage (``rule`` ``NAME/half``, as the Numba kernels are named) passes ``extra =
+    (rounding, half_param)`` as they take it, ``rounding = (format, stochastic, seed, counter)``:
+    uint16 ``p`` is the half param (the "half" layout; ``half_param`` is ``p`` itself), float32
+    ``p`` the master of ``half_param``.
     """
     base = rule.removesuffix("/half")
     p, g, *state = arrays
     layout, outs, half_scalars = None, (p, *state), ()
     if extra:
-        (fmt, stochastic, seed, counter), p16 = extra
+        (fmt, stochastic, seed, counter), half_param = extra
         if p.dtype == np.uint16:
             # seed and counter are lowp's 32-bit words: the counter wraps as its hash masks it
             layout, half_scalars = "half", (np.int32(fmt), np.int32(stochastic), np.uint32(seed & 0xFFFFFFFF),
                                             np.uint32(counter & 0xFFFFFFFF))
         else:
-            layout, half_scalars, outs = "master", (np.int32(fmt),), (p, *state, p16)
+            layout, half_scalars, outs = "master", (np.int32(fmt),), (p, *state, half_param)
     if not isinstance(c, tuple):  # constants written on the device: any CUDA array of T
         import cupy
 
@@ -277,6 +272,12 @@ def launch(rule: str, arrays: tuple, c: tuple, *extra) -> None:
         return
     scalars = [c[k] for k, _ in constant_params(base)]
     elementwise_kernel(base, False, layout)(g, *scalars, *half_scalars, *outs, size=p.size)
+
+
+#: CuPy compiles every kernel with ``-ftz=true`` (``cupy.cuda.compiler`` adds it): float32 subnormals
+#: are zero in the math. ``cupy_generated_source`` passes it on, and ``machine_code`` compiles with it
+#: so that the PTX inspected is the PTX CuPy runs.
+FTZ_OPTION = "-ftz=true"
 
 
 def cupy_generated_source(kernel: str, dtype: Any, index_32_bits: bool = True) -> tuple[str, str, tuple]:
@@ -311,113 +312,3 @@ def cupy_generated_source(kernel: str, dtype: Any, index_32_bits: bool = True) -
     header = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
     options = tuple(core.assemble_cupy_compiler_options(())) + (FTZ_OPTION,)
     return k.name, header + code, options
-
-
-# ---------------------------------------------------------------------------------------------
-# Compilation to PTX: NVRTC from the CUDA 13.0 wheel, else nvcc
-
-#: CuPy compiles every kernel with ``-ftz=true``; the PTX we inspect should be the PTX it runs.
-FTZ_OPTION = "-ftz=true"
-
-_NVRTC_NAMES = ("libnvrtc.so.13", "libnvrtc.so")
-
-
-def _find_nvrtc() -> str | None:
-    """Path of libnvrtc: the ``nvidia-cuda-nvrtc`` 13.0 wheel first, then ``cuda.pathfinder``."""
-    for root in sys.path:
-        for name in _NVRTC_NAMES:
-            for path in glob.glob(os.path.join(root or ".", "nvidia", "cu13", "lib", name)):
-                return path
-    try:
-        from cuda.pathfinder import load_nvidia_dynamic_lib
-
-        return load_nvidia_dynamic_lib("nvrtc").abs_path
-    except Exception:  # not installed, or no NVRTC anywhere it looks
-        return None
-
-
-@functools.cache
-def _load_nvrtc() -> Any:
-    """libnvrtc as a ctypes library, or None when it cannot be found or loaded."""
-    path = _find_nvrtc()
-    if path is None:
-        return None
-    try:
-        # libnvrtc dlopens its builtins by soname, and the wheel's lib directory is on no search
-        # path: load them first from beside it (the loader reuses a soname already loaded).
-        for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")):
-            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
-        lib = ctypes.CDLL(path)
-    except OSError:
-        return None
-    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-    return lib
-
-
-def _nvrtc_ptx(lib: Any, source: str, name: str, options: list[str]) -> str:
-    def check(result: int, what: str, log: str = "") -> None:
-        if result != 0:
-            error = lib.nvrtcGetErrorString(result).decode()
-            raise RuntimeError(f"NVRTC {what} failed for {name}: {error}\n{log}".rstrip())
-
-    prog = ctypes.c_void_p()
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None),
-          "nvrtcCreateProgram")
-    try:
-        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-        result = lib.nvrtcCompileProgram(prog, len(options), opts)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        check(result, "compilation", log.value.decode(errors="replace"))
-        check(lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
-        ptx = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-        return ptx.value.decode()
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
-def _nvcc_ptx(nvcc: str, source: str, name: str, options: list[str]) -> str:
-    with tempfile.TemporaryDirectory(prefix="gpuadam-ptx-") as tmp:
-        src, out = os.path.join(tmp, f"{name}.cu"), os.path.join(tmp, f"{name}.ptx")
-        with open(src, "w") as f:
-            f.write(source)
-        cmd = [nvcc, "-ptx", *options, "-o", out, src]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"nvcc failed for {name}: {' '.join(cmd)}\n{proc.stderr}".rstrip())
-        with open(out) as f:
-            return f.read()
-
-
-def compile_source_ptx(source: str, name: str, arch: str = "sm_90", options: tuple = ()) -> str:
-    """PTX of CUDA C++ ``source`` for ``arch``, with CuPy's ``-ftz=true`` and any extra ``options``.
-
-    NVRTC (``-arch=compute_XX``: NVRTC gives PTX only for a virtual architecture) when libnvrtc
-    loads, else ``nvcc -ptx -arch=sm_XX``; a RuntimeError says so when neither is available.
-    """
-    number = arch.split("_", 1)[-1]
-    extra = [o for o in options if o != FTZ_OPTION and not o.startswith(("-arch", "--gpu-architecture"))]
-    lib = _load_nvrtc()
-    if lib is not None:
-        return _nvrtc_ptx(lib, source, name, [f"-arch=compute_{number}", FTZ_OPTION, *extra])
-    nvcc = shutil.which("nvcc")
-    if nvcc is not None:
-        return _nvcc_ptx(nvcc, source, name, [f"-arch=sm_{number}", "--ftz=true", *extra])
-    raise RuntimeError(
-        "cannot compile CUDA C++ to PTX: libnvrtc was not found (pip install 'nvidia-cuda-nvrtc==13.0.*') "
-        "and nvcc is not on PATH"
-    )
-
-
-def compile_ptx(kernel: str, dtype: Any, arch: str = "sm_90") -> str:
-    """PTX of ``cuda_source`` for ``arch``, compiled as CuPy would (``-ftz=true``).
-
-    ``kernel`` is a rule name, optionally with a half-precision layout (``/half``, ``/master``;
-    float32 only) and then ``/device-constants`` (the variant that reads its constants from memory).
-    """
-    rule, device_constants, layout = parse_kernel(kernel)
-    name, source = cuda_source(rule, dtype, device_constants, layout)
-    return compile_source_ptx(source, name, arch)

@@ -119,7 +119,7 @@ GPUADAM_FN unsigned short lowp_store_half(float x, int fmt) {
   return fmt == LOWP_FLOAT16 ? lowp_f32_to_f16(x) : lowp_f32_to_bf16(x);
 }
 
-/* The updated parameter rounded to its storage, as lowp.store_param with lp = (fmt, stochastic,
+/* The updated parameter rounded to its storage, as lowp.store_param with rounding = (fmt, stochastic,
    seed, step); index is the element's index in the launched array, modulo 2**32. */
 GPUADAM_FN unsigned short lowp_store_param(float x, int fmt, int stochastic, unsigned int seed, unsigned int step,
                                         unsigned int index) {

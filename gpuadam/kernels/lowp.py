@@ -128,9 +128,9 @@ def _mul32(x, k):
 # ---------------------------------------------------------------------------------------------
 # Compiled code: the same results in 16- and 32-bit integer operations and the hardware's float16
 # conversions (F16C on the host, ``cvt`` on the GPU). Numba widens integer arithmetic written in
-# Python to 64 bits, which halves the lanes of a vectorized host loop (bfloat16 half state ran
-# 3.4x the time of float32 at 2^16 on one core); the functions above stay the specification, and
-# the simulator's code. ``tests/test_lowp.py`` checks the two agree bit for bit.
+# Python to 64 bits, which halves the lanes of a vectorized host loop (BENCHMARKS.md, "Why the
+# kernels look as they do"); the functions above stay the specification, and the simulator's code.
+# ``tests/test_lowp.py`` checks the two agree bit for bit.
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
@@ -259,11 +259,11 @@ def store_half(x, fmt):
 
 
 @register_jitable
-def store_param(x, lp, index):
-    """Round the updated parameter to its storage: ``lp = (fmt, stochastic, seed, step)``."""
-    if lp[1] != 0 and lp[0] == BFLOAT16:
-        return f32_to_bf16_stochastic(x, random16(lp[2], lp[3], index))
-    return store_half(x, lp[0])
+def store_param(x, rounding, index):
+    """Round the updated parameter to its storage: ``rounding = (fmt, stochastic, seed, step)``."""
+    if rounding[1] != 0 and rounding[0] == BFLOAT16:
+        return f32_to_bf16_stochastic(x, random16(rounding[2], rounding[3], index))
+    return store_half(x, rounding[0])
 
 
 # Element access that follows the array's storage, decided when a loop is compiled: uint16 arrays
@@ -285,21 +285,21 @@ def store(a, i, x, fmt):
         a[i] = x
 
 
-def store_rounded(p, i, x, lp):
-    """Write the updated parameter ``x`` to element ``i`` of ``p``: rounded as ``lp`` says when ``p``
-    holds half bits, as it is into a float32 master."""
+def store_rounded(p, i, x, rounding):
+    """Write the updated parameter ``x`` to element ``i`` of ``p``: rounded as ``rounding`` says when
+    ``p`` holds half bits, as it is into a float32 master."""
     if p.dtype == np.uint16:
-        p[i] = store_param(x, lp, i)
+        p[i] = store_param(x, rounding, i)
     else:
         p[i] = x
 
 
-def store_updated(p, p16, i, x, lp):
-    """``store_rounded``, and with a float32 master ``p`` also the half param ``p16``, rounded to
-    nearest even."""
-    store_rounded(p, i, x, lp)
+def store_updated(p, half_param, i, x, rounding):
+    """``store_rounded``, and with a float32 master ``p`` also the half param ``half_param``, rounded
+    to nearest even."""
+    store_rounded(p, i, x, rounding)
     if p.dtype != np.uint16:
-        p16[i] = store_half(x, lp[0])
+        half_param[i] = store_half(x, rounding[0])
 
 
 @overload(load)
@@ -321,23 +321,23 @@ def _store(a, i, x, fmt):
 
 
 @overload(store_rounded)
-def _store_rounded(p, i, x, lp):
+def _store_rounded(p, i, x, rounding):
     if p.dtype == types.uint16:
-        def impl(p, i, x, lp):
-            p[i] = store_param(x, lp, i)
+        def impl(p, i, x, rounding):
+            p[i] = store_param(x, rounding, i)
     else:
-        def impl(p, i, x, lp):
+        def impl(p, i, x, rounding):
             p[i] = x
     return impl
 
 
 @overload(store_updated)
-def _store_updated(p, p16, i, x, lp):
+def _store_updated(p, half_param, i, x, rounding):
     if p.dtype == types.uint16:
-        return lambda p, p16, i, x, lp: store_rounded(p, i, x, lp)
+        return lambda p, half_param, i, x, rounding: store_rounded(p, i, x, rounding)
 
-    def impl(p, p16, i, x, lp):
-        store_rounded(p, i, x, lp)
-        p16[i] = store_half(x, lp[0])
+    def impl(p, half_param, i, x, rounding):
+        store_rounded(p, i, x, rounding)
+        half_param[i] = store_half(x, rounding[0])
 
     return impl

@@ -4,7 +4,7 @@ Every loop is written for its rule's arity (``_plain_loop``, ``_half_loop``) fro
 so a new rule needs nothing here. Waking the thread pool costs more than updating a few hundred
 thousand elements (measured by ``gpuadam bench``, BENCHMARKS.md), so arrays under ``PARALLEL_MIN``
 elements take the serial loop; both call the same rule. Numba caches each loop under the rule's name and a stamp of the
-code it compiles in (see ``_named``).
+code it compiles in (see ``_stamped_copy``).
 
 ``error_model="numpy"``: ``x / 0`` is inf or NaN, as in PyTorch and on the GPU, not a
 ZeroDivisionError raised halfway through the loop; without that check the loop vectorizes.
@@ -29,7 +29,7 @@ from gpuadam.kernels.lowp import (
     store_rounded,  # noqa: F401 (the generated loops call it)
 )
 
-PARALLEL_MIN = 1 << 18  # with OMP_WAIT_POLICY=PASSIVE a parallel launch costs ~50 us to wake the pool
+PARALLEL_MIN = 1 << 18  # below it, waking the pool (OMP_WAIT_POLICY=PASSIVE) costs more than the loop
 
 # Numba's cache checks only the file that defines a function, not the functions it inlines: an
 # edit of the rules or conversions kept running the old machine code (seen: a cached half loop
@@ -37,8 +37,9 @@ PARALLEL_MIN = 1 << 18  # with OMP_WAIT_POLICY=PASSIVE a parallel launch costs ~
 _STAMP = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (*rules.SOURCES, lowp.__file__))).hexdigest()[:10]
 
 
-def _named(func, name):
-    """A copy of ``func`` named ``name`` and the stamp: Numba names the cache files after it."""
+def _stamped_copy(func, name):
+    """A new function object running ``func``'s code, named ``name`` plus the stamp: Numba names its
+    cache files after it, so a changed rule or conversion is compiled afresh, not loaded."""
     name = f"{name}_{_STAMP}"
     copy = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__, func.__closure__)
     copy.__qualname__ = name
@@ -59,31 +60,32 @@ def make(rule):
 
 def _half_loop(rule, n_state, fmt, stochastic, master):
     # Half-precision storage (``lowp``): ``p`` is the half param, or (``master``) the float32
-    # master with the half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math
-    # is float32. ``fmt``, ``stochastic`` and ``master`` are constants of the compiled loop, and the
-    # param is stored here rather than by ``lowp.store_updated``: with the conversion chosen at
-    # compile time and no array handed to a helper that stores, LLVM vectorizes the loop (bfloat16
-    # half state ran 22x faster; handing the arrays to the store helper kept it scalar).
+    # master with the half param in ``half_param``; ``rounding = (format, stochastic, seed,
+    # counter)``; the math is float32. ``fmt``, ``stochastic`` and ``master`` are constants of the
+    # compiled loop, and the param is stored here rather than by ``lowp.store_updated``: with the
+    # conversion chosen at compile time and no array handed to a helper that stores, LLVM vectorizes
+    # the loop (handed to the store helper, the arrays kept it scalar; figures: BENCHMARKS.md).
     state, new = state_names(n_state)
     loads = "".join(f"load({s}, i, fmt), " for s in state)
     stores = "".join(f"\n            store({s}, i, {a}, fmt)" for s, a in zip(state, new))
     return generated(f"""
 def make(rule, fmt, stochastic, master):
-    def loop(p, g, {"".join(f"{s}, " for s in state)}c, lp, p16):
-        rounding = (fmt, stochastic, lp[2], lp[3])
+    def loop(p, g, {"".join(f"{s}, " for s in state)}c, rounding, half_param):
+        static_rounding = (fmt, stochastic, rounding[2], rounding[3])  # fmt, stochastic: compile-time
         for i in prange(p.size):
             {", ".join(["x", *new])} = rule(load(p, i, fmt), load(g, i, fmt), {loads}c)
-            store_rounded(p, i, x, rounding)
+            store_rounded(p, i, x, static_rounding)
             if master:
-                store(p16, i, x, fmt){stores}
+                store(half_param, i, x, fmt){stores}
     return loop
 """, globals(), __file__, rule, fmt, stochastic, master)
 
 
 def _compiled(name, loop):
     # nogil: two optimizers stepped from two threads run side by side
-    parallel = njit(parallel=True, cache=True, nogil=True, error_model="numpy")(_named(loop, f"_{name}_parallel"))
-    serial = njit(cache=True, nogil=True, error_model="numpy")(_named(loop, f"_{name}_serial"))  # prange: range
+    parallel = njit(parallel=True, cache=True, nogil=True, error_model="numpy")(
+        _stamped_copy(loop, f"_{name}_parallel"))
+    serial = njit(cache=True, nogil=True, error_model="numpy")(_stamped_copy(loop, f"_{name}_serial"))  # prange: range
     return parallel, serial
 
 
@@ -131,16 +133,16 @@ _HALF_VARIANTS = {
 
 
 def half_kernel(name, rule, n_state):
-    """``fn(p, g, *state, c, lp, p16)``: the loop compiled for ``lp``'s format and rounding, and
-    for master weights when ``p`` is float32 (each compiled at its first call)."""
+    """``fn(p, g, *state, c, rounding, half_param)``: the loop compiled for ``rounding``'s format and
+    stochastic rounding, and for master weights when ``p`` is float32 (each compiled at its first call)."""
     variants = {key: _compiled(f"{name}_{suffix}", _half_loop(rule, n_state, *key))
                 for key, suffix in _HALF_VARIANTS.items()}
 
     def run(p, g, *rest):
-        lp = rest[-2]
+        rounding = rest[-2]
         master = p.dtype != np.uint16
-        stochastic = 1 if lp[1] and lp[0] == BFLOAT16 and not master else 0
-        parallel, serial = variants[lp[0], stochastic, master]
+        stochastic = 1 if rounding[1] and rounding[0] == BFLOAT16 and not master else 0
+        parallel, serial = variants[rounding[0], stochastic, master]
         if p.size >= PARALLEL_MIN:
             run_parallel(parallel, p, g, *rest)
         else:
@@ -152,7 +154,7 @@ def half_kernel(name, rule, n_state):
 
 
 #: Host kernels by name: ``"adam"`` etc. take ``(p, g, *state, c)``; ``"adam/half"`` etc. take
-#: ``(p, g, *state, c, lp, p16)`` on half-precision storage (see ``_half_loop``).
+#: ``(p, g, *state, c, rounding, half_param)`` on half-precision storage (see ``_half_loop``).
 KERNELS = {}
 for _name, _rule in rules.RULES.items():
     KERNELS[_name] = host_kernel(_name, _plain_loop(_rule.element, _rule.n_state))
@@ -211,7 +213,7 @@ def _make_sumsq(masked):
     return sumsq
 
 
-_sumsq = {masked: njit(parallel=True, cache=True, nogil=True)(_named(_make_sumsq(masked), f"_sumsq_{masked:d}"))
+_sumsq = {masked: njit(parallel=True, cache=True, nogil=True)(_stamped_copy(_make_sumsq(masked), f"_sumsq_{masked:d}"))
           for masked in (False, True)}
 _NO_MASK = np.zeros(0, np.uint8)
 

@@ -6,8 +6,8 @@ which raises on a machine without the CUDA runtime: ``gpuadam.backends`` imports
 backend is probed or used. The kernels are compiled lazily, per signature, at their first launch.
 
 Unsigned 64-bit indices on purpose: a signed induction variable lets LLVM prove the trip count and
-unroll the loop 4x, which holds four elements' loads in flight and pushes the float32 Adam kernel
-past 32 registers (below full occupancy); the unsigned loop compiles to one lean body.
+unroll the loop, whose elements' loads in flight then cost registers past full occupancy; the
+unsigned loop compiles to one lean body (figures: BENCHMARKS.md, "Why the kernels look as they do").
 
 Each kernel starts with ``load_constants(c)``: ``c`` is a tuple argument, or a device array that
 ``prepare_kernel`` wrote (clipping, skipping, capturable), read once per thread.
@@ -39,12 +39,12 @@ def opaque_index(i):
     """``i``, as a value the compiler cannot see through: the plain kernels store at it.
 
     Stored at ``i`` itself, each array's address is kept live from its load across the sqrt/div
-    slow paths of the rule to its store: two registers per array, and with the constants read from
-    a device array also held in registers the float32 kernels needed up to 38 (sm_90; Adam 35,
-    AMSGrad 38, NAdam 36, RAdam 34). Recomputed after the math, for a few integer instructions per
-    element, every float32 kernel fits in 32 (14-30 with device constants) and the float64 ones
-    need up to 8 fewer. The CuPy kernels do the same (``cupy_elementwise.INDEX_SOURCE``). In the
-    simulator this runs as plain Python.
+    slow paths of the rule to its store: two registers per array, which with the constants read
+    from a device array pushed the float32 kernels past full occupancy. Recomputed after the math,
+    for a few integer instructions per element, every float32 kernel fits in 32 registers
+    (``tests/test_machine_code.py``; figures: BENCHMARKS.md, "Why the kernels look as they do").
+    The CuPy kernels do the same (``cupy_elementwise.INDEX_SOURCE``). In the simulator this runs
+    as plain Python.
     """
     return i
 
@@ -86,40 +86,43 @@ def make(rule):
 
 def _half_kernel(rule, n_state):
     # Half-precision storage (``lowp``): ``p`` is the half param, or the float32 master with the
-    # half param in ``p16``; ``lp = (format, stochastic, seed, counter)``; the math is float32.
+    # half param in ``half_param``; ``rounding = (format, stochastic, seed, counter)``; the math is
+    # float32.
     state, new = state_names(n_state)
-    loads = "".join(f"load({s}, i, f), " for s in state)
-    stores = "".join(f"\n            store({s}, i, {a}, f)" for s, a in zip(state, new))
+    loads = "".join(f"load({s}, i, fmt), " for s in state)
+    stores = "".join(f"\n            store({s}, i, {a}, fmt)" for s, a in zip(state, new))
     return generated(f"""
 def make(rule):
-    def kernel(p, g, {"".join(f"{s}, " for s in state)}c, lp, p16):
+    def kernel(p, g, {"".join(f"{s}, " for s in state)}c, rounding, half_param):
         c = load_constants(c)
         if c[SKIP] != 0:
             return
-        f = lp[0]
+        fmt = rounding[0]
         i = uint64(cuda.grid(1))
         stride = uint64(cuda.gridsize(1))
         n = uint64(p.size)
         while i < n:
-            {", ".join(["x", *new])} = rule(load(p, i, f), load(g, i, f), {loads}c)
-            store_updated(p, p16, i, x, lp){stores}
+            {", ".join(["x", *new])} = rule(load(p, i, fmt), load(g, i, fmt), {loads}c)
+            store_updated(p, half_param, i, x, rounding){stores}
             i += stride
     return kernel
 """, globals(), __file__, rule)
 
 
-def _named(kernel, name):
+def _renamed(kernel, name):
+    """``kernel`` itself, renamed in place (no copy, no stamp: CUDA kernels are not cached on disk),
+    so PTX and profilers show which rule it runs."""
     kernel.__name__ = kernel.__qualname__ = name
     return kernel
 
 
 #: Python kernels by name, with their count of arrays (p, g and the state): ``"adam"`` etc. take
-#: ``(p, g, *state, c)``, ``"adam/half"`` etc. ``(p, g, *state, c, lp, p16)``. ``gpuadam inspect``
-#: compiles every one.
+#: ``(p, g, *state, c)``, ``"adam/half"`` etc. ``(p, g, *state, c, rounding, half_param)``.
+#: ``gpuadam inspect`` compiles every one.
 KERNELS = {}
 for _name, _rule in rules.RULES.items():
-    KERNELS[_name] = (_named(_plain_kernel(_rule.element, _rule.n_state), f"{_name}_kernel"), _rule.n_state + 2)
-    KERNELS[f"{_name}/half"] = (_named(_half_kernel(_rule.element, _rule.n_state), f"{_name}_half_kernel"),
+    KERNELS[_name] = (_renamed(_plain_kernel(_rule.element, _rule.n_state), f"{_name}_kernel"), _rule.n_state + 2)
+    KERNELS[f"{_name}/half"] = (_renamed(_half_kernel(_rule.element, _rule.n_state), f"{_name}_half_kernel"),
                                 _rule.n_state + 2)
 
 
