@@ -323,3 +323,22 @@ def test_lion_matches_gpuadam_lion():
     for p, q, s, r in zip(model.parameters(), p0, opt.state.values(), ref.state):
         assert np.array_equal(p.detach().numpy(), q)
         assert np.array_equal(s["exp_avg"].numpy().reshape(-1), r["exp_avg"])
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam"])
+def test_signature_is_torchs_plus_our_keywords(name):
+    import inspect
+
+    ours = inspect.signature(getattr(gt, name)).parameters
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for key, param in theirs.items():
+        assert ours[key].default == param.default and ours[key].kind == param.kind, key
+    extra = set(ours) - set(theirs)
+    assert "backend" in extra and extra <= {"backend", "eps_root", "bias_correction", "ema_momentum"}
+    assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in extra)
+    model = make_model()
+    positional = [k for k, p in theirs.items() if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+    args = [theirs[k].default for k in positional]
+    assert getattr(gt, name)(model.parameters(), *args).param_groups[0].keys() >= \
+        getattr(torch.optim, name)(model.parameters(), *args).param_groups[0].keys()
