@@ -103,3 +103,12 @@ def reference_run(name: str, hyper, params0, grads_seq, first_step: int = 1, sta
             p, state = ref(p, grads[i], state, hyper, t)
         out.append((p, state))
     return out
+
+
+def torch_takes(torch, name: str, kw: dict) -> bool:
+    """Whether ``torch.optim`` has the optimizer and every keyword of a case: the textbook momentum
+    (``ema_momentum``), Adam's ``eps_root`` and ``bias_correction=False``, AdamW's
+    ``decoupled_weight_decay`` and the optimizers torch.optim lacks (Lion) are ours alone."""
+    import inspect
+
+    return hasattr(torch.optim, name) and set(kw) <= set(inspect.signature(getattr(torch.optim, name)).parameters)

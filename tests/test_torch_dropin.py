@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from family_cases import CASES, case_id
+from family_cases import CASES, case_id, torch_takes
 from helpers import trajectory_error
 
 torch = pytest.importorskip(
@@ -26,7 +26,7 @@ ADAM_CASES = [
     ("AdamW", {"lr": 1e-2, "amsgrad": True, "betas": (0.5, 0.9)}),
 ]
 # torch.optim's optimizers only, and none of our own flags
-TORCH_CASES = ADAM_CASES + [c for c in CASES if not c[1].get("ema_momentum") and hasattr(torch.optim, c[0])]
+TORCH_CASES = [c for c in ADAM_CASES if c not in CASES] + [c for c in CASES if torch_takes(torch, *c)]
 ONE_PER_NAME = list({name: (name, kw) for name, kw in reversed(TORCH_CASES)}.values())
 
 

@@ -6,7 +6,7 @@ import inspect
 
 import numpy as np
 import pytest
-from family_cases import CASES, NAMES, case_id
+from family_cases import CASES, NAMES, case_id, torch_takes
 from helpers import problem, trajectory_error
 
 import gpuadam
@@ -17,14 +17,7 @@ torch = pytest.importorskip(
 STEPS = 20
 
 
-def _torch_takes(name: str, kw: dict) -> bool:
-    """Whether torch.optim has the optimizer and every keyword: the textbook momentum
-    (``ema_momentum``), Adam's ``eps_root`` and ``bias_correction=False``, AdamW's
-    ``decoupled_weight_decay`` and the optimizers torch.optim lacks (Lion) are ours alone."""
-    return hasattr(torch.optim, name) and set(kw) <= set(inspect.signature(getattr(torch.optim, name)).parameters)
-
-
-TORCH_CASES = [c for c in CASES if _torch_takes(*c)]
+TORCH_CASES = [c for c in CASES if torch_takes(torch, *c)]
 TORCH_NAMES = [name for name in NAMES if hasattr(torch.optim, name)]
 
 
