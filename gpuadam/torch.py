@@ -23,6 +23,7 @@ kernel updates outside autograd), sparse or complex gradients, float16/bfloat16 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import fields
@@ -114,6 +115,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         our_defaults = {k: p.default for k, p in inspect.signature(self.ours).parameters.items()}
         self._hyper_defaults = {k: our_defaults[k] for k in _hyper_keys(self.ours.hyper_class)}
         self._hyper_cache: dict = {}
+        self._views: dict = {}  # param -> _Views, its NumPy views and step count between steps
         self._hyper(defaults, "defaults")  # refuse bad defaults even when every group overrides them
         super().__init__(params, defaults)
 
@@ -153,6 +155,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _adopt_state(self) -> None:
         """After a load: every buffer our own contiguous tensor of its param's dtype and shape (the kernel
         writes through it), ``step`` a 0-d tensor of torch's scalar dtype."""
+        self._views = {}
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -196,40 +199,72 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not g.is_contiguous():
             refuse("its gradient is not contiguous")
 
+    def _check_state(self, label: str, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> None:
+        missing = [n for n in names if n not in state and not self._lazy(n)]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.step: {label}: the hyperparameters now need state "
+                             f"{missing} it does not have (e.g. amsgrad switched on mid-run)")
+        for n in names:
+            t = state.get(n)
+            if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == p.dtype
+                                      and t.shape == p.shape and t.is_contiguous()
+                                      and t.device.type == "cpu"):
+                raise ValueError(f"{type(self).__name__}.step: {label}: state {n!r} is not a contiguous "
+                                 f"{p.dtype} CPU tensor of shape {tuple(p.shape)}")
+
+    def _grad_view(self, k: int, gi: int, j: int, group: dict, p: torch.Tensor, g: torch.Tensor,
+                   e: _Views) -> np.ndarray:
+        """The gradient's flat NumPy view, once checked against the cached param (``_check``'s rules)."""
+        if g.requires_grad:
+            g = g.detach()
+        if (g.dtype is not e.dtype or g.layout is not torch.strided or not g.is_cpu or g.shape != e.shape
+                or not g.is_contiguous()):
+            self._check(self._describe(k, gi, j, group), p, g)  # raises, naming what is wrong
+        view = g.numpy()
+        return view if view.ndim == 1 else view.reshape(-1)
+
     def _plan(self) -> list[tuple]:
-        """Check every group, param, gradient and existing state; the launches, in order."""
+        """Check every group, param, gradient and existing state; per group, its launches in order:
+        ``(gi, hyper, rule, names, [(p, flat grad, cached views or None), ...])``."""
         work = []
+        cache = self._views
         k = -1
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(group, f"param group {gi}")
             rule = self._rule(hyper)
-            names = RULES[rule].state_names
+            names = _state_names(rule)
+            items = []
             for j, p in enumerate(group["params"]):
                 k += 1
-                if p.grad is None:
+                g = p.grad
+                if g is None:
+                    continue
+                e = cache.get(p)
+                if e is not None and e.valid(p, self.state.get(p), names):
+                    items.append((p, self._grad_view(k, gi, j, group, p, g, e), e))
                     continue
                 label = self._describe(k, gi, j, group)
-                g = p.grad.detach()
+                g = g.detach()
                 self._check(label, p, g)
                 state = self.state.get(p)
                 if state:
-                    missing = [n for n in names if n not in state and not self._lazy(n)]
-                    if missing:
-                        raise ValueError(f"{type(self).__name__}.step: {label}: the hyperparameters now need state "
-                                         f"{missing} it does not have (e.g. amsgrad switched on mid-run)")
-                    for n in names:
-                        t = state.get(n)
-                        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == p.dtype
-                                                  and t.shape == p.shape and t.is_contiguous()
-                                                  and t.device.type == "cpu"):
-                            raise ValueError(f"{type(self).__name__}.step: {label}: state {n!r} is not a contiguous "
-                                             f"{p.dtype} CPU tensor of shape {tuple(p.shape)}")
-                work.append((gi, hyper, rule, names, p, g))
+                    self._check_state(label, p, state, names)
+                items.append((p, g.numpy().reshape(-1), None))
+            if items:
+                work.append((gi, hyper, rule, names, items))
         return work
 
     def _lazy(self, name: str) -> bool:
         """Whether a missing state buffer is created at its first step (torch's SGD momentum buffer)."""
         return False
+
+    def _forget_views(self) -> None:
+        """Drop the cached NumPy views (after a load or a new group: rebuilt, checked, at the next step)."""
+        self._views.clear()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._forget_views()
 
     def step(self, closure: Any = None) -> Any:
         """One fused step of every param with a gradient; returns the closure's loss (run with grad)."""
@@ -243,26 +278,82 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss  # GradScaler found inf/NaN: nothing changes, step counts included
         grad_scale = getattr(self, "grad_scale", None)
         grad_mul = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
-        constants: dict = {}
         launch = self._backend.launch
+        cache = self._views
+        counted = self.keeps_step and type(self)._after_step is FusedOptimizer._after_step
         stepped = []
-        for gi, hyper, rule, names, p, g in work:
-            state = self.state[p]
-            step = self._next_step(state)
-            self._init_state(p, state, hyper, names)
-            dtype = p.dtype
-            key = (gi, step, dtype)
-            c = constants.get(key)
-            if c is None:
-                c = constants[key] = hyper.constants(step, np.float32 if dtype == torch.float32 else np.float64,
-                                                     grad_mul)
-            launch(rule, (p.detach().numpy().reshape(-1), g.numpy().reshape(-1),
-                          *(state[n].numpy().reshape(-1) for n in names)), c)
-            self._after_step(state, hyper, step)
-            stepped.append(p)
+        for _gi, hyper, rule, names, items in work:
+            constants: dict = {}
+            for p, g, e in items:
+                if e is None:
+                    state = self.state[p]
+                    step = self._next_step(state)
+                    self._init_state(p, state, hyper, names)
+                    e = cache[p] = _Views(p, state, names, step - 1)
+                else:
+                    state = e.state
+                    step = e.step + 1 if e.step is not None else self._next_step(state)
+                key = (step, e.dtype)
+                c = constants.get(key)
+                if c is None:
+                    c = constants[key] = hyper.constants(
+                        step, np.float32 if e.dtype is torch.float32 else np.float64, grad_mul)
+                launch(rule, (e.arrays[0], g, *e.arrays[1:]), c)
+                if counted and e.step_array is not None:
+                    e.step_array.fill(step)  # state["step"].fill_(step) through its NumPy view
+                else:
+                    self._after_step(state, hyper, step)
+                    e.step_version = None if e.step_tensor is None else e.step_tensor._version
+                e.step = step if e.step_tensor is not None and step < _EXACT[e.step_tensor.dtype] else None
+                stepped.append(p)
         if stepped:
             increment_version(stepped)  # as torch's in-place update: autograd sees the params changed
         return loss
+
+
+@functools.cache
+def _state_names(rule: str) -> tuple[str, ...]:
+    """The rule's state buffer names (one tuple per rule: ``RULES[rule].state_names`` builds it anew)."""
+    return RULES[rule].state_names
+
+
+#: The counts a float holds exactly: 2**24 (float32), 2**53 (float64); past them ``step`` is read back.
+_EXACT = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}
+
+
+class _Views:
+    """A param's flat NumPy views (param, then its rule's state buffers) and its step count, valid while
+    the param's memory, dtype and shape, its state dict, buffer tensors and ``step`` are the ones seen."""
+
+    __slots__ = ("p", "ptr", "shape", "dtype", "state", "names", "buffers", "ptrs", "arrays",
+                 "step_tensor", "step_array", "step_version", "step")
+
+    def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...], step: int) -> None:
+        data = p.detach()
+        self.p, self.ptr, self.shape, self.dtype = p, data.data_ptr(), data.shape, data.dtype
+        self.state, self.names = state, names
+        self.buffers = tuple(state[n] for n in names)
+        self.ptrs = tuple(t.data_ptr() for t in self.buffers)
+        self.arrays = (data.numpy().reshape(-1), *(t.numpy().reshape(-1) for t in self.buffers))
+        st = state.get("step")
+        self.step_tensor = st if isinstance(st, torch.Tensor) and st.dim() == 0 else None
+        # written through NumPy, which leaves ``_version`` alone: a change by torch still shows
+        self.step_array = None if self.step_tensor is None else st.numpy()
+        self.step_version = None if self.step_tensor is None else st._version
+        # the count, where the tensor holds it exactly (else it is read back at each step)
+        self.step = None
+        if self.step_tensor is not None and float(st.item()) == step and step < _EXACT[st.dtype]:
+            self.step = step
+
+    def valid(self, p: torch.Tensor, state: Any, names: tuple[str, ...]) -> bool:
+        if (p.data_ptr() != self.ptr or state is not self.state or names != self.names
+                or p.dtype is not self.dtype or p.shape != self.shape or not p.is_contiguous()):
+            return False
+        for n, t, ptr in zip(names, self.buffers, self.ptrs):
+            if state.get(n) is not t or t.data_ptr() != ptr:
+                return False
+        st = self.step_tensor
+        return st is None or (state.get("step") is st and st._version == self.step_version)
 
 
 class _SGDState(FusedOptimizer):

@@ -342,3 +342,53 @@ def test_signature_is_torchs_plus_our_keywords(name):
     args = [theirs[k].default for k in positional]
     assert getattr(gt, name)(model.parameters(), *args).param_groups[0].keys() >= \
         getattr(torch.optim, name)(model.parameters(), *args).param_groups[0].keys()
+
+
+def test_a_step_after_a_load_a_new_group_or_new_param_data_updates_the_new_memory():
+    """The step caches each param's NumPy views: replacing p.data, the state (load_state_dict, or a
+    buffer by hand) or adding a group must make the next step write to the new tensors, as torch's."""
+    def pair():
+        ours_model, theirs_model = make_model(), make_model()
+        return (ours_model, gt.Adam(ours_model.parameters(), lr=1e-2),
+                theirs_model, torch.optim.Adam(theirs_model.parameters(), lr=1e-2, foreach=False))
+
+    ours_model, ours, theirs_model, theirs = pair()
+    data = batches(torch.float64, steps=12)
+    train(ours_model, ours, data[:2])
+    train(theirs_model, theirs, data[:2])
+    # a load: the state tensors are new ones (and the step counts go back)
+    ref_model, ref, _, _ = pair()
+    train(ref_model, ref, data[:1])
+    ours.load_state_dict(ref.state_dict())
+    theirs.load_state_dict(ref.state_dict())
+    train(ours_model, ours, data[2:4])
+    train(theirs_model, theirs, data[2:4])
+    assert_same(ours_model, ours, theirs_model, theirs)
+    # new param memory: p.data replaced in both
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
+        fresh = a.detach().clone() * 0.5
+        a.data, b.data = fresh, fresh.clone()
+    train(ours_model, ours, data[4:6])
+    train(theirs_model, theirs, data[4:6])
+    assert_same(ours_model, ours, theirs_model, theirs)
+    # a state buffer replaced by hand, and a step count changed in place
+    for o, m in ((ours, ours_model), (theirs, theirs_model)):
+        p = next(m.parameters())
+        o.state[p]["exp_avg"] = o.state[p]["exp_avg"].clone() * 2
+        o.state[p]["step"].fill_(1)
+    train(ours_model, ours, data[6:8])
+    train(theirs_model, theirs, data[6:8])
+    assert_same(ours_model, ours, theirs_model, theirs)
+    # a new group: its params step too, and the old ones still write where they live
+    extra_ours = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    extra_theirs = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    ours.add_param_group({"params": [extra_ours], "lr": 0.1})
+    theirs.add_param_group({"params": [extra_theirs], "lr": 0.1})
+    for x, y in data[8:12]:
+        for o, m, e in ((ours, ours_model, extra_ours), (theirs, theirs_model, extra_theirs)):
+            o.zero_grad()
+            (torch.nn.functional.mse_loss(m(x), y) + (e * e).sum()).backward()
+            o.step()
+    assert_same(ours_model, ours, theirs_model, theirs)
+    np.testing.assert_allclose(extra_ours.detach().numpy(), extra_theirs.detach().numpy(), rtol=1e-9, atol=1e-12)
+    assert ours.state[extra_ours]["step"].item() == 4
