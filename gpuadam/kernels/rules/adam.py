@@ -12,6 +12,15 @@ from gpuadam.kernels.rules.common import SKIP_LINE, Rule, layout_of
 
 
 @register_jitable
+def weight_decay_terms(lr, weight_decay, decoupled):
+    """``(wd_l2, decay)``: L2 decay added to the gradient, or (``decoupled``) the param's own decay
+    ``1 - lr*wd`` (AdamW). Adam, NAdam and RAdam take both flavours."""
+    if decoupled != 0.0:
+        return 0.0, 1.0 - lr * weight_decay
+    return weight_decay, 1.0
+
+
+@register_jitable
 def adam_constants(step, hyper, grad_mul):
     """The float64 Adam constants for step ``step`` (>= 1) from ``AdamHyper.scalars()``.
 
@@ -25,11 +34,7 @@ def adam_constants(step, hyper, grad_mul):
     if bias_correction != 0.0:
         bc1 = 1.0 - math.pow(beta1, step)
         bc2 = 1.0 - math.pow(beta2, step)
-    wd_l2 = weight_decay
-    decay = 1.0
-    if decoupled != 0.0:
-        wd_l2 = 0.0
-        decay = 1.0 - lr * weight_decay
+    wd_l2, decay = weight_decay_terms(lr, weight_decay, decoupled)
     if maximize != 0.0:
         grad_mul = -grad_mul
     one_minus_beta1 = 1.0 - beta1

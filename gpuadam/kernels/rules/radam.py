@@ -4,7 +4,7 @@ import math
 
 from numba.extending import register_jitable
 
-from gpuadam.kernels.rules.adam import MOMENTS_SNIPPET, adam_moments, check_moment_slots
+from gpuadam.kernels.rules.adam import MOMENTS_SNIPPET, adam_moments, check_moment_slots, weight_decay_terms
 from gpuadam.kernels.rules.common import Rule, layout_of
 
 
@@ -16,11 +16,7 @@ def radam_constants(step, hyper, grad_mul):
     lr, beta1, beta2, eps, weight_decay, maximize, decoupled = hyper
     if maximize != 0.0:
         grad_mul = -grad_mul
-    wd_l2 = weight_decay
-    decay = 1.0
-    if decoupled != 0.0:
-        wd_l2 = 0.0
-        decay = 1.0 - lr * weight_decay
+    wd_l2, decay = weight_decay_terms(lr, weight_decay, decoupled)
     bc1 = 1.0 - math.pow(beta1, step)
     beta2_t = math.pow(beta2, step)
     bc2 = 1.0 - beta2_t
