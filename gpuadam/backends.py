@@ -97,6 +97,7 @@ class NumbaCUDA:
         from gpuadam.kernels import numba_cuda
 
         self._cuda = cuda
+        self._kernels = numba_cuda
         self._launch = numba_cuda.launch
 
     def flat(self, x: Any) -> Any:
@@ -123,6 +124,32 @@ class NumbaCUDA:
         """The stream of the device bookkeeping kernels: Numba's default, where the updates run."""
         return 0
 
+    def zeros(self, size: int, dtype: Any) -> Any:
+        return self._cuda.to_device(np.zeros(size, dtype))
+
+    def copy_device(self, dst: Any, src: Any) -> None:
+        """Copy device array ``src`` (any ``__cuda_array_interface__``) into ``dst``, on the device."""
+        dst.copy_to_device(self._cuda.as_cuda_array(src) if not hasattr(src, "copy_to_host") else src)
+
+    # --- the device-side bookkeeping (``on_device.DeviceSteps``)
+    def device_array(self, host: np.ndarray) -> Any:
+        return self._cuda.to_device(host)
+
+    def write_device(self, dst: Any, index: int, value: float) -> None:
+        dst[index : index + 1].copy_to_device(np.array([value], dst.dtype), stream=self.numba_stream())
+
+    def device_sumsq(self, g: Any, sums: Any, fmt: int | None, inv_scale: float, valid: Any) -> None:
+        self._kernels.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid, stream=self.numba_stream())
+
+    def device_prepare(self, constants_fn: Any, sums: Any, hyper: tuple, inv_scale: float, max_norm: float,
+                       skip_nonfinite: bool, lr: Any, group: int, steps: Any, slot: int, c32: Any, c64: Any,
+                       norm: Any, skipped: Any, last: bool, host_step: int) -> None:
+        f64, i64 = np.float64, np.int64
+        self._kernels.prepare(
+            constants_fn, sums, hyper, f64(inv_scale), f64(max_norm), f64(skip_nonfinite), lr, i64(group), steps,
+            i64(slot), c32, c64, norm, skipped, i64(last), i64(host_step), stream=self.numba_stream(),
+        )
+
 
 def _shape(x: Any) -> tuple:
     return tuple(x.shape)
@@ -140,11 +167,11 @@ class CuPy:
     def __init__(self) -> None:
         import cupy
 
-        from gpuadam.kernels import cupy_elementwise
+        from gpuadam.kernels import cupy_bookkeeping, cupy_elementwise
 
         self._cupy = cupy
         self._launch = cupy_elementwise.launch
-        self._streams: dict[int, Any] = {}
+        self._bookkeeping = cupy_bookkeeping
 
     def flat(self, x: Any) -> Any:
         return self._cupy.asarray(x).reshape(-1)  # zero-copy for any __cuda_array_interface__
@@ -161,18 +188,26 @@ class CuPy:
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
         self._launch(rule, arrays, c, *extra)
 
-    def numba_stream(self) -> Any:
-        """CuPy's current stream, as a Numba stream for the device bookkeeping kernels: they then run
-        in order with CuPy's update kernels, and a graph captured on that stream holds them all."""
-        ptr = self._cupy.cuda.get_current_stream().ptr
-        if ptr == 0:  # the legacy default stream, which Numba's 0 names too
-            return 0
-        stream = self._streams.get(ptr)
-        if stream is None:
-            from numba import cuda
+    def zeros(self, size: int, dtype: Any) -> Any:
+        return self._cupy.zeros(size, dtype)
 
-            stream = self._streams[ptr] = cuda.external_stream(ptr)
-        return stream
+    def copy_device(self, dst: Any, src: Any) -> None:
+        """Copy device array ``src`` (any ``__cuda_array_interface__``) into ``dst``, on the device."""
+        dst[...] = self._cupy.asarray(src).reshape(dst.shape)
+
+    # --- the device-side bookkeeping (``on_device.DeviceSteps``): CuPy's own kernels, on its
+    # current stream like the updates
+    def device_array(self, host: np.ndarray) -> Any:
+        return self._cupy.asarray(host)
+
+    def write_device(self, dst: Any, index: int, value: float) -> None:
+        dst[index : index + 1].set(np.array([value], dst.dtype))
+
+    def device_sumsq(self, g: Any, sums: Any, fmt: int | None, inv_scale: float, valid: Any) -> None:
+        self._bookkeeping.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid)
+
+    def device_prepare(self, constants_fn: Any, *args: Any) -> None:
+        self._bookkeeping.prepare(constants_fn, *args)
 
 
 _FACTORIES = {"numba-cpu": NumbaCPU, "numba-cuda": NumbaCUDA, "cupy": CuPy}
@@ -240,6 +275,16 @@ def get(name: str) -> Any:
     return _instances[name]
 
 
+def device_backend(what: str) -> Any:
+    """The GPU backend that allocates device buffers for ``what``: Numba CUDA, else CuPy (the
+    automatic choice's order); ``BackendUnavailable`` naming ``what`` and both reasons otherwise."""
+    for candidate in ("numba-cuda", "cupy"):
+        if status(candidate).available:
+            return get(candidate)
+    reasons = "; ".join(f"{n}: {status(n).reason}" for n in ("numba-cuda", "cupy"))
+    raise BackendUnavailable(f"{what}: no GPU backend can run here ({reasons})")
+
+
 def choose(requested: str | None, info: ArrayInfo) -> Any:
     """The backend for arrays like ``info``: ``requested``, else ``$GPUADAM_BACKEND``, else automatic.
 
@@ -251,11 +296,7 @@ def choose(requested: str | None, info: ArrayInfo) -> Any:
     if name == "auto":
         if info.kind == HOST:
             return get("numba-cpu")
-        for candidate in ("numba-cuda", "cupy"):
-            if status(candidate).available:
-                return get(candidate)
-        reasons = "; ".join(f"{n}: {status(n).reason}" for n in ("numba-cuda", "cupy"))
-        raise BackendUnavailable(f"the params are CUDA device arrays but no GPU backend can run here ({reasons})")
+        return device_backend("the params are CUDA device arrays")
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r} (given as {source}); expected one of {', '.join(NAMES)} or 'auto'")
     backend = get(name)

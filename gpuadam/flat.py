@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuadam import backends
 from gpuadam.arrays import HOST, aligned_zeros, describe
 
 ALIGN = 16
@@ -28,17 +29,12 @@ def _forget(ids: list[int]) -> None:
         _owners.pop(i, None)
 
 
-def _device_zeros(size: int, dtype: np.dtype) -> Any:
-    from numba import cuda  # GPU buffers are Numba device arrays: any backend can read them
-
-    return cuda.to_device(np.zeros(size, dtype=dtype))
-
-
 class FlatBuffer:
     """One contiguous 1-D ``data`` buffer and a view into it per tensor, shaped as asked.
 
-    ``device="cpu"`` allocates a NumPy array, ``device="cuda"`` a Numba CUDA device array (which
-    CuPy, PyTorch and Numba all read through ``__cuda_array_interface__``).
+    ``device="cpu"`` allocates a NumPy array, ``device="cuda"`` a device array of the first GPU
+    backend that can run here (a Numba CUDA array, else a CuPy array: CuPy, PyTorch and Numba all
+    read either through ``__cuda_array_interface__``).
     """
 
     def __init__(self, shapes: Sequence[Sequence[int] | int], dtype: Any = np.float32, device: str = "cpu") -> None:
@@ -46,8 +42,7 @@ class FlatBuffer:
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         self.shapes = _checked_shapes(shapes)
         self.dtype = np.dtype(dtype)
-        if device == "cuda":
-            _check_cuda_usable()
+        self._backend = backends.device_backend("FlatBuffer(device='cuda')") if device == "cuda" else None
         self.device = device
         self.offsets: list[int] = []
         end = 0
@@ -56,7 +51,7 @@ class FlatBuffer:
             end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
         self.size = end
         self._valid: np.ndarray | None = None
-        self.data = aligned_zeros(end, self.dtype) if device == "cpu" else _device_zeros(end, self.dtype)
+        self.data = aligned_zeros(end, self.dtype) if self._backend is None else self._backend.zeros(end, self.dtype)
         self.views = [
             self.data[o : o + int(np.prod(s))].reshape(s) for o, s in zip(self.offsets, self.shapes)
         ]
@@ -89,10 +84,7 @@ class FlatBuffer:
             if buf.device == "cpu":
                 np.copyto(view, a)
             else:
-                from numba import cuda
-
-                src = a if hasattr(a, "copy_to_host") else cuda.as_cuda_array(a)
-                view.copy_to_device(src)
+                buf._backend.copy_device(view, a)
         return buf
 
     def zeros_like(self) -> FlatBuffer:
@@ -145,15 +137,6 @@ def _checked_shapes(shapes: Any) -> list[tuple[int, ...]]:
             raise TypeError(f"shapes: tensor {i}: expected a shape (a tuple of ints) or an int, "
                             f"got {type(s).__name__} {s!r}")
     return out
-
-
-def _check_cuda_usable() -> None:
-    # Numba's own error spans lines of driver advice; the backend probe has the reason in one line.
-    from gpuadam import backends
-
-    status = backends.status("numba-cuda")
-    if not status.available:
-        raise backends.BackendUnavailable(f"FlatBuffer(device='cuda'): Numba CUDA cannot run here: {status.reason}")
 
 
 def owner(views: Sequence[Any]) -> FlatBuffer | None:

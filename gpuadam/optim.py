@@ -149,15 +149,9 @@ class Optimizer:
         # and used for clipping; its step counts are the truth when ``_device_counts``.
         self._device: DeviceSteps | None = None
         device_counts = self.skip_nonfinite or self.capturable
-        self._device_missing = ""
         if be.kind == DEVICE:
             lrs = [float(g["lr"]) for g in self.param_groups] if self.capturable else None
-            try:
-                self._device = DeviceSteps(len(self.param_groups), lrs, be.numba_stream)
-            except Exception as exc:  # the cupy backend without numba-cuda: no device bookkeeping
-                self._device_missing = f"the device-side step bookkeeping needs numba-cuda ({exc})"
-                if device_counts:
-                    raise ValueError(f"skip_nonfinite/capturable on {be.name}: {self._device_missing}") from None
+            self._device = DeviceSteps(len(self.param_groups), lrs, be)
         elif self.capturable:
             raise ValueError("capturable=True keeps the step count on the GPU: it needs device arrays, "
                              "got host arrays")
@@ -266,7 +260,7 @@ class Optimizer:
     def steps_skipped(self) -> int:
         """Steps skipped for a non-finite gradient (``skip_nonfinite``); on a GPU, reading synchronises."""
         if self._device_counts:
-            return int(self._device.skipped.copy_to_host()[0])
+            return self._device.read_skipped()
         return self._steps_skipped
 
     @property
@@ -306,8 +300,6 @@ class Optimizer:
         max_norm = 0.0 if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
         reduce = max_norm > 0.0 or self.skip_nonfinite
-        if reduce and self._device_missing:
-            raise ValueError(f"max_grad_norm on {self._backend.name}: {self._device_missing}")
         units = self._plan(grads, hypers)
         if self._displaced is not None:
             _check_owner(self)

@@ -137,3 +137,34 @@ def test_bench_has_no_circle_even_in_annotations():
     bench = {k: {d for d in v if d.startswith("gpuadam.bench")} for k, v in graph.items()
              if k.startswith("gpuadam.bench")}
     assert circles(bench) == []
+
+
+#: Each backend's compiled kernels, and who may import them: the backend object that runs them,
+#: and the tools that compile or time them (``machine_code``, ``bench``). Everything else goes
+#: through ``backends``.
+BACKEND_KERNELS = {
+    "gpuadam.kernels.numba_cpu": "numba-cpu",
+    "gpuadam.kernels.numba_cuda": "numba-cuda",
+    "gpuadam.kernels.cupy_elementwise": "cupy",
+    "gpuadam.kernels.cupy_bookkeeping": "cupy",
+}
+MAY_IMPORT_KERNELS = ("gpuadam.backends", "gpuadam.machine_code", "gpuadam.bench")
+
+
+def sideways(graph: dict[str, set[str]]) -> list[str]:
+    """Each import of a backend's kernels by a module that is not allowed to."""
+    return sorted(f"{module} imports {kernels} ({BACKEND_KERNELS[kernels]}'s)"
+                  for module, deps in graph.items() for kernels in deps & set(BACKEND_KERNELS)
+                  if not module.startswith((*MAY_IMPORT_KERNELS, "gpuadam.kernels.")))
+
+
+def test_no_module_outside_a_backend_imports_its_kernels():
+    reaches = sideways(import_graph())
+    assert not reaches, "backend-specific work goes through the backend object: " + "; ".join(reaches)
+
+
+def test_a_sideways_reach_is_found():
+    """The check above can fail: on_device reaching into Numba CUDA's kernels, as it once did."""
+    graph = import_graph()
+    graph["gpuadam.on_device"].add("gpuadam.kernels.numba_cuda")
+    assert sideways(graph) == ["gpuadam.on_device imports gpuadam.kernels.numba_cuda (numba-cuda's)"]
