@@ -12,11 +12,12 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
     collect_ignore_glob = ["test_*.py"]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def small_launches():
-    """Blocks of 32 threads, at most 4 of them: the simulator runs each thread as a Python thread,
-    and the gradient reduction's 256-thread blocks cost seconds per step. 32 still halves five times
-    in the tree reduction, and 4 blocks make a 700-element tensor loop over its grid stride."""
+    """Every simulator test launches blocks of 32 threads, at most 4 of them: the simulator runs
+    each thread as a Python thread, and 256-thread blocks cost seconds per step (the real launch
+    configuration is compiled for sm_90 by the machine-code tests). 32 still halves five times in
+    the tree reduction, and 4 blocks make a 300-element tensor loop over its grid stride."""
     from gpuadam.kernels import numba_cuda
 
     # its own MonkeyPatch: a test's monkeypatch.undo() must not restore the big launches midway

@@ -15,7 +15,7 @@ from helpers import problem, trajectory_error  # noqa: E402
 
 import gpuadam  # noqa: E402
 
-# The simulator pays for every thread of a launch: two small tensors, one over two blocks of 256.
+# Two small tensors: in the simulator's small launches (conftest) the 300 loop over their grid stride.
 SHAPES = [(300,), (2, 3)]
 ONE = [(300,)]
 STEPS = 3
@@ -106,7 +106,6 @@ def test_capturable_equals_default_mode_bit_for_bit(case):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.usefixtures("small_launches")
 @pytest.mark.parametrize("case", [MACHINERY[i] for i in (0, 2, 4)], ids=case_id)
 def test_skip_and_clip_on_device_match_the_cpu_backend(case):
     name, kw = case

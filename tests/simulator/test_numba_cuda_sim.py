@@ -15,7 +15,7 @@ import gpuadam  # noqa: E402
 from gpuadam.hyper import AdamHyper  # noqa: E402
 from gpuadam.kernels import numba_cuda  # noqa: E402
 
-# Several tensors, odd sizes, and one that needs more than one block of 256 threads.
+# Several tensors, odd sizes, and one that loops over the grid stride of the small launches (conftest).
 SHAPES = [(700,), (3, 5), (1,), (2, 129)]
 
 
@@ -137,7 +137,6 @@ def test_capturable_equals_default_mode_bit_for_bit():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.usefixtures("small_launches")
 def test_capturable_step_makes_no_device_to_host_copy(monkeypatch):
     from numba.cuda.simulator.cudadrv import devicearray
 
@@ -160,7 +159,6 @@ def test_capturable_step_makes_no_device_to_host_copy(monkeypatch):
     assert opt.steps == [2] * len(SHAPES)  # reading the count is the caller's synchronisation
 
 
-@pytest.mark.usefixtures("small_launches")
 def test_bookkeeping_kernels_run_on_the_backends_stream(monkeypatch):
     """The reduction and preparation kernels go to the stream the backend names (CuPy's current
     stream on the cupy backend), so a captured graph holds them with the updates."""
@@ -209,7 +207,6 @@ def test_device_lr_written_on_the_device_is_the_lr_of_the_next_step():
         _ = gpuadam.Adam([cuda.to_device(p) for p in params0]).device_lr
 
 
-@pytest.mark.usefixtures("small_launches")
 def test_device_skip_of_a_nonfinite_step_changes_nothing():
     params0, grads = problem(16, shapes=SHAPES, steps=3)
     opt, skipped = _run({"skip_nonfinite": True}, grads, params0, poison_at=1)
@@ -220,7 +217,6 @@ def test_device_skip_of_a_nonfinite_step_changes_nothing():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.usefixtures("small_launches")
 def test_device_clipping_matches_the_cpu_backend():
     params0, grads = problem(17, shapes=SHAPES, steps=3)
     opt, on_device = _run({}, grads, params0, step_kw={"max_grad_norm": 2.0})
