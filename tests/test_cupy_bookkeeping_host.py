@@ -216,12 +216,12 @@ def test_sumsq_kernel_is_the_sequential_sum_in_the_gradients_precision(sumsq_lib
         g = values = buf.data
     y = (values[keep] * inv).astype(values.dtype)
     want = [0.25 + float(np.cumsum(y * y, dtype=values.dtype)[-1]), 1.0 + np.count_nonzero(~np.isfinite(y))]
-    red = np.array([0.25, 1.0])  # the kernel adds to what is there
+    sums = np.array([0.25, 1.0])  # the kernel adds to what is there
     name, _ = cb.sumsq_source(dtype, fmt, masked)
-    valid = buf.valid_counts() if masked else red
-    _call(getattr(sumsq_libs[name], name), (g, red, inv, valid, np.uint64(g.size)))
-    np.testing.assert_array_equal(red, want)
-    assert np.isfinite(red[0]) != poison
+    valid = buf.valid_counts() if masked else sums
+    _call(getattr(sumsq_libs[name], name), (g, sums, inv, valid, np.uint64(g.size)))
+    np.testing.assert_array_equal(sums, want)
+    assert np.isfinite(sums[0]) != poison
 
 
 def _widen(h, code):

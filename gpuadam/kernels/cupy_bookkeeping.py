@@ -30,8 +30,8 @@ _LOADS = {None: "g[i]", "bf16": "lowp_bf16_to_f32(g[i])", "f16": "lowp_f16_to_f3
 
 
 def sumsq_source(dtype: Any, fmt: str | None, masked: bool) -> tuple[str, str]:
-    """``(name, source)`` of the kernel adding the sum of squares of ``g * inv`` to ``red[0]`` and
-    its count of inf/NaN to ``red[1]``: ``dtype`` is the gradients' (float32 for half bits, whose
+    """``(name, source)`` of the kernel adding the sum of squares of ``g * inv`` to ``sums[0]`` and
+    its count of inf/NaN to ``sums[1]``: ``dtype`` is the gradients' (float32 for half bits, whose
     format ``fmt`` is "bf16" or "f16"); ``masked``: element ``i`` counts only when ``i % 16 <
     valid[i / 16]`` (a FlatBuffer's padding). Each thread sums in the gradients' precision (as the
     update forms ``g * inv``), the warp in float64, one atomic add per warp."""
@@ -54,7 +54,7 @@ GPUADAM_FN void sumsq_range(const G* g, const T inv, const unsigned char* valid,
 }}
 
 #ifdef __CUDACC__
-extern "C" __global__ void {name}(const G* g, double* red, const T inv, const unsigned char* valid,
+extern "C" __global__ void {name}(const G* g, double* sums, const T inv, const unsigned char* valid,
                                   const unsigned long long n) {{
   T acc = T(0);
   double count = 0.0;
@@ -66,8 +66,8 @@ extern "C" __global__ void {name}(const G* g, double* red, const T inv, const un
     count += __shfl_down_sync(0xFFFFFFFFu, count, offset);
   }}
   if ((threadIdx.x & 31u) == 0u) {{
-    atomicAdd(red, sum);
-    atomicAdd(red + 1, count);
+    atomicAdd(sums, sum);
+    atomicAdd(sums + 1, count);
   }}
 }}
 #endif

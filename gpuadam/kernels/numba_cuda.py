@@ -127,8 +127,8 @@ for _name, _rule in rules.RULES.items():
 
 
 def _make_sumsq(scalar, fmt, masked):
-    def sumsq_kernel(g, red, inv, valid):
-        """Adds the sum of squares of ``g * inv`` to ``red[0]`` and its count of inf/NaN to ``red[1]``.
+    def sumsq_kernel(g, sums, inv, valid):
+        """Adds the sum of squares of ``g * inv`` to ``sums[0]`` and its count of inf/NaN to ``sums[1]``.
 
         ``g * inv`` is formed in the gradients' precision, as the update forms it: a gradient that
         overflows once unscaled counts as non-finite. Each thread sums in that precision; the block
@@ -162,8 +162,8 @@ def _make_sumsq(scalar, fmt, masked):
             cuda.syncthreads()
             half //= 2
         if t == 0:
-            cuda.atomic.add(red, 0, partial[0])
-            cuda.atomic.add(red, 1, bad[0])
+            cuda.atomic.add(sums, 0, partial[0])
+            cuda.atomic.add(sums, 1, bad[0])
 
     return sumsq_kernel
 
@@ -225,16 +225,16 @@ def _cached(key, make):
     return kernel
 
 
-def grad_sumsq(g, red, fmt=None, inv_scale=1.0, valid=None, stream=0) -> None:
+def grad_sumsq(g, sums, fmt=None, inv_scale=1.0, valid=None, stream=0) -> None:
     """Accumulate the sum of squares of ``g * inv_scale`` and its non-finite count into the device
-    array ``red`` (``g`` holds half-precision bits when ``fmt`` is given), on ``stream``; ``valid``
+    array ``sums`` (``g`` holds half-precision bits when ``fmt`` is given), on ``stream``; ``valid``
     (a device array of per-16-element counts) masks a FlatBuffer's padding."""
     scalar = float64 if g.dtype == np.float64 else float32
     half = -1 if fmt is None else fmt
     masked = valid is not None
     kernel = _cached(("sumsq", g.dtype.str, half, masked), lambda: _make_sumsq(scalar, half, masked))
     inv = np.float64(inv_scale) if scalar is float64 else np.float32(inv_scale)
-    kernel[_blocks(g.size), THREADS, stream](g, red, inv, valid if masked else red)
+    kernel[_blocks(g.size), THREADS, stream](g, sums, inv, valid if masked else sums)
 
 
 def prepare(constants_fn, *args, stream=0) -> None:
