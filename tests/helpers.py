@@ -1,8 +1,10 @@
 """Shared test helpers: random problems, the float64 reference trajectory, error bounds, PTX
-compiled in a child process, and the compiled half-precision conversions."""
+compiled in a child process, C sources compiled for the host, and the compiled half-precision
+conversions."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import subprocess
@@ -103,3 +105,23 @@ def narrow_half(x, fmt, out):
     """``lowp.store_half`` over an array, compiled: float32 to half bits, to nearest even."""
     for i in range(x.size):
         out[i] = lowp.store_half(x[i], fmt)
+
+
+# -ffp-contract=off: each operation rounds once, as Numba's CPU loops do; -Wdouble-promotion
+# -Werror: a float silently widened to double is an error. CUDA's loop pragma means nothing here.
+GXX_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra",
+             "-Wdouble-promotion", "-Wno-unknown-pragmas", "-Werror"]
+
+
+def build_host_library(tmp_path_factory, name: str, source: str, extra_flags: tuple = ()) -> ctypes.CDLL:
+    """C++ ``source`` compiled with g++ (``GXX_FLAGS``) into a shared library, loaded by ctypes."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not on PATH: cannot compile the C sources for the host")
+    tmp = tmp_path_factory.mktemp(name)
+    src, lib = tmp / f"{name}.cpp", tmp / f"{name}.so"
+    src.write_text(source)
+    cmd = [gxx, *GXX_FLAGS, *extra_flags, "-o", str(lib), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+    return ctypes.CDLL(str(lib))

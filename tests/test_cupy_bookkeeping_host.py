@@ -17,10 +17,10 @@ import ctypes
 import math
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from helpers import build_host_library, narrow_half, widen_half
 
 from gpuadam import machine_code as mc
 from gpuadam.flat import FlatBuffer
@@ -30,8 +30,7 @@ from gpuadam.kernels.c_from_python import PREFIX, Unsupported, c_functions, tupl
 from gpuadam.kernels.cupy_lowp import FN_SOURCE
 from gpuadam.kernels.rules import N_CONSTANTS, RULES, SKIP, grad_factor
 
-GXX_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra",
-             "-Wdouble-promotion", "-Wno-unused-function", "-Werror"]
+UNUSED_OK = ("-Wno-unused-function",)  # the shim's built-ins, and conversions a kernel does not call
 CONSTANTS_FNS = {r.constants.__name__: r.constants for r in RULES.values()}
 
 #: CUDA's built-ins for one thread of one block, so a kernel's own text runs on the host.
@@ -50,19 +49,6 @@ static double atomicAdd(double* at, double v) { const double old = *at; *at += v
 """
 
 
-def _build(tmp_path_factory, name: str, source: str) -> ctypes.CDLL:
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not on PATH: cannot compile the C sources for the host")
-    tmp = tmp_path_factory.mktemp(name)
-    src, lib = tmp / f"{name}.cpp", tmp / f"{name}.so"
-    src.write_text(source)
-    cmd = [gxx, *GXX_FLAGS, "-o", str(lib), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
-    return ctypes.CDLL(str(lib))
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. The translated scalar functions
 
@@ -77,7 +63,7 @@ def scalar_lib(tmp_path_factory):
         parts += [f"namespace {name} {{\n", c_functions(fn),
                   f'extern "C" void call_{name}(double step, const double* hyper, double grad_mul, double* out) '
                   f'{{ {PREFIX}{name}(step, hyper, grad_mul, out); }}\n}}\n']
-    return _build(tmp_path_factory, "scalars", "".join(parts))
+    return build_host_library(tmp_path_factory, "scalars", "".join(parts), UNUSED_OK)
 
 
 def _hypers(name: str, rng: np.random.Generator) -> list[tuple]:
@@ -187,7 +173,7 @@ def sumsq_libs(tmp_path_factory):
     for k, (dtype, fmt) in enumerate(SUMSQ_CASES):
         for masked in (False, True):
             name, source = cb.sumsq_source(dtype, fmt, masked)
-            libs[name] = _build(tmp_path_factory, f"sumsq{k}{int(masked)}", ONE_THREAD + source)
+            libs[name] = build_host_library(tmp_path_factory, f"sumsq{k}{int(masked)}", ONE_THREAD + source, UNUSED_OK)
     return libs
 
 
@@ -195,8 +181,6 @@ def sumsq_libs(tmp_path_factory):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("poison", [False, True])
 def test_sumsq_kernel_is_the_sequential_sum_in_the_gradients_precision(sumsq_libs, dtype, fmt, masked, poison):
-    from helpers import narrow_half
-
     rng = np.random.default_rng(5)
     buf = FlatBuffer([(5, 7), (1,), (300,), (17,)], np.float32 if fmt else dtype)
     keep = (np.arange(buf.size) % 16) < np.repeat(buf.valid_counts(), 16)
@@ -225,8 +209,6 @@ def test_sumsq_kernel_is_the_sequential_sum_in_the_gradients_precision(sumsq_lib
 
 
 def _widen(h, code):
-    from helpers import widen_half
-
     out = np.zeros(h.size, np.float32)
     widen_half(h, code, out)
     return out
@@ -238,7 +220,7 @@ def prepare_lib(tmp_path_factory):
     for k, fn in enumerate(CONSTANTS_FNS.values()):
         _, source = cb.prepare_source(fn)
         parts.append(f"namespace rule{k} {{\n{source}}}\n")
-    return _build(tmp_path_factory, "prepare", "".join(parts))
+    return build_host_library(tmp_path_factory, "prepare", "".join(parts), UNUSED_OK)
 
 
 def _expected(fn, sums, hyper, inv_scale, max_norm, skip_nonfinite, lr, group, steps, slot, last, host_step):

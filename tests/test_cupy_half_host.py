@@ -15,14 +15,12 @@ from __future__ import annotations
 import collections
 import ctypes
 import re
-import shutil
-import subprocess
 import zlib
 
 import numpy as np
 import pytest
 from family_cases import CASES, case_id, describe
-from helpers import narrow_half, ptx_from_child, ptx_instructions, widen_half
+from helpers import build_host_library, narrow_half, ptx_from_child, ptx_instructions, widen_half
 from numba import njit
 
 from gpuadam.hyper import AdamHyper
@@ -34,24 +32,6 @@ from gpuadam.kernels.rules import SKIP
 
 FORMATS = {"bfloat16": lowp.BFLOAT16, "float16": lowp.FLOAT16}
 MASK32 = 0xFFFFFFFF
-
-# -ffp-contract=off: each operation rounds once, as Numba's CPU loops do; -Wdouble-promotion
-# -Werror: a float silently widened to double is an error. CUDA's loop pragma means nothing here.
-GXX_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra",
-             "-Wdouble-promotion", "-Wno-unknown-pragmas", "-Werror"]
-
-
-def _build(tmp_path_factory, name: str, source: str) -> ctypes.CDLL:
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not on PATH: cannot compile the C sources for the host")
-    tmp = tmp_path_factory.mktemp(name)
-    src, lib = tmp / f"{name}.cpp", tmp / f"{name}.so"
-    src.write_text(source)
-    cmd = [gxx, *GXX_FLAGS, "-o", str(lib), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
-    return ctypes.CDLL(str(lib))
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -90,7 +70,7 @@ void store_param(const float* x, unsigned short* out, ptrdiff_t n, int fmt, int 
 
 @pytest.fixture(scope="module")
 def clib(tmp_path_factory):
-    lib = _build(tmp_path_factory, "lowp", _WRAPPERS)
+    lib = build_host_library(tmp_path_factory, "lowp", _WRAPPERS)
     vp, n, i32, u32 = ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_uint
     lib.widen.argtypes = [vp, vp, n, i32]
     lib.narrow.argtypes = [vp, vp, n, i32]
@@ -273,7 +253,7 @@ def _host_kernels_source() -> str:
 
 @pytest.fixture(scope="module")
 def klib(tmp_path_factory):
-    return _build(tmp_path_factory, "half_kernels", _host_kernels_source())
+    return build_host_library(tmp_path_factory, "half_kernels", _host_kernels_source())
 
 
 def _c_kernel(lib, rule, layout, device_constants):
