@@ -26,6 +26,12 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", backends_here())
 
 
+def pytest_collection_modifyitems(config, items):
+    # the register check reads the kernels the other tests loaded: it runs last
+    items.sort(key=lambda item: item.nodeid.startswith("tests/gpu/test_gpu_registers.py")
+               or "test_gpu_registers.py::" in item.nodeid)
+
+
 @pytest.fixture(autouse=True)
 def _gpu_or_simulator():
     """Skip without a GPU (and outside the simulator); in the simulator, small launches: blocks of
