@@ -84,7 +84,7 @@ def test_stochastic_rounding_matches_the_cpu(backend):
 
 
 ROUNDING = (lowp.BFLOAT16, 1, 1234, 17)  # (format, stochastic, seed, counter)
-N_ROUNDED = 1000 if SIM else 1 << 20
+N_ROUNDED = 300 if SIM else 1 << 20
 
 
 def _rounding_input(n):
