@@ -66,10 +66,15 @@ BENCH_COMMON = ["--backends", "numba-cuda,cupy", "--repeat", "3", "--min-time", 
 #: One small step per backend for compute-sanitizer: capturable with clipping, so the reduction and
 #: the preparation kernels run too.
 SANITIZED_STEP = """
+import sys
+import numba
 import numpy as np
 from numba import cuda
 import gpuadam
-for backend in ("numba-cuda", "cupy"):
+from gpuadam.kernels import numba_cuda
+if numba.config.ENABLE_CUDASIM:  # the dry run: the simulator pays for every thread
+    numba_cuda.THREADS = 32
+for backend in sys.argv[1:]:
     rng = np.random.default_rng(0)
     p = cuda.to_device(rng.standard_normal(1003).astype(np.float32))
     g = cuda.to_device(rng.standard_normal(1003).astype(np.float32))
@@ -166,7 +171,8 @@ class Check:
         if limit < 1:
             part.status, part.detail = "skipped", "out of time"
             return (lambda: self.add(part)) if background else self.add(part)
-        self.say(f"{name}: {' '.join(part.command)} (limit {limit:.0f}s)")
+        shown = " ".join("<code>" if "\n" in a else a for a in part.command)
+        self.say(f"{name}: {shown} (limit {limit:.0f}s)")
         log_file = self.scratch / f"{name}.log"
         out_file = open(stdout_to, "w") if stdout_to else open(log_file, "w")
         err_file = open(log_file, "a") if stdout_to else subprocess.STDOUT
@@ -353,6 +359,18 @@ def run_tests(c: Check, inspect_json: Path | None) -> None:
     c.write_summary()
 
 
+def bench_args(name: str, sizes: list[str], args: list[str], limit: float) -> list[str]:
+    """``gpuadam bench`` arguments of bench part ``name`` given ``limit`` seconds: the largest of
+    ``sizes`` whose share of the part's cap fits (each halving of the size about halves the work)."""
+    fits = [s for i, s in enumerate(sizes) if CAPS[name] / 2**i <= limit + 1] or sizes[-1:]
+    return args + BENCH_COMMON + ["--sizes", fits[0]]
+
+
+#: The dry run's bench: the plumbing on the CPU, one tiny size, no peers, through the same merging.
+DRY_BENCH = ["--backends", "numba-cpu", "--no-peers", "--no-overhead", "--repeat", "1", "--rounds", "1",
+             "--min-time", "0.001", "--no-progress", "--sizes", "2^10"]
+
+
 def run_benches(c: Check, benches: list, runs: dict) -> None:
     """Run ``benches``, adding each one's JSON to ``runs`` and all of them to ``bench.json``."""
     for name, args, sizes in benches:
@@ -360,14 +378,9 @@ def run_benches(c: Check, benches: list, runs: dict) -> None:
             if name != BENCHES[0][0]:
                 c.add(Part(name, "not-run", detail="dry run: GPU only"))
                 continue
-            # the plumbing on the CPU: one tiny size, no peers, through the same merging
-            args = ["--backends", "numba-cpu", "--no-peers", "--no-overhead", "--repeat", "1", "--rounds", "1",
-                    "--min-time", "0.001", "--no-progress", "--sizes", "2^10"]
+            args = DRY_BENCH
         else:
-            # cut: the share of the cap the smaller sizes need (each halving about halves the work)
-            limit = c.limit(name)
-            fits = [s for i, s in enumerate(sizes) if CAPS[name] / 2**i <= limit + 1] or sizes[-1:]
-            args = args + BENCH_COMMON + ["--sizes", fits[0]]
+            args = bench_args(name, sizes, args, c.limit(name))
         path = c.scratch / f"{name}.json"
         part = c.run(name, [sys.executable, "-m", "gpuadam", "bench", *args, "--json", str(path)])
         part.extra["args"] = args
@@ -398,13 +411,18 @@ def bench_figures(doc: dict) -> list[dict]:
 
 
 def sanitize(c: Check) -> None:
+    if c.dry_run:  # the step itself, in the simulator, without the sanitizer
+        env = {**c.env, "NUMBA_ENABLE_CUDASIM": "1", "GPUADAM_BACKEND": ""}
+        part = c.run("sanitizer", [sys.executable, "-c", SANITIZED_STEP, "numba-cuda"], env=env)
+        part.detail = (part.detail + "; " if part.detail else "") + "dry run: the step in the simulator, unsanitized"
+        c.write_summary()
+        return
     tool = _sanitizer()
-    if c.dry_run or tool is None:
-        c.add(Part("sanitizer", "not-run",  # optional: the run passes without it
-                   detail="dry run: GPU only" if c.dry_run else "compute-sanitizer is not on PATH"))
+    if tool is None:
+        c.add(Part("sanitizer", "not-run", detail="compute-sanitizer is not on PATH"))  # optional
         return
     c.run("sanitizer", [tool, "--tool", "memcheck", "--error-exitcode", "3", "--target-processes", "all",
-                        sys.executable, "-c", SANITIZED_STEP])
+                        sys.executable, "-c", SANITIZED_STEP, "numba-cuda", "cupy"])
 
 
 def print_summary(c: Check) -> None:

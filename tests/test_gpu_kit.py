@@ -41,12 +41,14 @@ def test_the_dry_run_passes_and_writes_its_files(dry_run):
     assert summary["files"] == files and len(files) <= 8
     assert [p["name"] for p in summary["parts"]] == PARTS
     status = {p["name"]: p["status"] for p in summary["parts"]}
-    assert status["tests"] == status["bench-float32"] == "passed", status
-    assert all(s == "not-run" for n, s in status.items() if n not in ("gpu", "tests", "bench-float32")), status
+    assert status["tests"] == status["bench-float32"] == status["sanitizer"] == "passed", status
+    ran = ("gpu", "tests", "bench-float32", "sanitizer")
+    assert all(s == "not-run" for n, s in status.items() if n not in ran), status
     assert "OK in" in proc.stdout and "=== gpu check summary ===" in proc.stdout
     log = (out / "gpu_check.log").read_text()
-    for name in ("tests", "bench-float32"):
+    for name in ("tests", "bench-float32", "sanitizer"):
         assert f"----- {name} output -----" in log
+    assert "numba-cuda stepped: [1]" in log  # the sanitizer's step, in the simulator
 
 
 def test_the_simulator_ran_every_rule_and_skipped_only_gpu_only_tests(dry_run):
@@ -73,6 +75,28 @@ def test_the_bench_json_goes_through_the_merging(dry_run):
     assert rows and all(r["status"] == "ok" and r["verified"] for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bench"]["bench-float32"]
+
+
+def test_every_bench_command_of_a_gpu_run_is_one_gpuadam_bench_takes():
+    """The GPU run's bench commands, at full time and cut short, parse and pass bench's checks here
+    (a renamed flag would otherwise surface only on the GPU)."""
+    from gpuadam.bench.command import config_from_args
+    from gpuadam.cli import build_parser
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    seen = set()
+    for name, args, sizes in gpu_check.BENCHES:
+        for limit in (gpu_check.CAPS[name], gpu_check.CAPS[name] / 2, 0):
+            argv = gpu_check.bench_args(name, sizes, args, limit)
+            seen.add(argv[-1])
+            ns = build_parser().parse_args(["bench", *argv, "--json", "bench.json"])
+            config = config_from_args(ns)
+            assert config.backends == ("numba-cuda", "cupy") and config.peers
+    assert {"2^20,2^24", "2^27", "2^26", "2^25"} <= seen
+    for argv in (gpu_check.DRY_BENCH,):
+        config_from_args(build_parser().parse_args(["bench", *argv]))
 
 
 def test_a_run_out_of_time_still_writes_its_summary_and_fails(tmp_path):
