@@ -17,8 +17,9 @@ fit is cut to smaller sizes or skipped, and says so):
 
 Everything goes under ``$OUT`` (else ``gpu-check-out/``): ``summary.json``, ``gpu_check.log``,
 ``tests.xml``, ``inspect.json``, ``bench.json``; at most ``MAX_FILES``. The summary is rewritten
-after every part, so a run cut short still leaves one. Exit 0 only when every part passed and
-every test passed (none skipped).
+after every part, so a run cut short still leaves one. Exit 0 only when every test passed (none
+skipped) and no part failed or overran its limit; a bench left out for want of time is listed as
+skipped.
 
 ``--dry-run`` (a machine without a GPU, and CI): the tests in Numba's CUDA simulator (the GPU-only
 ones skip, and must say so), a tiny CPU bench through the same merging, and the same summary, with
@@ -158,8 +159,11 @@ class Check:
         tmp.replace(self.out / "summary.json")
 
     def ok(self) -> bool:
-        run = [p for p in self.parts if p.status != "not-run"]
-        return bool(run) and all(p.status == "passed" for p in run) and self.tests.get("ok", False)
+        """Every test passed, and no part failed or overran its limit (a part left out for want of
+        time, or an optional one not run, is said in the summary but fails nothing)."""
+        tests = [p for p in self.parts if p.name == "tests"]
+        return (bool(tests) and tests[0].status == "passed" and self.tests.get("ok", False)
+                and all(p.status in ("passed", "not-run", "skipped") for p in self.parts))
 
     # --- running -------------------------------------------------------------------------------
     def run(self, name: str, cmd: list[str], stdout_to: Path | None = None, env: dict | None = None,
@@ -421,8 +425,9 @@ def sanitize(c: Check) -> None:
     if tool is None:
         c.add(Part("sanitizer", "not-run", detail="compute-sanitizer is not on PATH"))  # optional
         return
-    c.run("sanitizer", [tool, "--tool", "memcheck", "--error-exitcode", "3", "--target-processes", "all",
-                        sys.executable, "-c", SANITIZED_STEP, "numba-cuda", "cupy"])
+    # API errors are left out: the backends' probes may meet some on purpose; memory errors count
+    c.run("sanitizer", [tool, "--tool", "memcheck", "--error-exitcode", "3", "--report-api-errors", "no",
+                        "--target-processes", "all", sys.executable, "-c", SANITIZED_STEP, "numba-cuda", "cupy"])
 
 
 def print_summary(c: Check) -> None:
