@@ -26,10 +26,23 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", backends_here())
 
 
+def _case_index(item) -> int:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("index", -1) if callspec is not None else -1
+
+
+#: Modules run after the others, in this order: the biggest allocations once the rest is proven;
+#: the register check over the kernels every other test loaded.
+LAST = {"test_gpu_big.py": 1, "test_gpu_registers.py": 2}
+
+
 def pytest_collection_modifyitems(config, items):
-    # the register check reads the kernels the other tests loaded: it runs last
-    items.sort(key=lambda item: item.nodeid.startswith("tests/gpu/test_gpu_registers.py")
-               or "test_gpu_registers.py::" in item.nodeid)
+    # a rule's case on both backends one after the other: the reference trajectory is computed once
+    where = [k for k, item in enumerate(items) if item.path.name == "test_gpu_rules.py"]
+    ordered = sorted((items[k] for k in where), key=lambda item: (item.originalname, _case_index(item)))
+    for k, item in zip(where, ordered):
+        items[k] = item
+    items.sort(key=lambda item: LAST.get(item.path.name, 0))
 
 
 @pytest.fixture(autouse=True)

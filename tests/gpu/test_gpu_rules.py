@@ -12,9 +12,10 @@ from helpers import problem, trajectory_error
 import gpuadam
 
 
-@functools.cache
+@functools.lru_cache(maxsize=2)
 def _expected(index: int, dtype: str):
-    """Problem and float64 reference of case ``index``, once for both backends."""
+    """Problem and float64 reference of case ``index``, once for both backends (``conftest`` runs
+    a case's backends one after the other)."""
     name, kw = CASES[index]
     params0, grads = problem(11 + index, shapes=SHAPES, dtype=np.dtype(dtype), steps=STEPS)
     hyper = describe(name, kw)[0]
