@@ -125,6 +125,7 @@ class Check:
         self.info: dict = {}
         self.tests: dict = {}
         self.bench: dict = {}
+        self.procs: list[subprocess.Popen] = []
 
     # --- time ----------------------------------------------------------------------------------
     def left(self) -> float:
@@ -188,6 +189,7 @@ class Check:
             out_file.close()
             part.status, part.detail = "failed", f"cannot start: {exc}"
             return (lambda: self.add(part)) if background else self.add(part)
+        self.procs.append(proc)
 
         def finish() -> Part:
             rc = _wait(proc, t0 + limit)
@@ -224,6 +226,10 @@ def _wait(proc: subprocess.Popen, deadline: float) -> int | None:
         return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass
+    except KeyboardInterrupt:  # the check itself is stopped (SIGINT, or SIGTERM below): stop the part too
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     for sig, grace in ((signal.SIGINT, 8), (signal.SIGKILL, 5)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
@@ -276,8 +282,8 @@ def versions(c: Check) -> None:
             "for d in ('numpy', 'numba', 'numba-cuda', 'cupy-cuda13x', 'torch', 'jax', 'optax', 'pytest',"
             " 'hypothesis', 'ml_dtypes'):\n"
             "    try: out[d] = m.version(d)\n    except Exception: out[d] = None\nprint(json.dumps(out))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, OSError, subprocess.TimeoutExpired):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         c.info["versions"] = json.loads(proc.stdout)
     c.info.update(python=platform.python_version(), platform=platform.platform(), cpus=os.cpu_count())
     for tool in ("ptxas", "compute-sanitizer"):
@@ -465,32 +471,51 @@ def main(argv: list[str] | None = None) -> int:
                                               "bench.json"):
             stale.unlink()
     c = Check(out, args.budget, args.dry_run)
+
+    def stopped(signum, frame):  # SIGTERM as SIGINT: the summary is still written and printed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
     c.say(f"gpu check{' (dry run)' if args.dry_run else ''}: {ROOT}, output in {out}, budget {args.budget:.0f}s")
-    try:
-        versions(c)
-        arch = check_gpu(c)
-        install(c)
+    state: dict = {"arch": None, "wait_inspect": None}
+    inspect_json = out / "inspect.json"
+
+    def gpu() -> None:
+        state["arch"] = check_gpu(c)
+
+    def start_inspect() -> None:
         if c.info.get("ptxas"):  # gpuadam inspect and the register test look on PATH first
             c.env["PATH"] = os.pathsep.join([os.path.dirname(c.info["ptxas"]), c.env.get("PATH", "")])
-        inspect_json = out / "inspect.json"
         if args.dry_run:
             c.add(Part("inspect", "not-run", detail="dry run: tests/test_machine_code.py runs it in CI"))
-            wait_inspect = None
-        else:
-            # written aside and moved into place when complete: the register test, last of the
-            # tests, reads it if it is there by then (else it compiles its predictions itself)
-            wait_inspect = c.run("inspect", [sys.executable, "-c", INSPECT_TO, str(c.scratch / "inspect.part"),
-                                             str(inspect_json), arch or "sm_90"], background=True)
-        run_tests(c, inspect_json)
-        if wait_inspect is not None:
-            wait_inspect()
-        runs: dict = {}
-        run_benches(c, BENCHES[:BEFORE_SANITIZER], runs)
-        sanitize(c)
-        run_benches(c, BENCHES[BEFORE_SANITIZER:], runs)
-    except Exception as exc:  # the summary must still be written, with the reason
-        c.add(Part("gpu-check", "failed", detail=f"{type(exc).__name__}: {exc}"))
+            return
+        # written aside and moved into place when complete: the register test, last of the tests,
+        # reads it if it is there by then (else it compiles its predictions itself)
+        state["wait_inspect"] = c.run("inspect", [sys.executable, "-c", INSPECT_TO, str(c.scratch / "inspect.part"),
+                                                  str(inspect_json), state["arch"] or "sm_90"], background=True)
+
+    def end_inspect() -> None:
+        if state["wait_inspect"] is not None:
+            state["wait_inspect"]()
+
+    runs: dict = {}
+    stages = [("machine", lambda: versions(c)), ("gpu", gpu), ("install", lambda: install(c)),
+              ("inspect", start_inspect), ("tests", lambda: run_tests(c, inspect_json)), ("inspect", end_inspect),
+              ("bench", lambda: run_benches(c, BENCHES[:BEFORE_SANITIZER], runs)), ("sanitizer", lambda: sanitize(c)),
+              ("bench", lambda: run_benches(c, BENCHES[BEFORE_SANITIZER:], runs))]
+    try:
+        for name, stage in stages:
+            try:
+                stage()
+            except Exception as exc:  # one stage's own error: said in the summary, and the next runs
+                c.add(Part(f"{name} (gpu check)", "failed", detail=f"{type(exc).__name__}: {exc}"))
+    except KeyboardInterrupt:
+        c.add(Part("stopped", "failed", detail=f"interrupted during {name}"))
     finally:
+        for proc in c.procs:  # a part left running in the background
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
         c.write_summary()
         print_summary(c)
         c.log.close()
