@@ -13,7 +13,8 @@ fit is cut to smaller sizes or skipped, and says so):
   bench-*    ``gpuadam bench`` on numba-cuda and cupy with the GPU peers (torch ``Adam(fused=True)``
              among them): float32 at 2^20 and 2^24, and at 2^27
   sanitizer  ``compute-sanitizer --tool memcheck`` over one small step per backend, when it is here
-  bench-*    bfloat16 at 2^27, with half state and with float32 master weights
+  bench-*    bfloat16 at 2^27, with half state and with float32 master weights; 400 tensors of
+             1e3 to 1e5 elements, separate and in one FlatBuffer (``--many``)
 
 Everything goes under ``$OUT`` (else ``gpu-check-out/``): ``summary.json``, ``gpu_check.log``,
 ``tests.xml``, ``inspect.json``, ``bench.json``; at most ``MAX_FILES``. The summary is rewritten
@@ -50,7 +51,7 @@ MAX_FILES = 8
 LOG_PART_LIMIT = 2 * 2**20  # bytes of one part's output kept in the log
 #: Seconds each part may take at most (the overall budget may give it less).
 CAPS = {"gpu": 20, "install": 60, "inspect": 200, "tests": 200, "bench-float32": 45, "bench-float32-2^27": 45,
-        "sanitizer": 45, "bench-bfloat16-2^27": 35, "bench-bfloat16-master-2^27": 35}
+        "sanitizer": 45, "bench-bfloat16-2^27": 35, "bench-bfloat16-master-2^27": 35, "bench-float32-many": 30}
 #: The bench parts: name, gpuadam bench arguments, then the sizes to try, largest first (the first
 #: that fits the time left runs: cut sizes rather than overrun).
 BENCHES = [
@@ -59,6 +60,8 @@ BENCHES = [
     ("bench-bfloat16-2^27", ["--dtype", "bfloat16", "--rounds", "1", "--no-overhead"], ["2^27", "2^26", "2^25"]),
     ("bench-bfloat16-master-2^27", ["--dtype", "bfloat16", "--master-weights", "--rounds", "1", "--no-overhead"],
      ["2^27", "2^26", "2^25"]),
+    # 400 tensors: separate launches against one FlatBuffer launch and torch fused (no size sweep)
+    ("bench-float32-many", ["--dtype", "float32", "--many", "--rounds", "1", "--no-overhead"], []),
 ]
 #: The benches that run before the sanitizer (the float32 ones: the targets are float32 Adam's).
 BEFORE_SANITIZER = 2
@@ -374,6 +377,8 @@ def run_tests(c: Check, inspect_json: Path | None) -> None:
 def bench_args(name: str, sizes: list[str], args: list[str], limit: float) -> list[str]:
     """``gpuadam bench`` arguments of bench part ``name`` given ``limit`` seconds: the largest of
     ``sizes`` whose share of the part's cap fits (each halving of the size about halves the work)."""
+    if not sizes:
+        return args + BENCH_COMMON
     fits = [s for i, s in enumerate(sizes) if CAPS[name] / 2**i <= limit + 1] or sizes[-1:]
     return args + BENCH_COMMON + ["--sizes", fits[0]]
 
@@ -396,7 +401,7 @@ def run_benches(c: Check, benches: list, runs: dict) -> None:
         path = c.scratch / f"{name}.json"
         part = c.run(name, [sys.executable, "-m", "gpuadam", "bench", *args, "--json", str(path)])
         part.extra["args"] = args
-        if not c.dry_run and args[-1] != sizes[0]:
+        if not c.dry_run and sizes and args[-1] != sizes[0]:
             part.detail = (part.detail + "; " if part.detail else "") + f"cut to {args[-1]} to fit the time"
         if path.exists():
             with contextlib.suppress(ValueError):

@@ -15,7 +15,7 @@ from family_cases import CASES
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 PARTS = ["gpu", "install", "inspect", "tests", "bench-float32", "bench-float32-2^27", "sanitizer",
-         "bench-bfloat16-2^27", "bench-bfloat16-master-2^27"]
+         "bench-bfloat16-2^27", "bench-bfloat16-master-2^27", "bench-float32-many"]
 
 
 def _dry_run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -94,13 +94,14 @@ def test_every_bench_command_of_a_gpu_run_is_one_gpuadam_bench_takes():
             ns = build_parser().parse_args(["bench", *argv, "--json", "bench.json"])
             config = config_from_args(ns)
             assert config.backends == ("numba-cuda", "cupy") and config.peers
+            assert config.sweep == bool(sizes) and config.many == ("--many" in args)
     assert {"2^20,2^24", "2^27", "2^26", "2^25"} <= seen
     for argv in (gpu_check.DRY_BENCH,):
         config_from_args(build_parser().parse_args(["bench", *argv]))
 
 
 def test_a_run_out_of_time_still_writes_its_summary_and_fails(tmp_path):
-    proc = _dry_run(tmp_path, "--budget", "8")
+    proc = _dry_run(tmp_path, "--budget", "7")
     assert proc.returncode == 1, proc.stdout[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] is False
