@@ -92,6 +92,10 @@ def test_numba_cuda_ignores_a_torch_side_stream():
     import torch
 
     p0, g_true, p, g, src = _ordering_problem()
+    # a first step compiles and loads the kernel: that must not happen inside the race
+    warm = put(p0, "torch")
+    gpuadam.Adam([warm], backend="numba-cuda", **KW).step([src])
+    torch.cuda.synchronize()
     opt = gpuadam.Adam([p], backend="numba-cuda", **KW)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
