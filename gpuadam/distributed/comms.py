@@ -157,7 +157,7 @@ class MPIComm(Communicator):
         self._ready(full)
         counts = layout.counts()
         displs = [layout.bounds(r)[0] for r in range(self.size)]
-        self.comm.Allgatherv(self._MPI.IN_PLACE, [_wire_view(full), counts, displs])
+        self.comm.Allgatherv(self._MPI.IN_PLACE, [_wire_view(full), (counts, displs)])
 
     def all_reduce(self, x: Any) -> None:
         self._ready(x)
