@@ -230,7 +230,9 @@ class TorchComm(Communicator):
         dist = self._dist
         src, dst = self._tensor(shard), self._tensor(full)
         if layout.even:
-            dist.all_gather_into_tensor(dst, src, group=self.group)
+            # all_gather_single is all_gather_into_tensor's new name (the old one warns in torch 2.13)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(dst, src, group=self.group)
             return
         chunks, tail = self._chunks(dst, layout)
         dist.all_gather(chunks, src, group=self.group)
