@@ -149,12 +149,18 @@ class MPIComm(Communicator):
             raise TypeError(f"MPI sums float32/float64 gradients, got {full.dtype}; use torch.distributed "
                             "(NCCL or gloo) for half-precision gradients")
         self._ready(full)
+        if layout.even:  # equal chunks: the block collective, which MPI libraries tune best
+            self.comm.Reduce_scatter_block(full, shard, op=self._MPI.SUM)
+            return
         counts = layout.counts()
         self.comm.Reduce_scatter(full, shard[: counts[self.rank]], recvcounts=counts, op=self._MPI.SUM)
 
     def all_gather(self, shard: Any, full: Any, layout: ShardLayout) -> None:
         _own_part(shard, full, layout, self.rank)
         self._ready(full)
+        if layout.even:  # equal chunks: the plain collective, which MPI libraries tune best
+            self.comm.Allgather(self._MPI.IN_PLACE, _wire_view(full))
+            return
         counts = layout.counts()
         displs = [layout.bounds(r)[0] for r in range(self.size)]
         self.comm.Allgatherv(self._MPI.IN_PLACE, [_wire_view(full), (counts, displs)])
