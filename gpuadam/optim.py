@@ -146,6 +146,7 @@ class Optimizer:
         # set by shard(): this optimizer steps a slice of a larger buffer (gpuadam.distributed)
         self._index_base = 0
         self._reduce_grad_stats: Any = None
+        self._shard_valid: Any = None
         self.last_step_launches = 0
         self._steps_skipped = 0
         self._last_grad_norm: Any = None
@@ -289,19 +290,29 @@ class Optimizer:
             return self._device.norm
         return self._last_grad_norm
 
-    def shard(self, index_base: int, reduce_grad_stats: Any) -> None:
+    def shard(self, index_base: int, reduce_grad_stats: Any, valid: np.ndarray | None = None) -> None:
         """Make this optimizer step one slice of a buffer sharded across processes (the hook of
         ``gpuadam.distributed``). ``index_base``: the slice's first element's index in the whole
         buffer, so stochastic rounding draws each element's bits by its global index.
         ``reduce_grad_stats(stats)``: sums, in place, a float64 array ``[sum of squares, count of
         inf/NaN]`` of this slice's gradients over all slices (a host or device array, as the
-        optimizer's arrays), so clipping and ``skip_nonfinite`` act on the global figures."""
+        optimizer's arrays), so clipping and ``skip_nonfinite`` act on the global figures.
+        ``valid``: for an optimizer of one 1-D param, the slice's ``FlatBuffer.valid_counts()``
+        (per 16 elements, how many are not padding), so those figures skip the padding."""
         if isinstance(index_base, bool) or not isinstance(index_base, (int, np.integer)) or index_base < 0:
             raise ValueError(f"index_base: expected an integer >= 0, got {index_base!r}")
         if not callable(reduce_grad_stats):
             raise TypeError(f"reduce_grad_stats: expected a callable, got {type(reduce_grad_stats).__name__}")
+        if valid is not None:
+            valid = np.ascontiguousarray(valid, np.uint8)
+            size = int(np.prod(self._infos[0].shape))
+            if len(self._params) != 1 or valid.ndim != 1 or valid.size * flat.ALIGN != size:
+                raise ValueError(f"valid: expected the valid counts of one param's {flat.ALIGN}-element granules, "
+                                 f"got {valid.size} counts for {len(self._params)} params")
+            valid = self._device.upload(valid) if self._device is not None else valid
         self._index_base = int(index_base)
         self._reduce_grad_stats = reduce_grad_stats
+        self._shard_valid = valid
 
     def step(
         self, grads: Sequence[Any], *, grad_scale: float | None = None, max_grad_norm: float | None = None
@@ -416,7 +427,7 @@ class Optimizer:
                 arrays = (state["master"] if master else self._flat[i], self._kernel_view(grads[i], fmt),
                           *(state[n] for n in rule_state))
                 units.append(Launch(gi, arrays, rule, dtype or self._infos[i].dtype, range(i, i + 1), fmt,
-                                    self._flat[i], self._slot_of[i], None))
+                                    self._flat[i], self._slot_of[i], self._shard_valid))
                 grad_spans.append((span(grads[i]), f"grad {i}"))
         self._check_grads_apart(grad_spans)
         return units

@@ -121,8 +121,8 @@ def test_one_rank_is_the_plain_optimizer_bit_for_bit():
     plain = gpuadam.RAdam(ref.views, lr=1e-2)
     g = buf.zeros_like()
     for _ in range(3):
-        for v in g.views:
-            v[...] = rng.standard_normal(v.shape)
+        # padding included: the norm skips it in both (the params there move alike in both)
+        g.data[...] = rng.standard_normal(g.size) * 10
         opt.step(g, max_grad_norm=1.0)
         plain.step(g.views, max_grad_norm=1.0)
         np.testing.assert_array_equal(buf.data, ref.data)

@@ -11,7 +11,7 @@ from gpuadam.arrays import aligned_zeros
 from gpuadam.distributed import checkpoints
 from gpuadam.distributed.comms import Communicator, _copy, communicator
 from gpuadam.distributed.layout import ShardLayout
-from gpuadam.flat import FlatBuffer
+from gpuadam.flat import ALIGN, FlatBuffer
 from gpuadam.hyper import check_flag, check_positive
 from gpuadam.optim import Optimizer
 
@@ -53,7 +53,11 @@ class ShardedOptimizer:
         self._grad = self._zeros(n, params.dtype)
         self._kwargs = dict(hyperparameters)
         self.optimizer: Optimizer = optimizer_class([self._shard], **hyperparameters)
-        self.optimizer.shard(self.comm.rank * n, self.comm.all_reduce)
+        # the norm and the non-finite check skip the buffer's padding, as a plain optimizer's do
+        granules = params.valid_counts()[self._start // ALIGN : self._stop // ALIGN]
+        valid = np.zeros(n // ALIGN, np.uint8)
+        valid[: granules.size] = granules
+        self.optimizer.shard(self.comm.rank * n, self.comm.all_reduce, valid)
 
     def _zeros(self, n: int, dtype: np.dtype) -> Any:
         if self.params.device == "cpu":
