@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuadam.arrays import span
 from gpuadam.distributed.layout import ShardLayout
 
 
@@ -80,8 +81,10 @@ def _copy(dst: Any, src: Any) -> None:
         return
     from numba import cuda
 
-    d, s = cuda.as_cuda_array(dst, sync=False), cuda.as_cuda_array(src, sync=False)
-    d.copy_to_device(s)
+    def numba_array(a: Any) -> Any:  # Numba's own arrays as they are (the simulator has no as_cuda_array)
+        return a if hasattr(a, "copy_to_device") else cuda.as_cuda_array(a, sync=False)
+
+    numba_array(dst).copy_to_device(numba_array(src))
 
 
 def _own_part(shard: Any, full: Any, layout: ShardLayout, rank: int) -> None:
@@ -92,12 +95,7 @@ def _own_part(shard: Any, full: Any, layout: ShardLayout, rank: int) -> None:
 
 
 def _same_memory(shard: Any, full: Any, start: int) -> bool:
-    def address(a: Any) -> int:
-        if _is_host(a):
-            return a.__array_interface__["data"][0]
-        return a.__cuda_array_interface__["data"][0]
-
-    return address(shard) == address(full) + start * full.dtype.itemsize
+    return span(shard)[0] == span(full)[0] + start * full.dtype.itemsize
 
 
 class SingleProcess(Communicator):
@@ -225,7 +223,9 @@ class TorchComm(Communicator):
         dist = self._dist
         src, dst = self._tensor(full), self._tensor(shard)
         if layout.even:
-            dist.reduce_scatter_tensor(dst, src, op=dist.ReduceOp.SUM, group=self.group)
+            # reduce_scatter_single is reduce_scatter_tensor's new name (the old one warns in torch 2.13)
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            scatter(dst, src, op=dist.ReduceOp.SUM, group=self.group)
             return
         chunks, tail = self._chunks(src, layout)
         k = layout.full_chunks * layout.length
