@@ -267,6 +267,8 @@ class CupyNcclComm(Communicator):
         import cupy
         from cupy.cuda import nccl
 
+        if not getattr(nccl, "available", False):
+            raise ValueError("comm: a CuPy NCCL communicator, but CuPy finds no NCCL library here")
         self._cupy = cupy
         self._nccl = nccl
         self.comm = comm
