@@ -113,8 +113,9 @@ all-reduce. The model:
   bandwidth bound, not a measurement: no GPU has run these kernels for this document.
 
 The last column is the communication's time over the step's. The step shrinks as 1/N while the
-ring's bytes per rank stay near 2 x the buffer: communication dominates at every N > 1, by two to
-three orders of magnitude on the fabric. Sharding is what makes the state fit (70B float32:
+ring's bytes per rank stay near 2 x the buffer: on the fabric, communication takes 14-27 times the
+step at N = 2 and thousands of times from N = 128 on (NVLink: 1.5 to 21 times, N = 2 to 8).
+Sharding is what makes the state fit (70B float32:
 {gb(16 * 70e9)} GB per rank unsharded, {gb(8 * 70e9 + 8 * 70e9 / 1024)} GB at N = 1024, where the params
 and gradients themselves are what remains: ZeRO stages 2 and 3 shard those); the time per step is set
 by the collectives, which overlapping with the backward pass (bucketed gradients) hides, not by the
