@@ -217,7 +217,7 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
         func, n_arrays = numba_cuda.KERNELS[f"{name}/half"]
         half, f32 = types.uint16[::1], types.float32[::1]
         arrays = [half] * n_arrays if variant == "half" else [f32, half] + [f32] * (n_arrays - 2)
-        signature = (*arrays, types.UniTuple(types.float32, N_CONSTANTS), types.UniTuple(types.int64, 4), half)
+        signature = (*arrays, types.UniTuple(types.float32, N_CONSTANTS), types.UniTuple(types.int64, 5), half)
     else:
         func, n_arrays = numba_cuda.KERNELS[name]
         constants = scalar[::1] if variant else types.UniTuple(scalar, N_CONSTANTS)

@@ -8,6 +8,7 @@ every group's hyperparameters before the first kernel runs, so a refused step ch
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -15,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gpuadam import backends, checkpoint, flat
+from gpuadam import backends, checkpoint, flat, sharded_checkpoint
 from gpuadam.arrays import (
     DEVICE,
     ArrayInfo,
@@ -142,6 +143,10 @@ class Optimizer:
         self._claimed = False  # whether this optimizer owns its params' memory (see _claim)
         self._displaced: tuple | None = None  # (the newer owner, its param, ours) once another took over
         self._calls = 0  # step() calls that reached the kernels: the stochastic rounding counter
+        # set by shard(): this optimizer steps a slice of a larger buffer (gpuadam.distributed)
+        self._index_base = 0
+        self._reduce_grad_stats: Any = None
+        self._shard_valid: Any = None
         self.last_step_launches = 0
         self._steps_skipped = 0
         self._last_grad_norm: Any = None
@@ -279,6 +284,30 @@ class Optimizer:
             return self._device.norm
         return self._last_grad_norm
 
+    def shard(self, index_base: int, reduce_grad_stats: Any, valid: np.ndarray | None = None) -> None:
+        """Make this optimizer step one slice of a buffer sharded across processes (the hook of
+        ``gpuadam.distributed``). ``index_base``: the slice's first element's index in the whole
+        buffer, so stochastic rounding draws each element's bits by its global index.
+        ``reduce_grad_stats(stats)``: sums, in place, a float64 array ``[sum of squares, count of
+        inf/NaN]`` of this slice's gradients over all slices (a host or device array, as the
+        optimizer's arrays), so clipping and ``skip_nonfinite`` act on the global figures.
+        ``valid``: for an optimizer of one 1-D param, the slice's ``FlatBuffer.valid_counts()``
+        (per 16 elements, how many are not padding), so those figures skip the padding."""
+        if isinstance(index_base, bool) or not isinstance(index_base, (int, np.integer)) or index_base < 0:
+            raise ValueError(f"index_base: expected an integer >= 0, got {index_base!r}")
+        if not callable(reduce_grad_stats):
+            raise TypeError(f"reduce_grad_stats: expected a callable, got {type(reduce_grad_stats).__name__}")
+        if valid is not None:
+            valid = np.ascontiguousarray(valid, np.uint8)
+            size = int(np.prod(self._infos[0].shape))
+            if len(self._params) != 1 or valid.ndim != 1 or valid.size * flat.ALIGN != size:
+                raise ValueError(f"valid: expected the valid counts of one param's {flat.ALIGN}-element granules, "
+                                 f"got {valid.size} counts for {len(self._params)} params")
+            valid = self._device.upload(valid) if self._device is not None else valid
+        self._index_base = int(index_base)
+        self._reduce_grad_stats = reduce_grad_stats
+        self._shard_valid = valid
+
     def step(
         self, grads: Sequence[Any], *, grad_scale: float | None = None, max_grad_norm: float | None = None
     ) -> None:
@@ -317,6 +346,10 @@ class Optimizer:
                 s, bad = be.grad_sumsq(unit.arrays[1], unit.fmt, inv_scale, unit.valid)
                 sumsq += s
                 nonfinite += bad
+            if self._reduce_grad_stats is not None:
+                stats = np.array([sumsq, nonfinite], np.float64)
+                self._reduce_grad_stats(stats)
+                sumsq, nonfinite = float(stats[0]), float(stats[1])
             norm, grad_mul, skip = grad_factor(sumsq, nonfinite, inv_scale, max_norm, float(self.skip_nonfinite))
             self._last_grad_norm = norm
             if skip:
@@ -336,11 +369,11 @@ class Optimizer:
         self.last_step_launches = len(units)
 
     def _rounding(self, unit: Launch) -> tuple:
-        # the half kernels' last arguments: (format, stochastic, seed, counter for the random bits)
-        # and the half param
+        # the half kernels' last arguments: (format, stochastic, seed, counter for the random bits,
+        # index of the first element in the whole buffer) and the half param
         if unit.fmt is None:
             return ()
-        return (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls), unit.param
+        return (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls, self._index_base), unit.param
 
     def _plan(self, grads: Sequence[Any], hypers: list) -> list[Launch]:
         """Check every gradient and group, and list the launches.
@@ -386,7 +419,7 @@ class Optimizer:
                 arrays = (state["master"] if master else self._flat[i], self._kernel_view(grads[i], fmt),
                           *(state[n] for n in rule_state))
                 units.append(Launch(gi, arrays, rule, dtype or self._infos[i].dtype, range(i, i + 1), fmt,
-                                    self._flat[i], self._slot_of[i], None))
+                                    self._flat[i], self._slot_of[i], self._shard_valid))
                 grad_spans.append((span(grads[i]), f"grad {i}"))
         self._check_grads_apart(grad_spans)
         return units
@@ -451,6 +484,8 @@ class Optimizer:
         if reduce:
             for unit in units:
                 dev.sumsq(unit.arrays[1], unit.fmt, inv_scale, unit.valid)
+            if self._reduce_grad_stats is not None:
+                self._reduce_grad_stats(dev.sums)  # in place, on the device, before prepare reads it
         if self.capturable:
             for gi, group in enumerate(self.param_groups):
                 dev.sync_lr(gi, float(group["lr"]))
@@ -569,7 +604,11 @@ class Optimizer:
         checkpoint.save(self, path)
 
     def load(self, path: Any) -> None:
-        """Restore a ``save()``d state; a bad or misfitting file is refused and nothing changes."""
+        """Restore a ``save()``d state, or a sharded checkpoint directory of the same FlatBuffer's
+        state (``gpuadam.distributed``); a bad or misfitting one is refused and nothing changes."""
+        if os.path.isdir(path):
+            sharded_checkpoint.load(self, os.fspath(path))
+            return
         checkpoint.load(self, path)
 
     # --- machinery ---------------------------------------------------------------------------

@@ -265,13 +265,13 @@ def _c_kernel(lib, rule, layout, device_constants):
 
     def run(arrays, c, lp, p16):
         p, g, *state = arrays
-        fmt, stochastic, seed, counter = lp
+        fmt, stochastic, seed, counter, base = lp
         if device_constants:
             c = np.ascontiguousarray(c, np.float32)
             constants = [_ptr(c)]
         else:
             constants = [c[k] for k, _ in ce.constant_params(rule)]
-        scalars = [fmt, stochastic, seed & MASK32, counter & MASK32] if layout == "half" else [fmt]
+        scalars = [fmt, stochastic, seed & MASK32, counter & MASK32, base & MASK32] if layout == "half" else [fmt]
         out = [p, *state] + ([p16] if layout == "master" else [])
         fn(_ptr(g), *constants, *scalars, *(_ptr(a) for a in out), p.size)
 
@@ -331,7 +331,8 @@ def test_half_kernel_source_matches_numba_cpu_bit_for_bit(klib, case, layout, fm
                     p, state = p0.copy(), [s.copy() for s in state0]
                     p16 = p if layout == "half" else p16_0.copy()  # half state: the param is its own copy
                     for t, g in enumerate(grads, start=1):
-                        lp = (f, stochastic, 2**32 - 2, 2**32 - 4 + t)  # the counter wraps mid-run
+                        # the counter wraps mid-run, and so does the index base (a shard's first index)
+                        lp = (f, stochastic, 2**32 - 2, 2**32 - 4 + t, 2**32 - 3)
                         run((p, g, *state), hyper.constants(t, np.float32), lp, p16)
                     results.append([p, *state, p16])
                 for k, (a, b) in enumerate(zip(*results)):
@@ -353,7 +354,7 @@ def test_a_skipped_step_changes_nothing(klib, layout):
     c[SKIP] = np.float32(1)
     for device_constants in (False, True):
         before = [a.copy() for a in (p, *state, p16)]
-        _c_kernel(klib, rule, layout, device_constants)((p, grads[0], *state), tuple(c), (0, 1, 3, 4), p16)
+        _c_kernel(klib, rule, layout, device_constants)((p, grads[0], *state), tuple(c), (0, 1, 3, 4, 0), p16)
         for a, b in zip((p, *state, p16), before):
             np.testing.assert_array_equal(a, b)
 
@@ -367,7 +368,7 @@ def test_stochastic_rounding_draws_per_element_and_per_step(klib):
     for counter in (1, 2):
         p = _halves(np.ones(4096), lowp.BFLOAT16)
         kernel((p, _halves(np.ones(4096), lowp.BFLOAT16)), hyper.constants(1, np.float32),
-               (lowp.BFLOAT16, 1, 9, counter), p)
+               (lowp.BFLOAT16, 1, 9, counter, 0), p)
         moved.append(p != _halves(np.ones(1), lowp.BFLOAT16)[0])
     # an update of 2**-12 against an ulp of 2**-8 below 1.0: a sixteenth of the elements move
     for m in moved:
@@ -396,19 +397,20 @@ def test_launch_hands_the_kernel_what_numba_gets():
         p16, g, m16, v16 = (np.zeros(5, np.uint16) for _ in range(4))
         master, m, v = (np.zeros(5, np.float32) for _ in range(3))
         c = AdamHyper().constants(1, np.float32)
-        ce.launch("adam/half", (p16, g, m16, v16), c, (1, 1, 2**32 + 0xF0000003, 2**33 + 0xF0000009), p16)
+        ce.launch("adam/half", (p16, g, m16, v16), c, (1, 1, 2**32 + 0xF0000003, 2**33 + 0xF0000009, 2**32 + 7), p16)
         (key, args, size), = calls[-1:]
         assert key == ("adam", False, "half") and size == 5
         assert args[0] is g and args[1:13] == c
-        assert [type(a) for a in args[13:17]] == [np.int32, np.int32, np.uint32, np.uint32]
-        assert args[13:17] == (1, 1, 0xF0000003, 0xF0000009)  # seed and counter as the hash's 32-bit words
-        assert [a is b for a, b in zip(args[17:], (p16, m16, v16))] == [True] * 3 and len(args) == 20
-        ce.launch("adam/half", (master, g, m, v), c, (0, 0, 5, 6), p16)
+        assert [type(a) for a in args[13:18]] == [np.int32, np.int32, np.uint32, np.uint32, np.uint32]
+        # seed, counter and index base as the hash's 32-bit words
+        assert args[13:18] == (1, 1, 0xF0000003, 0xF0000009, 7)
+        assert [a is b for a, b in zip(args[18:], (p16, m16, v16))] == [True] * 3 and len(args) == 21
+        ce.launch("adam/half", (master, g, m, v), c, (0, 0, 5, 6, 0), p16)
         (key, args, size), = calls[-1:]
         assert key == ("adam", False, "master") and args[13] == 0 and type(args[13]) is np.int32
         assert [a is b for a, b in zip(args[14:], (master, m, v, p16))] == [True] * 4 and len(args) == 18
         sgd = describe("SGD", {})[0].constants(1, np.float32)
-        ce.launch("sgd/half", (master, g), sgd, (0, 0, 5, 6), p16)
+        ce.launch("sgd/half", (master, g), sgd, (0, 0, 5, 6, 0), p16)
         (key, args, size), = calls[-1:]
         assert key == ("sgd", False, "master") and args[1:6] == (sgd[0], sgd[1], sgd[2], sgd[SKIP], 0)
         ce.launch("sgd", (master, master), sgd)

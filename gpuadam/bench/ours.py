@@ -152,14 +152,15 @@ class _RawCase(BackendCase):
         # them, and the kernel's cost does not depend on their values.
         self.constants = [h.constants(t, problem.compute_dtype) for t in range(1, VERIFY_STEPS + 1)]
         self.rule = f"{spec.rule}/half" if problem.half else spec.rule
-        self.extra: list = []  # per set and tensor: the half kernels' (format, stochastic, seed, counter), half_param
+        # per set and tensor: the half kernels' (format, stochastic, seed, counter, index base), half_param
+        self.extra: list = []
         self.launch_args = []
         for k, (params, grads, states) in enumerate(zip(self.params, self.grads, self.state_arrays)):
             args, extra = [], []
             for j, (p, g, st) in enumerate(zip(params, grads, states)):
                 first = be.flat(self.masters[k][j]) if master else self.kernel_view(p)
                 args.append((first, self.kernel_view(g), *(self.kernel_view(s) for s in st)))
-                rounding = (half_format_code(problem.dtype), 0, 0, 0)
+                rounding = (half_format_code(problem.dtype), 0, 0, 0, 0)
                 extra.append((rounding, self.kernel_view(p)) if problem.half else ())
             self.launch_args.append(args)
             self.extra.append(extra)

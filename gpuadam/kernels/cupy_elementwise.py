@@ -83,9 +83,11 @@ GPUADAM_FN ptrdiff_t opaque_index(ptrdiff_t i) {
 
 HALF_LAYOUTS = ("half", "master")
 
-#: The half format and stochastic rounding's ``(stochastic, seed, counter)``: ``lowp``'s ``rounding``;
+#: The half format and stochastic rounding's ``(stochastic, seed, counter, index_base)``: ``lowp``'s
+#: ``rounding``;
 #: a master kernel always rounds to nearest even and takes the format only.
-_HALF_SCALARS = {"half": (("int32", "fmt"), ("int32", "stochastic"), ("uint32", "seed"), ("uint32", "counter")),
+_HALF_SCALARS = {"half": (("int32", "fmt"), ("int32", "stochastic"), ("uint32", "seed"), ("uint32", "counter"),
+                          ("uint32", "index_base")),
                  "master": (("int32", "fmt"),)}
 
 #: C spelling of the CuPy type names the kernels use ("T" is CuPy's type placeholder).
@@ -153,9 +155,9 @@ def operation(rule: str, device_constants: bool = False, layout: str | None = No
     bind = [f"const T {n} = lowp_load_half(raw_{n}[i], fmt);\n" for n in INPUTS[rule]]
     if layout == "half":
         bind += [f"T {n} = lowp_load_half(raw_{n}[i], fmt);\n" for n in OUTPUTS[rule]]
-        # the element's index seeds stochastic rounding: modulo 2**32, as lowp masks it
+        # the element's index in the whole buffer seeds stochastic rounding: modulo 2**32, as lowp masks it
         store += ["raw_p[i_store] = lowp_store_param(p, fmt, stochastic, seed, counter, "
-                  "static_cast<unsigned int>(i_store));\n"]
+                  "static_cast<unsigned int>(i_store) + index_base);\n"]
         store += [f"raw_{n}[i_store] = lowp_store_half({n}, fmt);\n" for n in OUTPUTS[rule] if n != "p"]
     else:
         bind += [f"T {n} = raw_{n}[i];\n" for n in OUTPUTS[rule]]
@@ -250,7 +252,7 @@ def launch(rule: str, arrays: tuple, c: tuple, *extra) -> None:
     from ``size`` (shapes were validated upstream).
 
     Half storage (``rule`` ``NAME/half``, as the Numba kernels are named) passes ``extra =
-    (rounding, half_param)`` as they take it, ``rounding = (format, stochastic, seed, counter)``:
+    (rounding, half_param)`` as they take it, ``rounding = (format, stochastic, seed, counter, index_base)``:
     uint16 ``p`` is the half param (the "half" layout; ``half_param`` is ``p`` itself), float32
     ``p`` the master of ``half_param``.
     """
@@ -258,11 +260,12 @@ def launch(rule: str, arrays: tuple, c: tuple, *extra) -> None:
     p, g, *state = arrays
     layout, outs, half_scalars = None, (p, *state), ()
     if extra:
-        (fmt, stochastic, seed, counter), half_param = extra
+        (fmt, stochastic, seed, counter, index_base), half_param = extra
         if p.dtype == np.uint16:
-            # seed and counter are lowp's 32-bit words: the counter wraps as its hash masks it
+            # seed, counter and index base are lowp's 32-bit words: they wrap as its hash masks them
             layout, half_scalars = "half", (np.int32(fmt), np.int32(stochastic), np.uint32(seed & 0xFFFFFFFF),
-                                            np.uint32(counter & 0xFFFFFFFF))
+                                            np.uint32(counter & 0xFFFFFFFF),
+                                            np.uint32(index_base & 0xFFFFFFFF))
         else:
             layout, half_scalars, outs = "master", (np.int32(fmt),), (p, *state, half_param)
     if not isinstance(c, tuple):  # constants written on the device: any CUDA array of T

@@ -287,9 +287,11 @@ def store(a, i, x, fmt):
 
 def store_rounded(p, i, x, rounding):
     """Write the updated parameter ``x`` to element ``i`` of ``p``: rounded as ``rounding`` says when
-    ``p`` holds half bits, as it is into a float32 master."""
+    ``p`` holds half bits, as it is into a float32 master. ``rounding = (fmt, stochastic, seed, step,
+    index_base)``: the random bits hash the element's index in the whole buffer, ``index_base + i``
+    (a shard of a buffer draws the bits the whole buffer's step would)."""
     if p.dtype == np.uint16:
-        p[i] = store_param(x, rounding, i)
+        p[i] = store_param(x, rounding, np.int64(i) + np.int64(rounding[4]))
     else:
         p[i] = x
 
@@ -324,7 +326,7 @@ def _store(a, i, x, fmt):
 def _store_rounded(p, i, x, rounding):
     if p.dtype == types.uint16:
         def impl(p, i, x, rounding):
-            p[i] = store_param(x, rounding, i)
+            p[i] = store_param(x, rounding, np.int64(i) + np.int64(rounding[4]))
     else:
         def impl(p, i, x, rounding):
             p[i] = x

@@ -61,7 +61,7 @@ def make(rule):
 def _half_loop(rule, n_state, fmt, stochastic, master):
     # Half-precision storage (``lowp``): ``p`` is the half param, or (``master``) the float32
     # master with the half param in ``half_param``; ``rounding = (format, stochastic, seed,
-    # counter)``; the math is float32. ``fmt``, ``stochastic`` and ``master`` are constants of the
+    # counter, index_base)``; the math is float32. ``fmt``, ``stochastic`` and ``master`` are constants of the
     # compiled loop, and the param is stored here rather than by ``lowp.store_updated``: with the
     # conversion chosen at compile time and no array handed to a helper that stores, LLVM vectorizes
     # the loop (handed to the store helper, the arrays kept it scalar; figures: BENCHMARKS.md).
@@ -71,7 +71,7 @@ def _half_loop(rule, n_state, fmt, stochastic, master):
     return generated(f"""
 def make(rule, fmt, stochastic, master):
     def loop(p, g, {"".join(f"{s}, " for s in state)}c, rounding, half_param):
-        static_rounding = (fmt, stochastic, rounding[2], rounding[3])  # fmt, stochastic: compile-time
+        static_rounding = (fmt, stochastic, rounding[2], rounding[3], rounding[4])  # fmt, stochastic: compile-time
         for i in prange(p.size):
             {", ".join(["x", *new])} = rule(load(p, i, fmt), load(g, i, fmt), {loads}c)
             store_rounded(p, i, x, static_rounding)

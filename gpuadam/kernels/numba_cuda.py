@@ -86,7 +86,7 @@ def make(rule):
 
 def _half_kernel(rule, n_state):
     # Half-precision storage (``lowp``): ``p`` is the half param, or the float32 master with the
-    # half param in ``half_param``; ``rounding = (format, stochastic, seed, counter)``; the math is
+    # half param in ``half_param``; ``rounding = (format, stochastic, seed, counter, index_base)``; the math is
     # float32.
     state, new = state_names(n_state)
     loads = "".join(f"load({s}, i, fmt), " for s in state)
