@@ -99,6 +99,7 @@ class NumbaCUDA:
         self._cuda = cuda
         self._kernels = numba_cuda
         self._launch = numba_cuda.launch
+        self._streams: dict[int, Any] = {}
 
     def flat(self, x: Any) -> Any:
         if is_simulator_array(x) or isinstance(x, self._cuda.devicearray.DeviceNDArray):
@@ -117,8 +118,17 @@ class NumbaCUDA:
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         self.flat(dst).copy_to_device(np.ascontiguousarray(src).reshape(-1))
 
-    def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
-        self._launch(rule, arrays, c, *extra)
+    def launch(self, rule: str, arrays: tuple, c: tuple, *extra, stream: int | None = None) -> None:
+        """Launch ``rule``; ``stream``: a CUDA stream handle (another library's, e.g. torch's current
+        stream) to launch on instead of Numba's default stream."""
+        self._launch(rule, arrays, c, *extra, stream=0 if not stream else self.external_stream(stream))
+
+    def external_stream(self, handle: int) -> Any:
+        """Numba's stream object for the CUDA stream ``handle`` (made once per handle)."""
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = self._streams[handle] = self._cuda.external_stream(handle)
+        return stream
 
     def numba_stream(self) -> Any:
         """The stream of the device bookkeeping kernels: Numba's default, where the updates run."""
@@ -172,6 +182,7 @@ class CuPy:
         self._cupy = cupy
         self._launch = cupy_elementwise.launch
         self._bookkeeping = cupy_bookkeeping
+        self._external: dict[int, Any] = {}
 
     def flat(self, x: Any) -> Any:
         return self._cupy.asarray(x).reshape(-1)  # zero-copy for any __cuda_array_interface__
@@ -185,8 +196,16 @@ class CuPy:
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         self.flat(dst).set(np.ascontiguousarray(src).reshape(-1))
 
-    def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
-        self._launch(rule, arrays, c, *extra)
+    def launch(self, rule: str, arrays: tuple, c: tuple, *extra, stream: int | None = None) -> None:
+        """Launch ``rule`` on CuPy's current stream, or on the CUDA stream ``stream`` (a handle)."""
+        if not stream:
+            self._launch(rule, arrays, c, *extra)
+            return
+        external = self._external.get(stream)
+        if external is None:
+            external = self._external[stream] = self._cupy.cuda.ExternalStream(stream)
+        with external:
+            self._launch(rule, arrays, c, *extra)
 
     def zeros(self, size: int, dtype: Any) -> Any:
         return self._cupy.zeros(size, dtype)

@@ -435,25 +435,11 @@ class Optimizer:
                                  "alias a param, or the update would read values it has already written")
 
     def _keeps_padding(self, hyper: Any) -> bool:
-        """Whether one launch over a FlatBuffer keeps its padding params at zero: the rule, fed a zero
-        param and gradient and the state's start values, returns a zero param and finite state at
-        the first step and a late one (RAdam changes branch). With eps=0 many rules would make
-        0/0 = NaN there; Adamax's ``exp_inf`` settles at eps."""
+        """Whether one launch over a FlatBuffer keeps its padding at zero (``padding_stays_zero``)."""
         kept = self._keeps_padding_cache.get(hyper)
         if kept is None:
-            rule = RULES[self.rule(hyper)].element
-            init = self.state_init(hyper)
-            state = [np.float64(init.get(name, 0.0)) for name in self.state_names(hyper)]
-            kept = True
-            with np.errstate(all="ignore"):
-                for step in (1, 1 << 20):
-                    try:
-                        after = np.atleast_1d(rule(np.float64(0.0), np.float64(0.0), *state,
-                                                   hyper.constants(step, np.float64)))
-                    except (ArithmeticError, ValueError):
-                        after = np.array([np.nan])
-                    kept = kept and after[0] == 0.0 and bool(np.isfinite(after).all())
-            self._keeps_padding_cache[hyper] = kept
+            kept = self._keeps_padding_cache[hyper] = padding_stays_zero(
+                self.rule(hyper), self.state_init(hyper), self.state_names(hyper), hyper)
         return kept
 
     def _set_slots(self, steps: list[int]) -> None:
@@ -684,6 +670,25 @@ class Optimizer:
             arrays[name] = value
         return step, arrays
 
+
+
+def padding_stays_zero(rule: str, init: dict[str, float], names: Sequence[str], hyper: Any) -> bool:
+    """Whether ``rule``, fed a zero param and gradient and the state's start values ``init``, returns a
+    zero param and finite state at the first step and a late one (RAdam changes branch): then one
+    launch over a flat buffer keeps its padding at zero. With eps=0 many rules would make 0/0 = NaN
+    there; Adamax's ``exp_inf`` settles at eps."""
+    element = RULES[rule].element
+    state = [np.float64(init.get(name, 0.0)) for name in names]
+    with np.errstate(all="ignore"):
+        for step in (1, 1 << 20):
+            try:
+                after = np.atleast_1d(element(np.float64(0.0), np.float64(0.0), *state,
+                                              hyper.constants(step, np.float64)))
+            except (ArithmeticError, ValueError):
+                return False
+            if not (after[0] == 0.0 and bool(np.isfinite(after).all())):
+                return False
+    return True
 
 def _shape_of(x: Any) -> tuple:
     return describe(x).shape

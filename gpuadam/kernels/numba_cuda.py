@@ -250,7 +250,8 @@ def _blocks(n: int) -> int:
     return max(1, min(_max_blocks[0], (n + THREADS - 1) // THREADS))
 
 
-def launch(name: str, arrays: tuple, c: tuple, *extra) -> None:
-    """Launch kernel ``name`` on 1-D device arrays (Numba's) with constants ``c``, asynchronously."""
+def launch(name: str, arrays: tuple, c: tuple, *extra, stream=0) -> None:
+    """Launch kernel ``name`` on 1-D device arrays (Numba's) with constants ``c``, asynchronously, on
+    ``stream`` (a Numba stream; 0: Numba's default)."""
     n = arrays[0].size
-    _launcher(name)[_blocks(n), THREADS](*arrays, c, *extra)
+    _launcher(name)[_blocks(n), THREADS, stream](*arrays, c, *extra)

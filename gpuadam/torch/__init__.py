@@ -1,0 +1,661 @@
+"""``gpuadam.torch``: drop-in ``torch.optim`` optimizers on gpuadam's fused kernels.
+
+``from gpuadam.torch import AdamW`` in place of ``from torch.optim import AdamW``: the classes are
+``torch.optim.Optimizer`` subclasses with torch's signatures and defaults (plus our keyword-only
+extras: ``eps_root``, ``bias_correction``, ``ema_momentum`` where they apply, ``max_grad_norm``,
+``skip_nonfinite``, ``master_weights``, ``stochastic_rounding``, ``seed`` and ``backend``), so
+``param_groups``, ``zero_grad``, ``add_param_group``, step hooks, ``lr_scheduler`` and
+``state_dict``/``load_state_dict`` are torch's own. ``opt.state[p]`` is in torch's layout (``step``
+a 0-d tensor, ``exp_avg``, ``exp_avg_sq``... the rule's torch names, and ``master`` for a half param
+with master weights), and those tensors ARE the buffers the kernel updates (no copy): a torch
+checkpoint loads here and ours loads into torch.
+
+Each step launches the rule's kernel per param that has a gradient, or once per buffer of
+``flatten_parameters`` (``last_step_launches`` counts them), with the constants of ``gpuadam.hyper``
+(validated from the group's values). Every param, gradient and state buffer is checked before the
+first launch, so a refused step changes nothing. ``torch.amp.GradScaler`` sees
+``_step_supports_amp_scaling``: the kernel unscales (``grad_mul = 1 / grad_scale``) and a step with
+``found_inf`` changes nothing, step counts included. ``max_grad_norm`` (a group option) clips by the
+norm of every gradient of every group, as ``torch.nn.utils.clip_grad_norm_`` over them all would,
+inside the same kernel; ``last_grad_norm`` is that norm.
+
+Devices and dtypes: float32, float64, float16 and bfloat16 tensors (the half ones computed in
+float32; ``master_weights`` keeps a float32 copy of each half param, ``stochastic_rounding`` rounds
+bfloat16 params stochastically, from ``seed``), on the CPU (Numba loops over NumPy views) or on a
+CUDA device (``gpuadam.torch.devices``: launched on torch's current stream, never synchronising but
+for GradScaler's ``found_inf``/``grad_scale``, which the step reads). Not here: ``capturable=True``
+and ``differentiable=True`` (refused), ``max_grad_norm``/``skip_nonfinite`` with CUDA tensors
+(refused: the reduction runs on the host), sparse or complex gradients. ``foreach`` and ``fused``
+are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch.autograd.graph import increment_version
+
+import gpuadam
+from gpuadam.hyper import check_count, check_flag
+from gpuadam.kernels.lowp import BFLOAT16
+from gpuadam.kernels.rules import RULES, grad_factor
+from gpuadam.kernels.rules.nadam import nadam_log_mu_product
+from gpuadam.optim import padding_stays_zero
+from gpuadam.precision import widen_half
+from gpuadam.torch import flatten
+from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of
+from gpuadam.torch.flatten import FlatParams, flatten_parameters
+
+#: ``gpuadam`` options that have no meaning here (torch tensors carry their dtype; capturable is torch's).
+_NOT_HERE = {"half_format", "capturable"}
+#: torch's options without a meaning for our kernels: accepted, kept in the groups, ignored or refused.
+_TORCH_ONLY = ("foreach", "capturable", "differentiable", "fused")
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of torch's ``step`` tensors (``torch.optim.optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _plain(value: Any) -> Any:
+    """A group value as the ``gpuadam.hyper`` records take it: a one-element tensor as its number."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"expected a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _signature(ours: type, theirs: type | None, fixed: dict) -> inspect.Signature:
+    """torch's signature of ``theirs`` plus, keyword-only, our options it lacks (``fixed`` ones left out);
+    for an optimizer torch.optim lacks, ours with torch's options added."""
+    our_params = [p for p in inspect.signature(ours).parameters.values() if p.name not in _NOT_HERE]
+    if theirs is not None:
+        base = list(inspect.signature(theirs).parameters.values())
+    else:
+        base = our_params + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
+                                               default=False if n in ("capturable", "differentiable") else None)
+                             for n in _TORCH_ONLY]
+    names = {p.name for p in base}
+    extras = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in our_params
+              if p.name not in names and p.name not in fixed]
+    if "max_grad_norm" not in names:  # a step() argument of gpuadam's, a group option here
+        extras.append(inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None))
+    return inspect.Signature(base + extras)
+
+
+def _hyper_keys(hyper_class: type) -> tuple[str, ...]:
+    """The constructor keywords of a ``gpuadam.hyper`` record (``betas`` for its two betas)."""
+    keys = []
+    for f in fields(hyper_class):
+        name = "betas" if f.name in ("beta1", "beta2") else f.name
+        if name not in keys:
+            keys.append(name)
+    return tuple(keys)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of the drop-in classes: ``ours`` names the ``gpuadam`` optimizer whose hyperparameter
+    record, rule choice and state start values are used; ``__signature__`` is torch's (plus ours)."""
+
+    ours: type = gpuadam.Optimizer
+    fixed: dict = {}
+    #: torch keeps ``step`` in the state of every optimizer but SGD
+    keeps_step = True
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        name = type(self).__name__
+        bound = self.__signature__.bind(params, *args, **kwargs)
+        bound.apply_defaults()
+        defaults = dict(bound.arguments)
+        params = defaults.pop("params")
+        if defaults.get("differentiable"):
+            raise ValueError(f"{name}: differentiable=True is not supported: the fused kernel updates the "
+                             "params outside autograd; use torch.optim for a differentiable step")
+        if defaults.get("capturable"):
+            raise ValueError(f"{name}: capturable=True (step counts and constants kept on the GPU for CUDA "
+                             "graphs) is not supported by gpuadam.torch yet; use capturable=False, or "
+                             "gpuadam.Optimizer(capturable=True) on the tensors' device arrays")
+        self._requested = defaults.pop("backend", "auto")
+        self._backend: Any = None  # chosen at the first step, for the params' device
+        self.skip_nonfinite = check_flag("skip_nonfinite", defaults.pop("skip_nonfinite", False))
+        self.master_weights = check_flag("master_weights", defaults.pop("master_weights", False))
+        self.stochastic_rounding = check_flag("stochastic_rounding", defaults.pop("stochastic_rounding", False))
+        seed = defaults.pop("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"{name}: seed: expected an integer in [0, 2**32), got {seed!r}")
+        self.seed = seed
+        if self.stochastic_rounding and self.master_weights:
+            raise ValueError(f"{name}: stochastic_rounding is for bfloat16 params without master weights; "
+                             "master_weights=True keeps a float32 copy instead")
+        _check_max_norm(defaults.get("max_grad_norm"), f"{name}: max_grad_norm")
+        defaults.update(self.fixed)
+        our_defaults = {k: p.default for k, p in inspect.signature(self.ours).parameters.items()}
+        self._hyper_defaults = {k: our_defaults[k] for k in _hyper_keys(self.ours.hyper_class)}
+        self._hyper_cache: dict = {}
+        self._views: dict = {}  # param -> _Views, its kernel views and step count between steps
+        self._flat_state: dict = {}  # FlatParams -> {state name: whole 1-D buffer} of this optimizer
+        self._padding_cache: dict = {}
+        self._calls = 0  # steps that reached the kernels: the stochastic rounding counter
+        self.steps_skipped = 0
+        self.last_step_launches = 0
+        self.last_grad_norm: float | None = None
+        self._hyper(defaults, "defaults")  # refuse bad defaults even when every group overrides them
+        super().__init__(params, defaults)
+
+    # --- values ------------------------------------------------------------------------------
+    def _hyper(self, group: dict, where: str) -> Any:
+        """The group's validated ``gpuadam.hyper`` record (cached by value)."""
+        try:
+            kw = {k: _plain(group.get(k, default)) for k, default in self._hyper_defaults.items()}
+            key = tuple(kw.items())
+            hyper = self._hyper_cache.get(key)
+            if hyper is None:
+                hyper = self._hyper_cache[key] = self.ours.hyper_class.from_kwargs(**kw)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(self).__name__}: {where}: {exc}") from None
+        return hyper
+
+    def _rule(self, hyper: Any) -> str:
+        # the gpuadam class's choice of rule reads only the record
+        return self.ours.rule(self, hyper)
+
+    def _names(self, rule: str, dtype: torch.dtype) -> tuple[str, ...]:
+        """The state buffer names of a param of ``dtype`` (the rule's, then ``master`` for half params
+        with master weights)."""
+        names = _state_names(rule)
+        return (*names, "master") if self.master_weights and dtype in HALF else names
+
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return torch.float32 if self.master_weights and p.dtype in HALF else p.dtype
+
+    # --- state -------------------------------------------------------------------------------
+    def _next_step(self, state: dict) -> int:
+        return int(state["step"].item()) + 1 if "step" in state else 1
+
+    def _buffer(self, p: torch.Tensor, name: str, dtype: torch.dtype, start: float) -> torch.Tensor:
+        """A new state buffer for ``p``: its view of this optimizer's whole buffer ``name`` when ``p``
+        is flattened (so the buffer's params step in one launch), else a tensor of its own."""
+        entry = flatten.owner(p)
+        if entry is None:
+            return torch.full(p.shape, start, dtype=dtype, device=p.device)
+        buf, k = entry
+        whole = self._flat_state.setdefault(buf, {})
+        if name not in whole or whole[name].dtype != dtype:
+            # padding at the start value too, as gpuadam's FlatBuffer state: a step keeps it there
+            whole[name] = flatten.zeros(buf.size, dtype, buf.device, start)
+        return buf.view(whole[name], k)
+
+    def _init_state(self, p: torch.Tensor, state: dict, hyper: Any, names: tuple[str, ...]) -> None:
+        """torch's state for ``p`` at step 0: ``step`` and the rule's buffers (zero, or the start value),
+        and the float32 ``master`` copy of a half param."""
+        if self.keeps_step and "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        start = self.ours.state_init(self, hyper)
+        dtype = self._state_dtype(p)
+        for n in names:
+            if n not in state:
+                state[n] = self._buffer(p, n, dtype, start.get(n, 0.0))
+                if n == "master":
+                    state[n].copy_(_widened(p))
+
+    def _after_step(self, state: dict, hyper: Any, step: int) -> None:
+        state["step"].fill_(step)
+
+    def _adopt_state(self) -> None:
+        """After a load: every buffer our own contiguous tensor of its param's state dtype and shape (a
+        view of the whole buffer for a flattened param), ``step`` a 0-d tensor of torch's scalar dtype;
+        a half param's ``master`` made from it when the checkpoint has none (torch's)."""
+        self._views = {}
+        self._flat_state = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                dtype = self._state_dtype(p)
+                for n, value in list(state.items()):
+                    if n == "step" or (isinstance(value, torch.Tensor) and value.dim() == 0 and p.dim() != 0):
+                        state[n] = torch.tensor(float(_plain(value)), dtype=_scalar_dtype())
+                    elif isinstance(value, torch.Tensor):
+                        buf = self._buffer(p, n, dtype, 0.0)
+                        buf.copy_(value.detach().reshape(p.shape))
+                        state[n] = buf
+                if self.master_weights and p.dtype in HALF and "master" not in state:
+                    state["master"] = self._buffer(p, "master", torch.float32, 0.0)
+                    state["master"].copy_(_widened(p))
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a torch checkpoint lacks our options: theirs are the defaults
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        self._adopt_state()
+
+    def state_dict(self) -> dict:
+        """torch's state dict, plus ``"gpuadam"``: the stochastic rounding counter and the skipped steps
+        (torch.optim ignores the key, so the dict still loads there)."""
+        sd = super().state_dict()
+        sd["gpuadam"] = {"rounding_counter": self._calls, "steps_skipped": self.steps_skipped}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("gpuadam", {}) if isinstance(state_dict, dict) else {}
+        calls = check_count("rounding_counter", extra.get("rounding_counter", 0))
+        skipped = check_count("steps_skipped", extra.get("steps_skipped", 0))
+        super().load_state_dict(state_dict)
+        self._calls, self.steps_skipped = calls, skipped
+
+    # --- the step ----------------------------------------------------------------------------
+    def _describe(self, k: int, gi: int, j: int, group: dict) -> str:
+        names = group.get("param_names")
+        named = f" {names[j]!r}" if names is not None and j < len(names) else ""
+        return f"param {k}{named} (group {gi}, index {j})"
+
+    def _check(self, label: str, p: torch.Tensor, g: torch.Tensor) -> None:
+        def refuse(why: str) -> None:
+            raise ValueError(f"{type(self).__name__}.step: {label}: {why}; nothing was updated")
+
+        if p.dtype not in FLOATS:
+            refuse(f"has dtype {p.dtype}; expected torch.float32, float64, float16 or bfloat16")
+        if p.device.type not in ("cpu", "cuda"):
+            refuse(f"is on {p.device}; gpuadam.torch steps cpu and cuda tensors")
+        if p.layout != torch.strided or not p.is_contiguous():
+            refuse("is not a contiguous dense tensor")
+        if g.is_sparse or g.layout != torch.strided:
+            refuse("has a sparse gradient; the fused kernels take dense ones")
+        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+            refuse(f"its gradient is a {g.dtype} tensor of shape {tuple(g.shape)} on {g.device}; expected "
+                   f"{p.dtype}, shape {tuple(p.shape)}, on {p.device}")
+        if not g.is_contiguous():
+            refuse("its gradient is not contiguous")
+
+    def _check_state(self, label: str, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> None:
+        missing = [n for n in names if n not in state and not self._lazy(n)]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.step: {label}: the hyperparameters now need state "
+                             f"{missing} it does not have (e.g. amsgrad switched on mid-run)")
+        dtype = self._state_dtype(p)
+        for n in names:
+            t = state.get(n)
+            if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == dtype
+                                      and t.shape == p.shape and t.is_contiguous() and t.device == p.device):
+                raise ValueError(f"{type(self).__name__}.step: {label}: state {n!r} is not a contiguous "
+                                 f"{dtype} tensor of shape {tuple(p.shape)} on {p.device}")
+
+    def _grad_view(self, k: int, gi: int, j: int, group: dict, p: torch.Tensor, g: torch.Tensor,
+                   e: _Views) -> Any:
+        """The gradient's flat kernel view, once checked against the cached param (``_check``'s rules)."""
+        if g.requires_grad:
+            g = g.detach()
+        if (g.dtype is not e.dtype or g.layout is not torch.strided or g.device != e.device
+                or g.shape != e.shape or not g.is_contiguous()):
+            self._check(self._describe(k, gi, j, group), p, g)  # raises, naming what is wrong
+        if e.cpu_float:
+            view = g.numpy()
+            return view if view.ndim == 1 else view.reshape(-1)
+        return kernel_view(g, self._backend)
+
+    def _device_of(self) -> torch.device | None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return None
+
+    def _plan(self) -> list[tuple]:
+        """Check every group, param, gradient and existing state; per group, its params to step
+        ``(gi, hyper, rule, [(p, flat grad, cached views or None, flat entry or None), ...])``."""
+        device = self._device_of()
+        if self._backend is None or self._backend_device != device:
+            self._backend = backend_for(device, self._requested)
+            self._backend_device = device
+            self._views.clear()
+        work = []
+        cache = self._views
+        k = -1
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._hyper(group, f"param group {gi}")
+            _check_max_norm(group.get("max_grad_norm"), f"{type(self).__name__}: param group {gi}: max_grad_norm")
+            rule = self._rule(hyper)
+            items = []
+            for j, p in enumerate(group["params"]):
+                k += 1
+                g = p.grad
+                if g is None:
+                    continue
+                if p.device != device:
+                    raise ValueError(f"{type(self).__name__}.step: {self._describe(k, gi, j, group)}: is on "
+                                     f"{p.device}, the other params on {device}: one optimizer steps the params "
+                                     "of one device; nothing was updated")
+                names = self._names(rule, p.dtype)
+                e = cache.get(p)
+                if e is not None and e.valid(p, self.state.get(p), names):
+                    items.append((p, self._grad_view(k, gi, j, group, p, g, e), e, _flat_entry(p, g)))
+                    continue
+                label = self._describe(k, gi, j, group)
+                g = g.detach()
+                self._check(label, p, g)
+                state = self.state.get(p)
+                if state:
+                    self._check_state(label, p, state, names)
+                items.append((p, kernel_view(g, self._backend), None, _flat_entry(p, g)))
+            if items:
+                work.append((gi, hyper, rule, items))
+        return work
+
+    def _lazy(self, name: str) -> bool:
+        """Whether a missing state buffer is created at its first step (torch's SGD momentum buffer)."""
+        return False
+
+    def _forget_views(self) -> None:
+        """Drop the cached kernel views (after a load or a new group: rebuilt, checked, at the next step)."""
+        self._views.clear()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._forget_views()
+
+    def _runs(self, items: list, steps: list[int], hyper: Any, rule: str) -> list[tuple[int, int, Any]]:
+        """``items`` cut into launches ``(start, stop, whole)``: a whole flattened buffer's params, in
+        order, with their gradients, state views and one step count, as one launch over the whole
+        buffers (``whole``: its arrays); any other param alone (``whole`` None)."""
+        runs = []
+        i, n = 0, len(items)
+        while i < n:
+            entry = items[i][3]
+            if entry is not None and entry[1] == 0:
+                buf = entry[0]
+                stop = i + len(buf)
+                whole = self._flat_state.get(buf)
+                if (stop <= n and whole is not None
+                        and all(items[i + k][3] == (buf, k) and items[i + k][2].flat is whole
+                                and steps[i + k] == steps[i] for k in range(len(buf)))
+                        and self._keeps_padding(hyper, rule)):
+                    runs.append((i, stop, buf))
+                    i = stop
+                    continue
+            runs.append((i, i + 1, None))
+            i += 1
+        return runs
+
+    def _keeps_padding(self, hyper: Any, rule: str) -> bool:
+        kept = self._padding_cache.get(hyper)
+        if kept is None:
+            kept = self._padding_cache[hyper] = padding_stays_zero(
+                rule, self.ours.state_init(self, hyper), _state_names(rule), hyper)
+        return kept
+
+    def _grad_sums(self, work: list, inv_scale: float) -> tuple[float, float]:
+        """Sum of squares and count of inf/NaN of every gradient to step, times ``inv_scale`` (host)."""
+        be = self._backend
+        sumsq = bad = 0.0
+        for _gi, _hyper, _rule, items in work:
+            i = 0
+            while i < len(items):
+                p, g, _e, entry = items[i]
+                if entry is not None and entry[1] == 0 and _whole_grads(items, i, entry[0]):
+                    buf = entry[0]
+                    s, b = be.grad_sumsq(kernel_view(buf.grad, be), HALF.get(buf.dtype), inv_scale, buf.valid)
+                    i += len(buf)
+                else:
+                    s, b = be.grad_sumsq(g, HALF.get(p.dtype), inv_scale)
+                    i += 1
+                sumsq += s
+                bad += b
+        return sumsq, bad
+
+    def step(self, closure: Any = None) -> Any:
+        """One fused step of every param with a gradient; returns the closure's loss (run with grad)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._plan()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            self.last_step_launches = 0
+            return loss  # GradScaler found inf/NaN: nothing changes, step counts included
+        grad_scale = getattr(self, "grad_scale", None)
+        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+        max_norms = [_plain(self.param_groups[gi].get("max_grad_norm")) or 0.0 for gi, *_ in work]
+        reduce = self.skip_nonfinite or any(max_norms)
+        if reduce and self._backend.kind != "host":
+            raise ValueError(f"{type(self).__name__}.step: max_grad_norm and skip_nonfinite reduce the "
+                             "gradients on the host: CUDA tensors are not supported with them yet; nothing "
+                             "was updated")
+        self._calls += 1
+        sumsq = bad = 0.0
+        if reduce:
+            sumsq, bad = self._grad_sums(work, inv_scale)
+            self.last_grad_norm = math.sqrt(sumsq)
+            if self.skip_nonfinite and bad:
+                self.steps_skipped += 1
+                self.last_step_launches = 0
+                return loss
+        launch = self._backend.launch
+        stream = stream_of(self._backend_device)
+        on_stream = {} if stream is None else {"stream": stream}
+        cache = self._views
+        counted = self.keeps_step and type(self)._after_step is FusedOptimizer._after_step
+        stepped = []
+        launches = 0
+        for (_gi, hyper, rule, items), max_norm in zip(work, max_norms):
+            grad_mul = grad_factor(sumsq, bad, inv_scale, max_norm, 0.0)[1] if max_norm else inv_scale
+            constants: dict = {}
+            steps = []
+            for n, (p, g, e, entry) in enumerate(items):
+                if e is None:
+                    state = self.state[p]
+                    step = self._next_step(state)  # before the state is made: SGD counts its buffer
+                    names = self._names(rule, p.dtype)
+                    self._init_state(p, state, hyper, names)
+                    e = cache[p] = _Views(p, state, names, step - 1, self._backend, self._flat_state)
+                    items[n] = (p, g, e, entry)
+                else:
+                    step = e.step + 1 if e.step is not None else self._next_step(e.state)
+                steps.append(step)
+            for start, stop, buf in self._runs(items, steps, hyper, rule):
+                e = items[start][2]
+                step = steps[start]
+                key = (step, e.dtype)
+                c = constants.get(key)
+                if c is None:
+                    c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
+                if buf is None:
+                    arrays, half_param = e.arrays, e.arrays[0]
+                    g = items[start][1]
+                else:
+                    arrays = e.flat_arrays
+                    half_param = arrays[0]
+                    g = e.flat_grad
+                kname, args, extra = self._kernel_args(rule, e, arrays, g, half_param)
+                launch(kname, args, c, *extra, **on_stream)
+                launches += 1
+                for n in range(start, stop):
+                    p, _g, en, _entry = items[n]
+                    s = steps[n]
+                    if counted and en.step_array is not None:
+                        en.step_array.fill(s)  # state["step"].fill_(step) through its NumPy view
+                    else:
+                        self._after_step(en.state, hyper, s)
+                        en.step_version = None if en.step_tensor is None else en.step_tensor._version
+                    en.step = s if en.step_tensor is not None and s < _EXACT[en.step_tensor.dtype] else None
+                    stepped.append(p)
+        self.last_step_launches = launches
+        if stepped:
+            increment_version(stepped)  # as torch's in-place update: autograd sees the params changed
+        return loss
+
+    def _kernel_args(self, rule: str, e: _Views, arrays: tuple, g: Any, half_param: Any) -> tuple:
+        """The kernel name, its arrays and its extra arguments (half formats: rounding, half param)."""
+        if e.fmt is None:
+            return rule, (arrays[0], g, *arrays[1:]), ()
+        rounding = (e.fmt, int(self.stochastic_rounding and e.fmt == BFLOAT16), self.seed, self._calls)
+        if e.master:  # the kernel steps the float32 master (the last state buffer) and writes the half param
+            return f"{rule}/half", (arrays[-1], g, *arrays[1:-1]), (rounding, half_param)
+        return f"{rule}/half", (arrays[0], g, *arrays[1:]), (rounding, half_param)
+
+
+def _check_max_norm(value: Any, where: str) -> None:
+    value = _plain(value)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{where}: expected None or a finite number > 0, got {value!r}")
+
+
+def _flat_entry(p: torch.Tensor, g: torch.Tensor) -> tuple | None:
+    """``(FlatParams, index)`` when ``p`` lives in a flattened buffer and ``g`` is its gradient view."""
+    entry = flatten.owner(p)
+    if entry is None or not flatten.is_grad_view(entry[0], entry[1], g):
+        return None
+    return entry
+
+
+def _whole_grads(items: list, i: int, buf: Any) -> bool:
+    return i + len(buf) <= len(items) and all(items[i + k][3] == (buf, k) for k in range(len(buf)))
+
+
+def _widened(p: torch.Tensor) -> torch.Tensor:
+    """The float32 values of half param ``p`` exactly as the kernels widen them (``widen_half``)."""
+    bits = kernel_view(p.detach().cpu(), None)
+    return torch.from_numpy(widen_half(bits, HALF[p.dtype]).reshape(p.shape)).to(p.device)
+
+
+@functools.cache
+def _state_names(rule: str) -> tuple[str, ...]:
+    """The rule's state buffer names (one tuple per rule: ``RULES[rule].state_names`` builds it anew)."""
+    return RULES[rule].state_names
+
+
+#: The counts a float holds exactly: 2**24 (float32), 2**53 (float64); past them ``step`` is read back.
+_EXACT = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}
+
+
+class _Views:
+    """A param's flat kernel views (param, then its state buffers) and its step count, valid while the
+    param's memory, dtype and shape, its state dict, buffer tensors and ``step`` are the ones seen;
+    ``flat``: this optimizer's whole state buffers when the param and its state are views of them."""
+
+    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu_float", "fmt", "master", "state", "names",
+                 "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
+                 "flat_arrays", "flat_grad")
+
+    def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...], step: int, backend: Any,
+                 flat_state: dict) -> None:
+        data = p.detach()
+        self.p, self.ptr, self.shape, self.dtype, self.device = p, data.data_ptr(), data.shape, data.dtype, data.device
+        self.cpu_float = data.device.type == "cpu" and data.dtype not in HALF
+        self.fmt = HALF.get(data.dtype)
+        self.master = "master" in names
+        self.state, self.names = state, names
+        self.buffers = tuple(state[n] for n in names)
+        self.ptrs = tuple(t.data_ptr() for t in self.buffers)
+        self.arrays = (kernel_view(data, backend), *(kernel_view(t, backend) for t in self.buffers))
+        st = state.get("step")
+        self.step_tensor = st if isinstance(st, torch.Tensor) and st.dim() == 0 else None
+        # written through NumPy, which leaves ``_version`` alone: a change by torch still shows
+        self.step_array = None if self.step_tensor is None else st.numpy()
+        self.step_version = None if self.step_tensor is None else st._version
+        # the count, where the tensor holds it exactly (else it is read back at each step)
+        self.step = None
+        if self.step_tensor is not None and float(st.item()) == step and step < _EXACT[st.dtype]:
+            self.step = step
+        self.flat = self.flat_arrays = self.flat_grad = None
+        entry = flatten.owner(p)
+        whole = flat_state.get(entry[0]) if entry is not None else None
+        if whole is not None and all(n in whole and t.data_ptr() == whole[n].data_ptr()
+                                     + entry[0].offsets[entry[1]] * whole[n].element_size()
+                                     for n, t in zip(names, self.buffers)):
+            buf = entry[0]
+            self.flat = whole
+            self.flat_arrays = (kernel_view(buf.data, backend), *(kernel_view(whole[n], backend) for n in names))
+            self.flat_grad = kernel_view(buf.grad, backend)
+
+    def valid(self, p: torch.Tensor, state: Any, names: tuple[str, ...]) -> bool:
+        if (p.data_ptr() != self.ptr or state is not self.state or names != self.names
+                or p.dtype is not self.dtype or p.shape != self.shape or not p.is_contiguous()):
+            return False
+        for n, t, ptr in zip(names, self.buffers, self.ptrs):
+            if state.get(n) is not t or t.data_ptr() != ptr:
+                return False
+        st = self.step_tensor
+        return st is None or (state.get("step") is st and st._version == self.step_version)
+
+
+class _SGDState(FusedOptimizer):
+    """torch's SGD keeps no step count: the first step with momentum is the one without a buffer."""
+
+    keeps_step = False
+
+    def _next_step(self, state: dict) -> int:
+        return 2 if "momentum_buffer" in state else 1
+
+    def _after_step(self, state: dict, hyper: Any, step: int) -> None:
+        pass
+
+    def _lazy(self, name: str) -> bool:
+        return name == "momentum_buffer"
+
+
+class _NAdamState(FusedOptimizer):
+    """torch's NAdam keeps ``mu_product`` (the product of its momentum schedule) as a 0-d tensor; our
+    kernel computes it from the step count, and the state carries it for torch."""
+
+    def _init_state(self, p: torch.Tensor, state: dict, hyper: Any, names: tuple[str, ...]) -> None:
+        if not state:  # in torch's order: step, mu_product, the buffers
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["mu_product"] = torch.tensor(1.0, dtype=_scalar_dtype())
+        super()._init_state(p, state, hyper, names)
+
+    def _after_step(self, state: dict, hyper: Any, step: int) -> None:
+        super()._after_step(state, hyper, step)
+        product = 0.0
+        if hyper.beta1 > 0.0:
+            product = math.exp(nadam_log_mu_product(float(step), hyper.beta1, hyper.momentum_decay))
+        state["mu_product"].fill_(product)
+
+
+class _AdagradState(FusedOptimizer):
+    """torch's Adagrad makes every param's state at construction (``step`` 0, ``sum`` at its start value)."""
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._hyper(group, f"param group {gi}")
+            for p in group["params"]:
+                self._init_state(p, self.state[p], hyper, RULES[self._rule(hyper)].state_names)
+
+
+def _make(name: str, base: type = FusedOptimizer, fixed: dict | None = None) -> type:
+    ours = getattr(gpuadam, name)
+    theirs = getattr(torch.optim, name, None)
+    fixed = fixed or {}
+    sig = _signature(ours, theirs, fixed)
+    where = f"``torch.optim.{name}``" if theirs is not None else f"``gpuadam.{name}``"
+    doc = (f"{name} on gpuadam's fused kernels, a drop-in for {where}: the same signature, defaults, "
+           f"param groups, state and state_dict. The algorithm and our options: ``gpuadam.{name}``.")
+    return type(name, (base,), {"ours": ours, "fixed": fixed, "__signature__": sig, "__doc__": doc,
+                                "__module__": __name__, "__qualname__": name})
+
+
+Adam = _make("Adam")
+AdamW = _make("AdamW", fixed={"decoupled_weight_decay": True})
+SGD = _make("SGD", _SGDState)
+RMSprop = _make("RMSprop")
+Adagrad = _make("Adagrad", _AdagradState)
+Adamax = _make("Adamax")
+NAdam = _make("NAdam", _NAdamState)
+RAdam = _make("RAdam")
+Lion = _make("Lion")
+
+__all__ = ["SGD", "Adagrad", "Adam", "Adamax", "AdamW", "FlatParams", "FusedOptimizer", "Lion", "NAdam", "RAdam",
+           "RMSprop", "flatten_parameters"]
