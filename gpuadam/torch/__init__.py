@@ -412,6 +412,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bad += b
         return sumsq, bad
 
+    # torch.compile does not trace the step (NumPy views, Numba dispatchers, CUDA launches): a compiled
+    # training step breaks its graph here, runs this step eagerly and resumes compiled code after it
+    @torch.compiler.disable
     def step(self, closure: Any = None) -> Any:
         """One fused step of every param with a gradient; returns the closure's loss (run with grad)."""
         loss = None
