@@ -76,6 +76,14 @@ def test_many_tensor_rows(quick_doc):
     assert {r["tensors"] for r in many} == {1, quick_doc["config"]["many_tensors"]}
 
 
+def test_gpuadam_torch_rows_are_verified_beside_torchs(quick_doc):
+    """gpuadam.torch.Adam.step runs in the many-tensor and overhead tables, verified as ours are."""
+    rows = [r for r in quick_doc["results"] if r["implementation"] == "gpuadam.torch Adam.step (cpu)"]
+    assert {r["suite"] for r in rows} == {"many", "overhead"}
+    for r in rows:
+        assert r["group"] == "ours" and r["status"] == "ok" and r["verified"], r
+
+
 def test_table_reads_cleanly(quick_doc):
     """Whole layout names in the many-tensor table, no dangling separator without peers, no "0 s"."""
     table = bench.format_table(quick_doc)
@@ -427,6 +435,7 @@ def test_gpu_timing_path_in_the_simulator(tmp_path, storage):
         assert len(r["samples_s"]) == 2 and r["ceiling_fraction"] > 0
     over = [r for r in doc["results"] if r["suite"] == "overhead"]
     refused = {r["implementation"] for r in over if r["status"] == "unavailable"}
-    assert refused == ({"gpuadam numba-cuda adam_step"} if storage else set())  # it takes float32/float64
+    # adam_step takes float32/float64; torch sees no CUDA device in the simulator
+    assert refused == ({"gpuadam numba-cuda adam_step"} if storage else set()) | {"gpuadam.torch Adam.step (cuda)"}
     assert over and all(r["status"] == "ok" and r["timer"] == "perf_counter" and r["buffer_sets"] == 1
                         for r in over if r["status"] != "unavailable")

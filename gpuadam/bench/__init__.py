@@ -33,6 +33,7 @@ from gpuadam.bench.ceiling import CUPY_CEILING, Ceiling, ceiling_kernel
 from gpuadam.bench.command import config_from_args, main
 from gpuadam.bench.config import Config
 from gpuadam.bench.ours import OursFlatBuffer, OursFunctional, OursLaunch, OursOptimizer
+from gpuadam.bench.ours_torch import OursTorch
 from gpuadam.bench.peers import DeepSpeedPeer, NumpyPeer, OptaxPeer, TorchPeer, numpy_adam
 from gpuadam.bench.problems import (
     DTYPES,
@@ -52,7 +53,7 @@ from gpuadam.bench.timing import ulp, verify
 __all__ = [
     "CUPY_CEILING", "DTYPES", "OPTIMIZERS", "SCHEMA", "VERIFY_STEPS", "Case", "Ceiling", "Config",
     "DeepSpeedPeer", "Implementation", "NumpyPeer", "OptaxPeer", "OptimizerSpec", "OursFlatBuffer",
-    "OursFunctional", "OursLaunch", "OursOptimizer", "Problem", "TorchPeer", "ceiling_kernel",
+    "OursFunctional", "OursLaunch", "OursOptimizer", "OursTorch", "Problem", "TorchPeer", "ceiling_kernel",
     "config_from_args", "format_table", "main", "make_problem", "numpy_adam", "numpy_dtype", "parse_sizes",
     "plot", "report", "run", "ulp", "verify", "write_json",
 ]

@@ -205,8 +205,6 @@ class _TorchCase(Case):
         torch = self.torch = import_torch()
         self.problem, self.sets, self.device = problem, sets, impl.torch_device
         self.events = "torch" if impl.torch_device == "cuda" else None
-        h = problem.spec.hyper
-        cls = torch.optim.AdamW if problem.spec.name == "adamw" else torch.optim.Adam
         self.params, self.opts = [], []
         for _ in range(sets):
             params = []
@@ -215,10 +213,13 @@ class _TorchCase(Case):
                 t.grad = _to_torch(torch, g).to(self.device)
                 params.append(t)
             self.params.append(params)
-            self.opts.append(cls(
-                params, lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay, amsgrad=h.amsgrad,
-                maximize=h.maximize, **{impl.mode: True},
-            ))
+            self.opts.append(self.optimizer(impl, params))
+
+    def optimizer(self, impl: TorchPeer, params: list) -> Any:
+        torch, h = self.torch, self.problem.spec.hyper
+        cls = torch.optim.AdamW if self.problem.spec.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay, amsgrad=h.amsgrad,
+                   maximize=h.maximize, **{impl.mode: True})
 
     def step(self, k: int) -> None:
         self.opts[k].step()

@@ -21,8 +21,9 @@ from gpuadam.bench.ours import (
     OursOptimizer,
     our_implementations,
 )
+from gpuadam.bench.ours_torch import OursTorch
 from gpuadam.bench.peers import TorchPeer, peer_implementations
-from gpuadam.bench.problems import OPTIMIZERS, TINY, Problem, make_problem, many_sizes, numpy_dtype
+from gpuadam.bench.problems import CPU, OPTIMIZERS, TINY, Problem, make_problem, many_sizes, numpy_dtype
 from gpuadam.bench.progress import Progress
 from gpuadam.bench.report import report
 from gpuadam.bench.timing import Entry, run_entries
@@ -59,6 +60,8 @@ def build_batches(config: Config, use: list[str], extra: Sequence[Implementation
     master = config.master_weights
     devices = {device_of(b) for b in use}
     peers = peer_implementations(devices) if config.peers else []
+    # in the many-tensor and overhead tables, on the devices benchmarked
+    ours_torch = [OursTorch("cpu" if d == CPU else "cuda") for d in sorted(devices)]
     others = peers + list(extra)
     batches: list[Batch] = []
     for opt_name in config.optimizers:
@@ -76,7 +79,7 @@ def build_batches(config: Config, use: list[str], extra: Sequence[Implementation
             for b in use:
                 items += [(Ceiling(b), "one", "one tensor"), (OursOptimizer(b), "one", "one tensor"),
                           (OursOptimizer(b), "many", "separate arrays"), (OursFlatBuffer(b), "many", "flat buffer")]
-            items += [(impl, "many", "separate arrays") for impl in others]
+            items += [(impl, "many", "separate arrays") for impl in ours_torch + others]
             batches.append(Batch("many", problems, items))
     if config.overhead:
         spec = OPTIMIZERS[config.optimizers[0]]
@@ -84,7 +87,7 @@ def build_batches(config: Config, use: list[str], extra: Sequence[Implementation
         impls: list[Implementation] = []
         for b in use:
             impls += [OursOptimizer(b), OursFunctional(b), OursLaunch(b)]
-        impls += [p for p in peers if isinstance(p, TorchPeer)]
+        impls += ours_torch + [p for p in peers if isinstance(p, TorchPeer)]
         batches.append(Batch("overhead", {"one": make}, [(i, "one", "one tensor") for i in impls]))
     return batches
 
