@@ -14,6 +14,9 @@ updates the whole model with one fused kernel launch.
 Every optimizer starts from the same initialisation and sees the same mini-batches. The held-out
 split is made on the digit images BEFORE they are rendered, so no test image appears in training
 in another domain. Needs the ``demo`` extra: ``pip install 'gpuadam[demo]'``.
+
+``--framework torch`` trains the same network as a torch ``nn.Module`` (autograd's forward and
+backward) with the ``gpuadam.torch`` drop-in optimizers instead (``gpuadam.demo_torch``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ JSON_NAME = "demo_table.json"
 DEFAULT_STEPS = 2000
 QUICK_STEPS = 150
 BACKENDS = ("auto", "numba-cpu", "numba-cuda", "cupy")
+FRAMEWORKS = ("numpy", "torch")
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,18 @@ def resolve_backend(requested: str) -> tuple[str, Any]:
     return requested, cupy
 
 
+def resolve_torch_backend(requested: str) -> tuple[str, str]:
+    """``(backend, torch device)`` of ``--framework torch``; DemoError saying why it cannot run."""
+    try:
+        from gpuadam import demo_torch
+    except ImportError as exc:
+        raise DemoError(f"--framework torch needs torch, not installed ({exc})") from None
+    try:
+        return demo_torch.resolve_backend(requested)
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
+
+
 def _synchronize(xp: Any) -> None:
     if xp is not np:
         xp.cuda.Device().synchronize()
@@ -287,9 +303,16 @@ def train_one(
     }
 
 
-def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: bool = True) -> dict[str, Any]:
-    """Train every contender, write ``demo_losses.png`` and ``demo_table.json`` into ``out``."""
-    backend, xp = resolve_backend(backend)
+def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: bool = True,
+        framework: str = "numpy") -> dict[str, Any]:
+    """Train every contender, write ``demo_losses.png`` and ``demo_table.json`` into ``out``; with
+    ``framework="torch"``, as a torch module stepped by ``gpuadam.torch``."""
+    if framework == "torch":
+        from gpuadam import demo_torch
+
+        backend, xp, train_one_with = resolve_torch_backend(backend)[0], np, demo_torch.train_one
+    else:
+        (backend, xp), train_one_with = resolve_backend(backend), train_one
     train, test = load_data(config)
     data = {
         "train": (xp.asarray(train.x), xp.asarray(train.item), xp.asarray(train.domain)),
@@ -301,19 +324,24 @@ def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: 
     start = time.perf_counter()
     results = []
     for contender in CONTENDERS:
-        results.append(train_one(contender, config, backend, xp, data, init, schedule, progress))
+        if framework == "torch":
+            results.append(train_one_with(contender, config, backend, data, init, schedule, progress))
+        else:
+            results.append(train_one(contender, config, backend, xp, data, init, schedule, progress))
     seconds = time.perf_counter() - start
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = {
         "gpuadam_version": gpuadam.__version__,
         "backend": backend,
+        "framework": framework,
         "config": {**config.__dict__, "n_train": len(train.x), "n_test": len(test.x), "domains": list(DOMAINS)},
         "initial_train_loss": initial_loss,
         "train_seconds": seconds,
         "results": [{k: v for k, v in r.items() if k not in ("curve", "linestyle")} for r in results],
     }
-    plot_curves(results, config, backend, initial_loss, out / PNG_NAME)
+    plot_curves(results, config, backend if framework == "numpy" else f"{backend}, torch", initial_loss,
+                out / PNG_NAME)
     (out / JSON_NAME).write_text(json.dumps(table, indent=2) + "\n")
     return table
 
@@ -357,6 +385,11 @@ def format_table(table: dict[str, Any]) -> str:
             f"{r['step_us_median']:>10.1f}"
         )
     c = table["config"]
+    torch_run = table.get("framework") == "torch"
+    if torch_run:
+        lines.append("torch nn.Module (autograd) stepped by gpuadam.torch; a training iteration (forward, "
+                     "backward, step), median us: " + ", ".join(f"{r['optimizer']} {r['iteration_us_median']:.0f}"
+                                                               for r in table["results"]))
     lines.append(
         f"backend {table['backend']}; {c['steps']} steps of batch {c['batch_size']}; train {c['n_train']}, "
         f"held-out {c['n_test']} samples; accuracies on the held-out split; step = median time of opt.step()"
@@ -375,6 +408,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"optimizer steps per optimizer (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
     parser.add_argument("--quick", action="store_true", help="a short run: a smoke test, not a comparison")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and batches")
+    parser.add_argument("--framework", default="numpy", choices=FRAMEWORKS,
+                        help="numpy (default): forward/backward by hand, gpuadam's own optimizers on a FlatBuffer; "
+                             "torch: a torch nn.Module (autograd) stepped by the gpuadam.torch drop-ins")
 
 
 def _fail(message: str) -> int:
@@ -397,13 +433,16 @@ def main(args: argparse.Namespace) -> int:
         return _fail(f"--steps: got {steps}; expected an integer >= 1")
     try:
         check_output_dir("--out", args.out)
-        resolve_backend(args.backend)
+        if args.framework == "torch":
+            resolve_torch_backend(args.backend)
+        else:
+            resolve_backend(args.backend)
     except ValueError as exc:
         return _fail(str(exc))
     except DemoError as exc:
         return _fail(f"--backend: {exc}")
     config = Config(steps=steps, seed=args.seed)
-    table = run(config, args.backend, args.out)
+    table = run(config, args.backend, args.out, framework=args.framework)
     print(format_table(table))
     out = Path(args.out)
     print(f"wrote {out / PNG_NAME} and {out / JSON_NAME} ({table['train_seconds']:.1f} s of training)")

@@ -96,6 +96,37 @@ def test_backward_matches_finite_differences():
             assert g[index] == pytest.approx((up - down) / (2 * h), abs=1e-6)
 
 
+def test_demo_torch_framework_trains_a_flattened_module_with_one_launch(tmp_path, capsys):
+    _need("sklearn", "matplotlib", "tqdm", "torch")
+    table = _run_demo(tmp_path, "--framework", "torch", "--steps", "20")
+    assert table["framework"] == "torch" and table["config"]["steps"] == 20
+    for r in table["results"]:
+        assert RESULT_KEYS <= set(r) and not r["diverged"], r
+        assert r["final_train_loss"] < table["initial_train_loss"], r
+        assert r["launches_per_step"] == 1, r  # the flattened module in one fused launch
+        assert 0 < r["step_us_median"] < r["iteration_us_median"]
+    assert "stepped by gpuadam.torch" in capsys.readouterr().out
+
+
+def test_the_torch_module_is_the_numpy_network():
+    """Autograd's loss and gradients of the torch module are the hand-written NumPy ones."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+    from gpuadam import demo_torch
+
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s) * 0.5 for s in demo.shapes(6)]
+    grads = [np.zeros_like(p) for p in params]
+    x = rng.random((5, 64))
+    item, domain = rng.integers(0, 10, 5), rng.integers(0, 3, 5)
+    loss = float(demo.TwoHeadedNet(np, params, grads).loss_and_grad(x, item, domain))
+    module = demo_torch.TwoHeadedModule(params, "cpu")
+    theirs = module.loss(torch.tensor(x), torch.tensor(item), torch.tensor(domain))
+    theirs.backward()
+    assert float(theirs) == pytest.approx(loss, rel=1e-12)
+    for g, p in zip(grads, module.parameters()):
+        np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-10, atol=1e-12)
+
+
 def _script(name: str, monkeypatch):
     spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -574,7 +574,7 @@ class _Views:
             self.step = step
         self.flat = self.flat_arrays = self.flat_grad = None
         entry = flatten.owner(p)
-        whole = flat_state.get(entry[0]) if entry is not None else None
+        whole = flat_state.setdefault(entry[0], {}) if entry is not None else None
         if whole is not None and all(n in whole and t.data_ptr() == whole[n].data_ptr()
                                      + entry[0].offsets[entry[1]] * whole[n].element_size()
                                      for n, t in zip(names, self.buffers)):
