@@ -293,12 +293,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _grad_view(self, k: int, gi: int, j: int, group: dict, p: torch.Tensor, g: torch.Tensor,
                    e: _Views) -> Any:
-        """The gradient's flat kernel view, once checked against the cached param (``_check``'s rules)."""
+        """The gradient's flat kernel view, once checked against the cached param (``_check``'s rules);
+        for a flattened param's gradient view, the checked tensor (its buffer is launched whole)."""
         if g.requires_grad:
             g = g.detach()
         if (g.dtype is not e.dtype or g.layout is not torch.strided or g.device != e.device
                 or g.shape != e.shape or not g.is_contiguous()):
             self._check(self._describe(k, gi, j, group), p, g)  # raises, naming what is wrong
+        if e.grad_ptr is not None and g.data_ptr() == e.grad_ptr:
+            return g
         if e.cpu_float:
             view = g.numpy()
             return view if view.ndim == 1 else view.reshape(-1)
@@ -338,7 +341,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 names = self._names(rule, p.dtype)
                 e = cache.get(p)
                 if e is not None and e.valid(p, self.state.get(p), names):
-                    items.append((p, self._grad_view(k, gi, j, group, p, g, e), e, _flat_entry(p, g)))
+                    view = self._grad_view(k, gi, j, group, p, g, e)
+                    items.append((p, view, e, e.entry if isinstance(view, torch.Tensor) else None))
                     continue
                 label = self._describe(k, gi, j, group)
                 g = g.detach()
@@ -406,7 +410,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     s, b = be.grad_sumsq(kernel_view(buf.grad, be), HALF.get(buf.dtype), inv_scale, buf.valid)
                     i += len(buf)
                 else:
-                    s, b = be.grad_sumsq(g, HALF.get(p.dtype), inv_scale)
+                    s, b = be.grad_sumsq(_viewed(g, be), HALF.get(p.dtype), inv_scale)
                     i += 1
                 sumsq += s
                 bad += b
@@ -474,7 +478,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
                 if buf is None:
                     arrays, half_param = e.arrays, e.arrays[0]
-                    g = items[start][1]
+                    g = _viewed(items[start][1], self._backend)
                 else:
                     arrays = e.flat_arrays
                     half_param = arrays[0]
@@ -523,6 +527,11 @@ def _flat_entry(p: torch.Tensor, g: torch.Tensor) -> tuple | None:
     return entry
 
 
+def _viewed(g: Any, backend: Any) -> Any:
+    """A gradient's kernel view (a flattened param's gradient is kept as its tensor until needed)."""
+    return kernel_view(g, backend) if isinstance(g, torch.Tensor) else g
+
+
 def _whole_grads(items: list, i: int, buf: Any) -> bool:
     return i + len(buf) <= len(items) and all(items[i + k][3] == (buf, k) for k in range(len(buf)))
 
@@ -550,7 +559,7 @@ class _Views:
 
     __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu_float", "fmt", "master", "state", "names",
                  "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
-                 "flat_arrays", "flat_grad")
+                 "flat_arrays", "flat_grad", "entry", "grad_ptr")
 
     def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...], step: int, backend: Any,
                  flat_state: dict) -> None:
@@ -572,8 +581,10 @@ class _Views:
         self.step = None
         if self.step_tensor is not None and float(st.item()) == step and step < _EXACT[st.dtype]:
             self.step = step
-        self.flat = self.flat_arrays = self.flat_grad = None
-        entry = flatten.owner(p)
+        self.flat = self.flat_arrays = self.flat_grad = self.grad_ptr = None
+        entry = self.entry = flatten.owner(p)
+        if entry is not None:
+            self.grad_ptr = entry[0].grad.data_ptr() + entry[0].offsets[entry[1]] * entry[0].grad.element_size()
         whole = flat_state.setdefault(entry[0], {}) if entry is not None else None
         if whole is not None and all(n in whole and t.data_ptr() == whole[n].data_ptr()
                                      + entry[0].offsets[entry[1]] * whole[n].element_size()
