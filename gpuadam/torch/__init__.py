@@ -645,8 +645,9 @@ class _AdagradState(FusedOptimizer):
         super().__init__(params, *args, **kwargs)
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(group, f"param group {gi}")
+            rule = self._rule(hyper)
             for p in group["params"]:
-                self._init_state(p, self.state[p], hyper, RULES[self._rule(hyper)].state_names)
+                self._init_state(p, self.state[p], hyper, self._names(rule, p.dtype))
 
 
 def _make(name: str, base: type = FusedOptimizer, fixed: dict | None = None) -> type:
