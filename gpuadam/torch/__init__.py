@@ -297,8 +297,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         for a flattened param's gradient view, the checked tensor (its buffer is launched whole)."""
         if g.requires_grad:
             g = g.detach()
-        if (g.dtype is not e.dtype or g.layout is not torch.strided or g.device != e.device
-                or g.shape != e.shape or not g.is_contiguous()):
+        if (g.dtype is not e.dtype or g.layout is not torch.strided or g.is_cpu is not e.cpu
+                or (not e.cpu and g.device != e.device) or g.shape != e.shape or not g.is_contiguous()):
             self._check(self._describe(k, gi, j, group), p, g)  # raises, naming what is wrong
         if e.grad_ptr is not None and g.data_ptr() == e.grad_ptr:
             return g
@@ -328,23 +328,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             hyper = self._hyper(group, f"param group {gi}")
             _check_max_norm(group.get("max_grad_norm"), f"{type(self).__name__}: param group {gi}: max_grad_norm")
             rule = self._rule(hyper)
+            plain = _state_names(rule)
             items = []
             for j, p in enumerate(group["params"]):
                 k += 1
                 g = p.grad
                 if g is None:
                     continue
-                if p.device != device:
-                    raise ValueError(f"{type(self).__name__}.step: {self._describe(k, gi, j, group)}: is on "
-                                     f"{p.device}, the other params on {device}: one optimizer steps the params "
-                                     "of one device; nothing was updated")
-                names = self._names(rule, p.dtype)
+                names = self._names(rule, p.dtype) if self.master_weights else plain
                 e = cache.get(p)
-                if e is not None and e.valid(p, self.state.get(p), names):
+                if e is not None and e.valid(p, self.state.get(p), names, device):
                     view = self._grad_view(k, gi, j, group, p, g, e)
                     items.append((p, view, e, e.entry if isinstance(view, torch.Tensor) else None))
                     continue
                 label = self._describe(k, gi, j, group)
+                if p.device != device:
+                    raise ValueError(f"{type(self).__name__}.step: {label}: is on {p.device}, the other params on "
+                                     f"{device}: one optimizer steps the params of one device; nothing was updated")
                 g = g.detach()
                 self._check(label, p, g)
                 state = self.state.get(p)
@@ -449,57 +449,92 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return loss
         launch = self._backend.launch
         stream = stream_of(self._backend_device)
-        on_stream = {} if stream is None else {"stream": stream}
-        cache = self._views
+        if stream is not None:
+            launch = functools.partial(launch, stream=stream)
         counted = self.keeps_step and type(self)._after_step is FusedOptimizer._after_step
-        stepped = []
+        stepped: list = []
         launches = 0
         for (_gi, hyper, rule, items), max_norm in zip(work, max_norms):
             grad_mul = grad_factor(sumsq, bad, inv_scale, max_norm, 0.0)[1] if max_norm else inv_scale
-            constants: dict = {}
-            steps = []
-            for n, (p, g, e, entry) in enumerate(items):
-                if e is None:
-                    state = self.state[p]
-                    step = self._next_step(state)  # before the state is made: SGD counts its buffer
-                    names = self._names(rule, p.dtype)
-                    self._init_state(p, state, hyper, names)
-                    e = cache[p] = _Views(p, state, names, step - 1, self._backend, self._flat_state)
-                    items[n] = (p, g, e, entry)
-                else:
-                    step = e.step + 1 if e.step is not None else self._next_step(e.state)
-                steps.append(step)
-            for start, stop, buf in self._runs(items, steps, hyper, rule):
-                e = items[start][2]
-                step = steps[start]
-                key = (step, e.dtype)
-                c = constants.get(key)
-                if c is None:
-                    c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
-                if buf is None:
-                    arrays, half_param = e.arrays, e.arrays[0]
-                    g = _viewed(items[start][1], self._backend)
-                else:
-                    arrays = e.flat_arrays
-                    half_param = arrays[0]
-                    g = e.flat_grad
-                kname, args, extra = self._kernel_args(rule, e, arrays, g, half_param)
-                launch(kname, args, c, *extra, **on_stream)
-                launches += 1
-                for n in range(start, stop):
-                    p, _g, en, _entry = items[n]
-                    s = steps[n]
-                    if counted and en.step_array is not None:
-                        en.step_array.fill(s)  # state["step"].fill_(step) through its NumPy view
-                    else:
-                        self._after_step(en.state, hyper, s)
-                        en.step_version = None if en.step_tensor is None else en.step_tensor._version
-                    en.step = s if en.step_tensor is not None and s < _EXACT[en.step_tensor.dtype] else None
-                    stepped.append(p)
+            if any(item[3] is not None for item in items):
+                launches += self._step_runs(items, hyper, rule, grad_mul, launch, counted, stepped)
+            else:
+                launches += self._step_each(items, hyper, rule, grad_mul, launch, counted, stepped)
         self.last_step_launches = launches
         if stepped:
             increment_version(stepped)  # as torch's in-place update: autograd sees the params changed
         return loss
+
+    def _views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> tuple[_Views, int]:
+        """A param's first views: its state made (torch's layout), its step count before this step."""
+        state = self.state[p]
+        step = self._next_step(state)  # before the state is made: SGD counts its buffer
+        names = self._names(rule, p.dtype)
+        self._init_state(p, state, hyper, names)
+        e = self._views[p] = _Views(p, state, names, step - 1, self._backend, self._flat_state)
+        return e, step
+
+    def _counted(self, e: _Views, hyper: Any, step: int, counted: bool) -> None:
+        """Record ``step`` as ``e``'s param's count (torch's ``state["step"]``)."""
+        if counted and e.step_array is not None:
+            e.step_array.fill(step)  # state["step"].fill_(step) through its NumPy view
+        else:
+            self._after_step(e.state, hyper, step)
+            e.step_version = None if e.step_tensor is None else e.step_tensor._version
+        e.step = step if e.step_tensor is not None and step < _EXACT[e.step_tensor.dtype] else None
+
+    def _step_each(self, items: list, hyper: Any, rule: str, grad_mul: float, launch: Any, counted: bool,
+                   stepped: list) -> int:
+        """One launch per param (none of the group's params is flattened)."""
+        constants: dict = {}
+        for p, g, e, _entry in items:
+            if e is None:
+                e, step = self._views_of(p, rule, hyper)
+            else:
+                step = e.step + 1 if e.step is not None else self._next_step(e.state)
+            key = (step, e.dtype)
+            c = constants.get(key)
+            if c is None:
+                c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
+            if e.fmt is None:
+                launch(rule, (e.arrays[0], g, *e.state_arrays), c)
+            else:
+                kname, args, extra = self._kernel_args(rule, e, e.arrays, g, e.arrays[0])
+                launch(kname, args, c, *extra)
+            self._counted(e, hyper, step, counted)
+            stepped.append(p)
+        return len(items)
+
+    def _step_runs(self, items: list, hyper: Any, rule: str, grad_mul: float, launch: Any, counted: bool,
+                   stepped: list) -> int:
+        """One launch per whole flattened buffer (``_runs``), one per other param."""
+        constants: dict = {}
+        steps = []
+        for n, (p, g, e, entry) in enumerate(items):
+            if e is None:
+                e, step = self._views_of(p, rule, hyper)
+                items[n] = (p, g, e, entry)
+            else:
+                step = e.step + 1 if e.step is not None else self._next_step(e.state)
+            steps.append(step)
+        runs = self._runs(items, steps, hyper, rule)
+        for start, stop, buf in runs:
+            e = items[start][2]
+            step = steps[start]
+            key = (step, e.dtype)
+            c = constants.get(key)
+            if c is None:
+                c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
+            if buf is None:
+                arrays, g = e.arrays, _viewed(items[start][1], self._backend)
+            else:
+                arrays, g = e.flat_arrays, e.flat_grad
+            kname, args, extra = self._kernel_args(rule, e, arrays, g, arrays[0])
+            launch(kname, args, c, *extra)
+            for n in range(start, stop):
+                self._counted(items[n][2], hyper, steps[n], counted)
+                stepped.append(items[n][0])
+        return len(runs)
 
     def _kernel_args(self, rule: str, e: _Views, arrays: tuple, g: Any, half_param: Any) -> tuple:
         """The kernel name, its arrays and its extra arguments (half formats: rounding, half param)."""
@@ -557,21 +592,23 @@ class _Views:
     param's memory, dtype and shape, its state dict, buffer tensors and ``step`` are the ones seen;
     ``flat``: this optimizer's whole state buffers when the param and its state are views of them."""
 
-    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu_float", "fmt", "master", "state", "names",
+    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu", "cpu_float", "fmt", "master", "state", "names",
                  "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
-                 "flat_arrays", "flat_grad", "entry", "grad_ptr")
+                 "flat_arrays", "flat_grad", "entry", "grad_ptr", "state_arrays")
 
     def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...], step: int, backend: Any,
                  flat_state: dict) -> None:
         data = p.detach()
         self.p, self.ptr, self.shape, self.dtype, self.device = p, data.data_ptr(), data.shape, data.dtype, data.device
-        self.cpu_float = data.device.type == "cpu" and data.dtype not in HALF
+        self.cpu = data.is_cpu
+        self.cpu_float = self.cpu and data.dtype not in HALF
         self.fmt = HALF.get(data.dtype)
         self.master = "master" in names
         self.state, self.names = state, names
         self.buffers = tuple(state[n] for n in names)
         self.ptrs = tuple(t.data_ptr() for t in self.buffers)
         self.arrays = (kernel_view(data, backend), *(kernel_view(t, backend) for t in self.buffers))
+        self.state_arrays = self.arrays[1:]
         st = state.get("step")
         self.step_tensor = st if isinstance(st, torch.Tensor) and st.dim() == 0 else None
         # written through NumPy, which leaves ``_version`` alone: a change by torch still shows
@@ -594,9 +631,10 @@ class _Views:
             self.flat_arrays = (kernel_view(buf.data, backend), *(kernel_view(whole[n], backend) for n in names))
             self.flat_grad = kernel_view(buf.grad, backend)
 
-    def valid(self, p: torch.Tensor, state: Any, names: tuple[str, ...]) -> bool:
+    def valid(self, p: torch.Tensor, state: Any, names: tuple[str, ...], device: torch.device) -> bool:
         if (p.data_ptr() != self.ptr or state is not self.state or names != self.names
-                or p.dtype is not self.dtype or p.shape != self.shape or not p.is_contiguous()):
+                or p.dtype is not self.dtype or p.shape != self.shape or not p.is_contiguous()
+                or p.is_cpu is not self.cpu or (not self.cpu and p.device != device)):
             return False
         for n, t, ptr in zip(names, self.buffers, self.ptrs):
             if state.get(n) is not t or t.data_ptr() != ptr:
