@@ -23,7 +23,8 @@ Devices and dtypes: float32, float64, float16 and bfloat16 tensors (the half one
 float32; ``master_weights`` keeps a float32 copy of each half param, ``stochastic_rounding`` rounds
 bfloat16 params stochastically, from ``seed``), on the CPU (Numba loops over NumPy views) or on a
 CUDA device (``gpuadam.torch.devices``: launched on torch's current stream, never synchronising but
-for GradScaler's ``found_inf``/``grad_scale``, which the step reads). Not here: ``capturable=True``
+for GradScaler's ``found_inf``/``grad_scale``, which the step reads, and the master copy of a half
+param, made on the host at its first step). The CUDA path has not run on a GPU yet. Not here: ``capturable=True``
 and ``differentiable=True`` (refused), ``max_grad_norm``/``skip_nonfinite`` with CUDA tensors
 (refused: the reduction runs on the host), sparse or complex gradients. ``foreach`` and ``fused``
 are accepted and ignored.
