@@ -122,7 +122,7 @@ def test_the_torch_module_is_the_numpy_network():
     module = demo_torch.TwoHeadedModule(params, "cpu")
     theirs = module.loss(torch.tensor(x), torch.tensor(item), torch.tensor(domain))
     theirs.backward()
-    assert float(theirs) == pytest.approx(loss, rel=1e-12)
+    assert theirs.item() == pytest.approx(loss, rel=1e-12)
     for g, p in zip(grads, module.parameters()):
         np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-10, atol=1e-12)
 

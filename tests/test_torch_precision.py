@@ -58,6 +58,27 @@ def test_max_grad_norm_is_clip_grad_norm_over_all_groups_then_step(flat):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-13)
 
 
+def test_max_grad_norm_under_grad_scaler_clips_the_unscaled_gradients():
+    """AMP's recipe (unscale_, clip_grad_norm_, step) in one fused step, on a flattened model."""
+    model, ref = make_model(), make_model()
+    gt.flatten_parameters(model)
+    ours = gt.Adam(model.parameters(), lr=1e-2, max_grad_norm=0.05)
+    theirs = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2)]
+    for x, y in batches(steps=4):
+        for m, o, scaler in ((model, ours, scalers[0]), (ref, theirs, scalers[1])):
+            o.zero_grad(set_to_none=False)
+            scaler.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if o is theirs:
+                scaler.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            scaler.step(o)
+            scaler.update()
+        assert ours.last_step_launches == 1
+    for a, b in zip(model.parameters(), ref.parameters()):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-13)
+
+
 def test_max_grad_norm_keyword_matches_clip_grad_norm_in_float32():
     model, ref = make_model(torch.float32), make_model(torch.float32)
     ours = gt.Adam(model.parameters(), lr=1e-2, max_grad_norm=0.1)
