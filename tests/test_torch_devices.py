@@ -18,6 +18,9 @@ def test_backend_for_a_device():
         devices.backend_for(torch.device("meta"), None)
     with pytest.raises(ValueError, match="runs on host arrays, but the params are CUDA device arrays"):
         devices.backend_for(torch.device("cuda"), "numba-cpu")
+    params = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        gt.Adam(params, backend="nope")  # at construction, as gpuadam's optimizers
     if not any(backends.status(n).available for n in ("numba-cuda", "cupy")):
         with pytest.raises(backends.BackendUnavailable, match="no GPU backend can run here"):
             devices.backend_for(torch.device("cuda"), None)

@@ -126,7 +126,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "graphs) is not supported by gpuadam.torch yet; use capturable=False, or "
                              "gpuadam.Optimizer(capturable=True) on the tensors' device arrays")
         self._requested = defaults.pop("backend", "auto")
-        self._backend: Any = None  # chosen at the first step, for the params' device
         self.skip_nonfinite = check_flag("skip_nonfinite", defaults.pop("skip_nonfinite", False))
         self.master_weights = check_flag("master_weights", defaults.pop("master_weights", False))
         self.stochastic_rounding = check_flag("stochastic_rounding", defaults.pop("stochastic_rounding", False))
@@ -151,6 +150,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self._hyper(defaults, "defaults")  # refuse bad defaults even when every group overrides them
         super().__init__(params, defaults)
+        # the backend of the params' device (chosen again by a step if the params have moved)
+        self._backend_device = self._device_of()
+        self._backend = backend_for(self._backend_device, self._requested)
 
     # --- values ------------------------------------------------------------------------------
     def _hyper(self, group: dict, where: str) -> Any:
@@ -318,7 +320,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Check every group, param, gradient and existing state; per group, its params to step
         ``(gi, hyper, rule, [(p, flat grad, cached views or None, flat entry or None), ...])``."""
         device = self._device_of()
-        if self._backend is None or self._backend_device != device:
+        if self._backend_device != device:
             self._backend = backend_for(device, self._requested)
             self._backend_device = device
             self._views.clear()
