@@ -543,7 +543,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The kernel name, its arrays and its extra arguments (half formats: rounding, half param)."""
         if e.fmt is None:
             return rule, (arrays[0], g, *arrays[1:]), ()
-        rounding = (e.fmt, int(self.stochastic_rounding and e.fmt == BFLOAT16), self.seed, self._calls)
+        # (format, stochastic, seed, counter, index of the array's first element: 0, not sharded)
+        rounding = (e.fmt, int(self.stochastic_rounding and e.fmt == BFLOAT16), self.seed, self._calls, 0)
         if e.master:  # the kernel steps the float32 master (the last state buffer) and writes the half param
             return f"{rule}/half", (arrays[-1], g, *arrays[1:-1]), (rounding, half_param)
         return f"{rule}/half", (arrays[0], g, *arrays[1:]), (rounding, half_param)

@@ -1,15 +1,14 @@
-"""``gpuadam.torch`` on real CUDA tensors (a GPU machine): a model trains as with torch's fused Adam,
-a flattened one in one launch, half params with master weights, on a side stream, and no step
-makes torch synchronise. Skipped where torch sees no CUDA device."""
+"""GPU only: ``gpuadam.torch`` on torch CUDA tensors: a model trains as with torch's fused AdamW, a
+flattened one in one launch, on a side stream, half params with master weights as on the CPU, and
+no step makes torch synchronise (the simulator has no torch CUDA: these skip there)."""
 
 import pytest
 
 torch = pytest.importorskip(
     "torch", reason="torch is not installed: the drop-in tests need pip install -e '.[test]'")
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device: torch.cuda.is_available() is False on this machine",
-                allow_module_level=True)
 import gpuadam.torch as gt  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("real_gpu")
 
 CUDA = torch.device("cuda")
 
