@@ -161,17 +161,3 @@ def test_cupy_graph_of_one_step_replayed_n_times_equals_n_steps(options, step_kw
         for name in s:
             same(host(s[name]), host(t[name]), err_msg=name)
     assert not np.array_equal(host(a_params[0]), params0[0])
-
-
-def test_gpuadam_torch_has_no_cuda_tensors_yet():
-    """torch.cuda.graphs through gpuadam.torch: not possible while it steps CPU tensors only (its
-    docstring says so); this fails, to be replaced by the graph test, once it takes CUDA tensors."""
-    import torch
-
-    from gpuadam.torch import Adam
-
-    p = torch.zeros(8, device="cuda", requires_grad=True)
-    with pytest.raises(ValueError, match="CPU tensors only"):
-        opt = Adam([p])
-        p.grad = torch.ones_like(p)
-        opt.step()
