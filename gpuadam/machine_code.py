@@ -27,6 +27,7 @@ from pathlib import Path
 
 from gpuadam.kernels import cupy_elementwise
 from gpuadam.kernels.cupy_elementwise import FTZ_OPTION
+from gpuadam.kernels.lowp import ROUNDING_FIELDS
 from gpuadam.kernels.rules import N_CONSTANTS
 
 DTYPES = ("float32", "float64")
@@ -217,7 +218,8 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
         func, n_arrays = numba_cuda.KERNELS[f"{name}/half"]
         half, f32 = types.uint16[::1], types.float32[::1]
         arrays = [half] * n_arrays if variant == "half" else [f32, half] + [f32] * (n_arrays - 2)
-        signature = (*arrays, types.UniTuple(types.float32, N_CONSTANTS), types.UniTuple(types.int64, 5), half)
+        rounding = types.UniTuple(types.int64, len(ROUNDING_FIELDS))
+        signature = (*arrays, types.UniTuple(types.float32, N_CONSTANTS), rounding, half)
     else:
         func, n_arrays = numba_cuda.KERNELS[name]
         constants = scalar[::1] if variant else types.UniTuple(scalar, N_CONSTANTS)

@@ -95,9 +95,9 @@ _VECTORIZED = """
 import re
 from numba import types
 from gpuadam.kernels import numba_cpu
-from gpuadam.kernels.lowp import BFLOAT16, FLOAT16
+from gpuadam.kernels.lowp import BFLOAT16, FLOAT16, ROUNDING_FIELDS
 u16, f32 = types.uint16[::1], types.float32[::1]
-tail = (types.UniTuple(types.float32, 12), types.UniTuple(types.int64, 4), u16)
+tail = (types.UniTuple(types.float32, 12), types.UniTuple(types.int64, len(ROUNDING_FIELDS)), u16)
 kernel = numba_cpu.KERNELS["adam/half"]
 for key in kernel.variants:
     first = f32 if key[2] else u16  # the float32 master, or the half param itself

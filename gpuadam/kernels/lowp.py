@@ -285,6 +285,10 @@ def store(a, i, x, fmt):
         a[i] = x
 
 
+#: The fields of the ``rounding`` tuple every half kernel takes (``store_rounded``), in order.
+ROUNDING_FIELDS = ("fmt", "stochastic", "seed", "step", "index_base")
+
+
 def store_rounded(p, i, x, rounding):
     """Write the updated parameter ``x`` to element ``i`` of ``p``: rounded as ``rounding`` says when
     ``p`` holds half bits, as it is into a float32 master. ``rounding = (fmt, stochastic, seed, step,
