@@ -39,7 +39,8 @@ def _hard_inputs(codes, thr):
     tops = np.arange(0x3400, 0x3F81, dtype=np.uint32) << 16
     edges = np.concatenate([tops, tops | 0xFFFF, tops | 0x80000000, tops | 0x8000FFFF]).view(np.float32)
     rng = np.random.default_rng(0)
-    rand = np.concatenate([rng.uniform(-1.2, 1.2, 20000), rng.choice([-1, 1], 20000) * 10 ** rng.uniform(-9, 0.2, 20000)])
+    rand = np.concatenate([rng.uniform(-1.2, 1.2, 20000),
+                           rng.choice([-1, 1], 20000) * 10 ** rng.uniform(-9, 0.2, 20000)])
     extra = np.array([0.0, -0.0, 1.0, -1.0, 5.0, -5.0, 1e-30, -1e-30, 1e6, -1e6], np.float64)
     return np.concatenate([codes, near, edges, rand.astype(np.float32), extra.astype(np.float32)]).astype(np.float32)
 
