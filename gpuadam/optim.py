@@ -727,8 +727,8 @@ class Optimizer:
                 raise ValueError(f"state_dict: param {i}: state {name!r} has dtype {value.dtype}, this optimizer's "
                                  f"is {dtype}")
             if value.shape != shape:
-                raise ValueError(f"state_dict: param {i}: state {name!r} has shape {value.shape}, expected "
-                                 f"{shape}")
+                what = "the param's shape is" if shape == self._infos[i].shape else "expected (one per block)"
+                raise ValueError(f"state_dict: param {i}: state {name!r} has shape {value.shape}, {what} {shape}")
             arrays[name] = value
         return step, arrays
 
