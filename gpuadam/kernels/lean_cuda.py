@@ -23,7 +23,6 @@ from gpuadam.kernels.rules import SKIP, load_constants
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
 
 
-
 @cuda.jit(device=True, inline=True)
 def _block_max(bits, scratch, t):
     """The maximum of ``bits`` (int32) over the thread block, in every thread: a tree in shared
