@@ -58,6 +58,13 @@ CONTENDERS = (
     Contender("Adam", "Adam", {"lr": 2e-3}),
     Contender("AdamW", "AdamW", {"lr": 2e-3, "weight_decay": 1e-2}, linestyle="--"),  # it runs on top of Adam
 )
+STATE_DTYPES = ("bfloat16", "int8")
+
+
+def lean_contenders(state_dtype: str) -> tuple[Contender, ...]:
+    """Adam and AdamW again with their moments kept as ``state_dtype`` (``--state-dtype``)."""
+    return tuple(Contender(f"{c.label}/{state_dtype}", c.class_name, {**c.kwargs, "state_dtype": state_dtype}, ":")
+                 for c in CONTENDERS if c.class_name in ("Adam", "AdamW"))
 
 
 @dataclass(frozen=True)
@@ -283,12 +290,15 @@ def train_one(
         "domain_accuracy": float(np.mean(pred_domain == _host(dt))),
         "step_us_median": float(np.median(step_ns)) / 1e3,
         "launches_per_step": getattr(opt, "last_step_launches", None),
+        "state_bytes": opt.state_nbytes,
         "curve": losses,
     }
 
 
-def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: bool = True) -> dict[str, Any]:
-    """Train every contender, write ``demo_losses.png`` and ``demo_table.json`` into ``out``."""
+def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: bool = True,
+        state_dtype: str | None = None) -> dict[str, Any]:
+    """Train every contender (and, with ``state_dtype``, Adam and AdamW again with lean state), write
+    ``demo_losses.png`` and ``demo_table.json`` into ``out``."""
     backend, xp = resolve_backend(backend)
     train, test = load_data(config)
     data = {
@@ -300,7 +310,7 @@ def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: 
     initial_loss = TwoHeadedNet(xp, [xp.asarray(a) for a in init], []).loss(*data["train"])
     start = time.perf_counter()
     results = []
-    for contender in CONTENDERS:
+    for contender in CONTENDERS + (lean_contenders(state_dtype) if state_dtype else ()):
         results.append(train_one(contender, config, backend, xp, data, init, schedule, progress))
     seconds = time.perf_counter() - start
     out = Path(out)
@@ -334,7 +344,7 @@ def plot_curves(results: list[dict], config: Config, backend: str, initial: floa
     ax = fig.add_subplot()
     window = max(1, config.steps // 40)
     for i, r in enumerate(results):
-        args = ", ".join(f"{k}={v:g}" for k, v in r["kwargs"].items())
+        args = ", ".join(f"{k}={v:g}" for k, v in r["kwargs"].items() if k != "state_dtype")
         ax.plot(np.arange(1, len(r["curve"]) + 1), smooth(r["curve"], window), lw=1.8, color=f"C{i}", ls=r["linestyle"],
                 label=f"{r['optimizer']} ({args})")
     ax.axhline(initial, color="0.6", ls=":", lw=1, label=f"at initialisation ({initial:.2f})")
@@ -348,13 +358,14 @@ def plot_curves(results: list[dict], config: Config, backend: str, initial: floa
 
 
 def format_table(table: dict[str, Any]) -> str:
-    head = f"{'optimizer':10s} {'final loss':>10s} {'item acc':>9s} {'domain acc':>10s} {'step (us)':>10s}"
+    head = (f"{'optimizer':14s} {'final loss':>10s} {'item acc':>9s} {'domain acc':>10s} {'step (us)':>10s} "
+            f"{'state (B)':>10s}")
     lines = [head, "-" * len(head)]
     for r in table["results"]:
         loss = "diverged" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
         lines.append(
-            f"{r['optimizer']:10s} {loss:>10s} {r['item_accuracy']:>9.1%} {r['domain_accuracy']:>10.1%} "
-            f"{r['step_us_median']:>10.1f}"
+            f"{r['optimizer']:14s} {loss:>10s} {r['item_accuracy']:>9.1%} {r['domain_accuracy']:>10.1%} "
+            f"{r['step_us_median']:>10.1f} {r.get('state_bytes', 0):>10d}"
         )
     c = table["config"]
     lines.append(
@@ -375,6 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"optimizer steps per optimizer (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
     parser.add_argument("--quick", action="store_true", help="a short run: a smoke test, not a comparison")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and batches")
+    parser.add_argument("--state-dtype", default=None, choices=STATE_DTYPES,
+                        help="also train Adam and AdamW with their moments kept in this format (numba-cpu)")
 
 
 def _fail(message: str) -> int:
@@ -395,15 +408,18 @@ def main(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if steps < 1:
         return _fail(f"--steps: got {steps}; expected an integer >= 1")
+    state_dtype = getattr(args, "state_dtype", None)
     try:
         check_output_dir("--out", args.out)
-        resolve_backend(args.backend)
+        name, _ = resolve_backend(args.backend)
     except ValueError as exc:
         return _fail(str(exc))
     except DemoError as exc:
         return _fail(f"--backend: {exc}")
+    if state_dtype is not None and name != "numba-cpu":
+        return _fail(f"--state-dtype: got {state_dtype} with backend {name}; lean state runs on numba-cpu only so far")
     config = Config(steps=steps, seed=args.seed)
-    table = run(config, args.backend, args.out)
+    table = run(config, args.backend, args.out, state_dtype=state_dtype)
     print(format_table(table))
     out = Path(args.out)
     print(f"wrote {out / PNG_NAME} and {out / JSON_NAME} ({table['train_seconds']:.1f} s of training)")

@@ -40,7 +40,8 @@ from gpuadam.kernels.rules import RULES
 from gpuadam.kernels.rules.nadam import nadam_log_mu_product
 
 #: ``gpuadam`` options that have no meaning here (half precision, our skipping): not taken.
-_NOT_HERE = {"skip_nonfinite", "master_weights", "stochastic_rounding", "seed", "half_format", "capturable"}
+_NOT_HERE = {"skip_nonfinite", "master_weights", "stochastic_rounding", "seed", "half_format", "capturable",
+             "state_dtype"}
 #: torch's options without a meaning for our kernels: accepted, kept in the groups, ignored or refused.
 _TORCH_ONLY = ("foreach", "capturable", "differentiable", "fused")
 _DTYPES = (torch.float32, torch.float64)

@@ -109,4 +109,4 @@ def test_cuda_source_for_sm_90():
     assert f64 == 0 and spills == 0 and stack == 0, (f64, spills, stack)
     # p, g, two codes, six table lookups, two absmax, and the twelve constants once each
     assert stores == 5 and loads == 4 + 6 + 2 + N_CONSTANTS, (loads, stores)
-    assert registers <= 64
+    assert registers <= 32  # as every other kernel: full occupancy

@@ -27,7 +27,7 @@ def test_int8_kernel_machine_code():
     report = machine_code.report("numba-cuda", "adam/int8", "float32", "sm_90", ptx)
     assert report.f64_ops == 0, report
     assert report.spill_bytes == 0 and report.local_bytes == 0, report
-    assert report.registers <= 64, report
+    assert report.registers <= 32, report  # as every other kernel: full occupancy
     # per element: p, g, two codes, and per table lookup (two dequantise, four for the two nearest
     # codes) plus the two absmax of the block; stores: p, two codes, two absmax
     assert report.global_stores == 5, report
