@@ -132,7 +132,7 @@ class Optimizer:
             # lean state is blocked per tensor: a FlatBuffer's views then step one by one
             buf = flat.owner(group["params"]) if self._lean_format is None else None
             if buf is None:
-                self.state.extend(self._new_lean_state(p, self._lean[i]) if self._lean[i] else
+                self.state.extend(self._new_lean_state(p, fmt, self._lean[i]) if self._lean[i] else
                                   self._new_state(p, fmt, names) for i, p in zip(indices, group["params"]))
             else:
                 whole = self._new_state(buf.data, fmt, names)
@@ -249,14 +249,16 @@ class Optimizer:
             if self.rule(hyper) != "adam":
                 raise ValueError(f"param group {gi}: state_dtype={kind!r} is for Adam/AdamW without amsgrad, "
                                  f"this group's rule is {self.rule(hyper)!r}")
-        for i, info in enumerate(self._infos):
-            if info.dtype != np.float32:
-                raise ValueError(f"param {i}: state_dtype={kind!r} is for float32 params, got {info.dtype}")
+        for i, (info, fmt) in enumerate(zip(self._infos, self._formats)):
+            if (fmt is None and info.dtype != np.float32) or (fmt is not None and not self.master_weights):
+                raise ValueError(f"param {i}: state_dtype={kind!r} is for float32 params, or half params with "
+                                 f"master_weights=True, got {info.dtype}")
         return [lean.kind_for(kind, int(np.prod(info.shape))) for info in self._infos]
 
-    def _new_lean_state(self, p: Any, kind: str) -> dict[str, Any]:
+    def _new_lean_state(self, p: Any, fmt: int | None, kind: str) -> dict[str, Any]:
         shape = _shape_of(p)
-        state = {}
+        # half params: float32 master weights beside the lean moments (master_weights, checked)
+        state = {} if fmt is None else self._new_state(p, fmt, ("master",))
         for name in lean.NAMES[kind]:
             dtype, state_shape = lean.spec(kind, name, shape)
             state[name] = (aligned_zeros(int(np.prod(state_shape)), dtype) if name.endswith("_absmax")
@@ -266,7 +268,9 @@ class Optimizer:
     def _param_state_names(self, i: int, hyper: Any) -> tuple[str, ...]:
         """The names of param ``i``'s state arrays (its lean format's, or its rule's)."""
         kind = self._lean[i]
-        return lean.NAMES[kind] if kind else self._state_names(hyper, self._formats[i])
+        if not kind:
+            return self._state_names(hyper, self._formats[i])
+        return (*lean.NAMES[kind], "master") if self._formats[i] is not None else lean.NAMES[kind]
 
     def state_shape(self, i: int, name: str) -> tuple:
         """The shape of param ``i``'s state array ``name`` in ``state_dict()`` (the param's, but a
@@ -414,11 +418,10 @@ class Optimizer:
     def _rounding(self, unit: Launch) -> tuple:
         # the half kernels' last arguments: (format, stochastic, seed, counter for the random bits)
         # and the half param
-        if unit.rule == lean.KERNEL["bfloat16"]:  # bfloat16 moments: (stochastic, seed, counter)
-            return ((1, self.seed, self._calls),)
+        extra = ((1, self.seed, self._calls),) if unit.rule == lean.KERNEL["bfloat16"] else ()  # bfloat16 moments
         if unit.fmt is None:
-            return ()
-        return (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls), unit.param
+            return extra
+        return (*extra, (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls), unit.param)
 
     def _plan(self, grads: Sequence[Any], hypers: list) -> list[Launch]:
         """Check every gradient and group, and list the launches.

@@ -99,12 +99,12 @@ from gpuadam.kernels import lean_cpu
 f32, u8, u16 = types.float32[::1], types.uint8[::1], types.uint16[::1]
 c = types.UniTuple(types.float32, 12)
 int8 = lean_cpu.KERNELS["adam/int8"]
-sig = (f32, f32, u8, f32, u8, f32, c, f32, u8, f32, f32, u8, f32)
+sig = (f32, f32, u8, f32, u8, f32, c, f32, u8, f32, f32, u8, f32, types.int64, u16)
 int8.serial.compile(sig)
 print("int8", len(re.findall(r"<\\d+ x float>", int8.serial.inspect_llvm(sig))))
 bf16 = lean_cpu.KERNELS["adam/bf16state"]
 for key, (_, serial) in bf16.variants.items():
-    sig = (f32, f32, u16, u16, c, types.UniTuple(types.int64, 3))
+    sig = (f32, f32, u16, u16, c, types.UniTuple(types.int64, 3), types.int64, u16)
     serial.compile(sig)
     print("bf16", int(key), len(re.findall(r"<\\d+ x float>", serial.inspect_llvm(sig))))
 """

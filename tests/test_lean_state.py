@@ -267,3 +267,24 @@ def test_int8_trajectory_and_states_against_bitsandbytes():
         assert np.all(ours_err <= their_err + 1e-6 * scale), mine
         close = np.abs(ours[f"{mine}_codes"].astype(int) - st[codes].numpy().astype(int)) <= 1
         assert close.mean() > 0.95, (mine, close.mean())
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_half_params_with_master_weights_and_lean_state(state_dtype):
+    """float16 params, float32 master weights, lean moments: the master steps as float32 params with
+    the same lean state do, and the half param is the master rounded to nearest."""
+    rng = np.random.default_rng(11)
+    p16 = rng.standard_normal((80, 64)).astype(np.float16)
+    p32 = p16.astype(np.float32)
+    half = gpuadam.Adam([p16], lr=1e-2, master_weights=True, state_dtype=state_dtype)
+    plain = gpuadam.Adam([p32], lr=1e-2, state_dtype=state_dtype)
+    for _ in range(3):
+        g = rng.standard_normal(p16.shape).astype(np.float16)
+        half.step([g])
+        plain.step([g.astype(np.float32)])
+    a, b = half.state_dict()["state"][0], plain.state_dict()["state"][0]
+    assert np.array_equal(a["master"], p32)
+    assert np.array_equal(p16, p32.astype(np.float16))
+    assert all(np.array_equal(a[k], b[k]) for k in b)
+    with pytest.raises(ValueError, match="master_weights"):
+        gpuadam.Adam([p16], state_dtype=state_dtype)

@@ -12,9 +12,14 @@ code by ``lean_maps.nearest_code``, a branch-free search whose lookups are gathe
 costs a few float operations per element; keeping the block's moments instead would need scratch
 memory per thread. The params take the float32 moments before quantisation, as bitsandbytes'.
 
-``"adam/bf16state"`` takes ``(p, g, m_bits, v_bits, c, rounding)`` with the moments as bfloat16
-bit patterns and ``rounding = (stochastic, seed, counter)``: stochastic rounding draws its bits
-from ``lowp.random16`` at index ``2 i`` for ``exp_avg`` and ``2 i + 1`` for ``exp_avg_sq``.
+``"adam/bf16state"`` takes ``(p, g, m_bits, v_bits, c, state_rounding)`` with the moments as
+bfloat16 bit patterns and ``state_rounding = (stochastic, seed, counter)``: stochastic rounding
+draws its bits from ``lowp.random16`` at index ``2 i`` for ``exp_avg`` and ``2 i + 1`` for
+``exp_avg_sq``.
+
+With half params and master weights both take, last, the half kernels' ``rounding = (format,
+stochastic, seed, counter)`` and the half param: ``p`` is then the float32 master, ``g`` the half
+gradient's bits, and the half param is written rounded to nearest, as ``numba_cpu``'s master loops.
 """
 
 import hashlib
@@ -25,20 +30,33 @@ from numba import prange
 
 from gpuadam.kernels import lean_maps, lowp, numba_cpu, rules
 from gpuadam.kernels.lean_maps import BLOCK, inverse_scale, magnitude_bits, nearest_code
-from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bf16_stochastic, random16
+from gpuadam.kernels.lowp import (
+    bf16_to_f32,
+    f32_from_bits,
+    f32_to_bf16,
+    f32_to_bf16_stochastic,
+    load,
+    random16,
+    store,
+)
 from gpuadam.kernels.numba_cpu import PARALLEL_MIN, run_parallel
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
 
 _STAMP = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (*rules.SOURCES, lowp.__file__,
                                                                  lean_maps.__file__))).hexdigest()[:10]
 
+# No half param to write (float32 params): an empty array, so one compiled loop serves both.
+_NO_HALF = np.zeros(0, np.uint16)
+
 # Elements per parallel chunk of the int8 loop: whole blocks, enough to amortise the scheduling.
 BLOCKS_PER_CHUNK = 16
 
 
-def adam_int8_loop(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, ubuckets, uthr):
+def adam_int8_loop(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, ubuckets, uthr, fmt,
+                   half_param):
     n = p.size
     n_chunks = (n + BLOCK * BLOCKS_PER_CHUNK - 1) // (BLOCK * BLOCKS_PER_CHUNK)
+    master = half_param.size != 0
     for chunk in prange(n_chunks):
         first = chunk * BLOCKS_PER_CHUNK
         last = min(first + BLOCKS_PER_CHUNK, (n + BLOCK - 1) // BLOCK)
@@ -50,7 +68,7 @@ def adam_int8_loop(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, um
             m_top = np.int64(0)
             v_top = np.int64(0)
             for i in range(start, stop):
-                m, v = adam_moments(p[i], g[i], smap[mq[i]] * ma, umap[vq[i]] * va, c)
+                m, v = adam_moments(p[i], load(g, i, fmt), smap[mq[i]] * ma, umap[vq[i]] * va, c)
                 m_top = max(m_top, magnitude_bits(m))
                 v_top = max(v_top, magnitude_bits(v))
             new_ma = f32_from_bits(m_top)
@@ -58,8 +76,11 @@ def adam_int8_loop(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, um
             m_inv = inverse_scale(new_ma)
             v_inv = inverse_scale(new_va)
             for i in range(start, stop):
-                m, v = adam_moments(p[i], g[i], smap[mq[i]] * ma, umap[vq[i]] * va, c)
-                p[i] = adam_param(p[i], m, v, c)
+                m, v = adam_moments(p[i], load(g, i, fmt), smap[mq[i]] * ma, umap[vq[i]] * va, c)
+                x = adam_param(p[i], m, v, c)
+                p[i] = x
+                if master:
+                    store(half_param, i, x, fmt)
                 mq[i] = nearest_code(m * m_inv, sbuckets, sthr)
                 vq[i] = nearest_code(v * v_inv, ubuckets, uthr)
             m_absmax[b] = new_ma
@@ -67,12 +88,16 @@ def adam_int8_loop(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, um
 
 
 def _bf16_loop(stochastic):
-    def adam_bf16_loop(p, g, m, v, c, rounding):
+    def adam_bf16_loop(p, g, m, v, c, rounding, fmt, half_param):
         seed = rounding[1]
         counter = rounding[2]
+        master = half_param.size != 0
         for i in prange(p.size):
-            mk, vk = adam_moments(p[i], g[i], bf16_to_f32(m[i]), bf16_to_f32(v[i]), c)
-            p[i] = adam_param(p[i], mk, vk, c)
+            mk, vk = adam_moments(p[i], load(g, i, fmt), bf16_to_f32(m[i]), bf16_to_f32(v[i]), c)
+            x = adam_param(p[i], mk, vk, c)
+            p[i] = x
+            if master:
+                store(half_param, i, x, fmt)
             if stochastic:
                 m[i] = f32_to_bf16_stochastic(mk, random16(seed, counter, 2 * i))
                 v[i] = f32_to_bf16_stochastic(vk, random16(seed, counter, 2 * i + 1))
@@ -96,11 +121,12 @@ def _int8_kernel():
     maps = (lean_maps.SIGNED, lean_maps.SIGNED_BUCKETS, lean_maps.SIGNED_THRESHOLDS,
             lean_maps.UNSIGNED, lean_maps.UNSIGNED_BUCKETS, lean_maps.UNSIGNED_THRESHOLDS)
 
-    def run(p, g, mq, m_absmax, vq, v_absmax, c):
+    def run(p, g, mq, m_absmax, vq, v_absmax, c, rounding=None, half_param=_NO_HALF):
+        fmt = 0 if rounding is None else rounding[0]
         if p.size >= PARALLEL_MIN:
-            run_parallel(parallel, p, g, mq, m_absmax, vq, v_absmax, c, *maps)
+            run_parallel(parallel, p, g, mq, m_absmax, vq, v_absmax, c, *maps, fmt, half_param)
         else:
-            serial(p, g, mq, m_absmax, vq, v_absmax, c, *maps)
+            serial(p, g, mq, m_absmax, vq, v_absmax, c, *maps, fmt, half_param)
 
     run.parallel, run.serial = parallel, serial
     return run
@@ -109,12 +135,13 @@ def _int8_kernel():
 def _bf16_kernel():
     variants = {s: _compiled(f"_adam_bf16state_{'sr' if s else 'rn'}", _bf16_loop(s)) for s in (False, True)}
 
-    def run(p, g, m, v, c, rounding):
-        parallel, serial = variants[bool(rounding[0])]
+    def run(p, g, m, v, c, state_rounding, rounding=None, half_param=_NO_HALF):
+        parallel, serial = variants[bool(state_rounding[0])]
+        fmt = 0 if rounding is None else rounding[0]
         if p.size >= PARALLEL_MIN:
-            run_parallel(parallel, p, g, m, v, c, rounding)
+            run_parallel(parallel, p, g, m, v, c, state_rounding, fmt, half_param)
         else:
-            serial(p, g, m, v, c, rounding)
+            serial(p, g, m, v, c, state_rounding, fmt, half_param)
 
     run.variants = variants
     return run
