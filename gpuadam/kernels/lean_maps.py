@@ -13,10 +13,11 @@ neighbouring codes (rounded down to float32: ``thresholds``) lie below ``x``. Th
 midpoint falls (the map's codes are decades times a linear grid, never closer than 2**-7 relative),
 so a table holds each bucket's lowest code, and one comparison with the next midpoint finishes
 (``nearest_code``). Both lookups are gathers with no dependent chain, so the loop over a block
-vectorises (``tests/test_lean_maps.py`` reads the LLVM IR); a binary search over the table ran
-about 20x slower, its eight dependent loads per element unvectorised. Rounding a midpoint down keeps the answer
-exact: for a float32 ``x``, ``x > round_down(t)`` exactly when ``x > t``, so the code is the
-argmin of the float64 distance, a tie going to the lower code.
+vectorises (``tests/test_lean_maps.py`` reads the LLVM IR); an eight-step binary search over the
+midpoints, with its dependent loads, ran about 4x slower. Where a gather costs more than the
+scalar loads it replaces (BENCHMARKS.md, "Lean state"), the lookups still bound the loop.
+Rounding a midpoint down keeps the answer exact: for a float32 ``x``, ``x > round_down(t)`` exactly
+when ``x > t``, so the code is the argmin of the float64 distance, a tie going to the lower code.
 """
 
 from __future__ import annotations
