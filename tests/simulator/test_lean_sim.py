@@ -67,3 +67,25 @@ def test_a_skipped_step_changes_nothing():
     arrays = _arrays(2)
     sim = _on_simulator(arrays, _constants(skip=True))
     assert all(np.array_equal(a, b) for a, b in zip(arrays, sim))
+
+
+def test_bf16_kernel_matches_the_host_kernel():
+    """The same random bits as the host (the shared hash): each moment the host's, or (where the
+    simulator's float64 square root moved the float32 moment) a neighbouring bfloat16."""
+    rng = np.random.default_rng(3)
+    n = 300
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    m = (rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    v = (rng.uniform(0.1, 1, n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    c = _constants()
+    for stochastic in (0, 1):
+        host = [a.copy() for a in (p, g, m, v)]
+        lean_cpu.KERNELS["adam/bf16state"](*host, c, (stochastic, 5, 9))
+        dev = [cuda.to_device(a) for a in (p, g, m, v)]
+        lean_cuda.ADAM_BF16[bool(stochastic)][4, 32](*dev, c, (stochastic, 5, 9))
+        sim = [d.copy_to_host() for d in dev]
+        np.testing.assert_allclose(sim[0], host[0], rtol=1e-6, atol=1e-7)
+        for got, want in ((sim[2], host[2]), (sim[3], host[3])):
+            diff = np.abs(got.astype(int) - want.astype(int))
+            assert diff.max() <= 1 and (diff == 0).mean() > 0.95, (stochastic, diff.max())
