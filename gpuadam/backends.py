@@ -58,9 +58,9 @@ class NumbaCPU:
     kind = HOST
 
     def __init__(self) -> None:
-        from gpuadam.kernels import numba_cpu
+        from gpuadam.kernels import lean_cpu, numba_cpu
 
-        self._kernels = numba_cpu.KERNELS
+        self._kernels = {**numba_cpu.KERNELS, **lean_cpu.KERNELS}
         self._sumsq = numba_cpu.sumsq
 
     def flat(self, x: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ except ImportError:  # Windows: a file another process has open cannot be delete
 
 #: What this module calls of an optimizer (``gpuadam.optim.Optimizer``, which imports this module:
 #: this one names no class above it): ``state_dict``, ``load_state_dict``, ``param_groups``,
-#: ``state`` and ``state_dtype``.
+#: ``state``, ``state_dtype`` and ``state_shape``.
 Optimizer = Any
 
 FORMAT = "gpuadam-checkpoint"
@@ -385,9 +385,8 @@ def _read(f: Any, optimizer: Optimizer) -> tuple[dict[str, Any], np.ndarray, lis
         if np.any(steps < 0):
             raise _Invalid(f"negative step count {int(steps.min())}")
         arrays = []
-        for i, (p, names_i) in enumerate(zip(params, header["state"])):
-            shape = _shape(p)
-            arrays.append({name: _read_member(zf, f"state/{i}/{name}", dtype, shape, param=i)
+        for i, names_i in enumerate(header["state"]):
+            arrays.append({name: _read_member(zf, f"state/{i}/{name}", dtype, optimizer.state_shape(i, name), param=i)
                            for name, dtype in names_i.items()})
     return header, steps, arrays
 
@@ -512,7 +511,8 @@ def _check_fit(optimizer: Optimizer, params: list, header: dict[str, Any]) -> No
     if len(header["state"]) != len(params):  # before a stand-in is made per saved param
         raise _Misfit(f"it holds state for {len(header['state'])} params, this optimizer has {len(params)}")
     stand_ins = {
-        i: {"step": 0, **{name: np.broadcast_to(np.zeros((), dtype), _shape(p)) for name, dtype in names.items()}}
+        i: {"step": 0, **{name: np.broadcast_to(np.zeros((), dtype), optimizer.state_shape(i, name))
+                          for name, dtype in names.items()}}
         for i, (p, names) in enumerate(zip(params, header["state"]))
     }
     try:

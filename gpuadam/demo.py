@@ -62,6 +62,13 @@ CONTENDERS = (
     Contender("Adam", "Adam", {"lr": 2e-3}),
     Contender("AdamW", "AdamW", {"lr": 2e-3, "weight_decay": 1e-2}, linestyle="--"),  # it runs on top of Adam
 )
+STATE_DTYPES = ("bfloat16", "int8")
+
+
+def lean_contenders(state_dtype: str) -> tuple[Contender, ...]:
+    """Adam and AdamW again with their moments kept as ``state_dtype`` (``--state-dtype``)."""
+    return tuple(Contender(f"{c.label}/{state_dtype}", c.class_name, {**c.kwargs, "state_dtype": state_dtype}, ":")
+                 for c in CONTENDERS if c.class_name in ("Adam", "AdamW"))
 
 
 @dataclass(frozen=True)
@@ -299,14 +306,16 @@ def train_one(
         "domain_accuracy": float(np.mean(pred_domain == _host(dt))),
         "step_us_median": float(np.median(step_ns)) / 1e3,
         "launches_per_step": getattr(opt, "last_step_launches", None),
+        "state_bytes": opt.state_nbytes,
         "curve": losses,
     }
 
 
 def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: bool = True,
-        framework: str = "numpy") -> dict[str, Any]:
-    """Train every contender, write ``demo_losses.png`` and ``demo_table.json`` into ``out``; with
-    ``framework="torch"``, as a torch module stepped by ``gpuadam.torch``."""
+        framework: str = "numpy", state_dtype: str | None = None) -> dict[str, Any]:
+    """Train every contender (and, with ``state_dtype``, Adam and AdamW again with lean state), write
+    ``demo_losses.png`` and ``demo_table.json`` into ``out``; with ``framework="torch"``, as a torch
+    module stepped by ``gpuadam.torch``."""
     if framework == "torch":
         from gpuadam import demo_torch
 
@@ -323,7 +332,7 @@ def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: 
     initial_loss = TwoHeadedNet(xp, [xp.asarray(a) for a in init], []).loss(*data["train"])
     start = time.perf_counter()
     results = []
-    for contender in CONTENDERS:
+    for contender in CONTENDERS + (lean_contenders(state_dtype) if state_dtype else ()):
         if framework == "torch":
             results.append(train_one_with(contender, config, backend, data, init, schedule, progress))
         else:
@@ -362,7 +371,7 @@ def plot_curves(results: list[dict], config: Config, backend: str, initial: floa
     ax = fig.add_subplot()
     window = max(1, config.steps // 40)
     for i, r in enumerate(results):
-        args = ", ".join(f"{k}={v:g}" for k, v in r["kwargs"].items())
+        args = ", ".join(f"{k}={v:g}" for k, v in r["kwargs"].items() if k != "state_dtype")
         ax.plot(np.arange(1, len(r["curve"]) + 1), smooth(r["curve"], window), lw=1.8, color=f"C{i}", ls=r["linestyle"],
                 label=f"{r['optimizer']} ({args})")
     ax.axhline(initial, color="0.6", ls=":", lw=1, label=f"at initialisation ({initial:.2f})")
@@ -376,13 +385,14 @@ def plot_curves(results: list[dict], config: Config, backend: str, initial: floa
 
 
 def format_table(table: dict[str, Any]) -> str:
-    head = f"{'optimizer':10s} {'final loss':>10s} {'item acc':>9s} {'domain acc':>10s} {'step (us)':>10s}"
+    head = (f"{'optimizer':14s} {'final loss':>10s} {'item acc':>9s} {'domain acc':>10s} {'step (us)':>10s} "
+            f"{'state (B)':>10s}")
     lines = [head, "-" * len(head)]
     for r in table["results"]:
         loss = "diverged" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
         lines.append(
-            f"{r['optimizer']:10s} {loss:>10s} {r['item_accuracy']:>9.1%} {r['domain_accuracy']:>10.1%} "
-            f"{r['step_us_median']:>10.1f}"
+            f"{r['optimizer']:14s} {loss:>10s} {r['item_accuracy']:>9.1%} {r['domain_accuracy']:>10.1%} "
+            f"{r['step_us_median']:>10.1f} {r.get('state_bytes', 0):>10d}"
         )
     c = table["config"]
     torch_run = table.get("framework") == "torch"
@@ -411,6 +421,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--framework", default="numpy", choices=FRAMEWORKS,
                         help="numpy (default): forward/backward by hand, gpuadam's own optimizers on a FlatBuffer; "
                              "torch: a torch nn.Module (autograd) stepped by the gpuadam.torch drop-ins")
+    parser.add_argument("--state-dtype", default=None, choices=STATE_DTYPES,
+                        help="also train Adam and AdamW with their moments kept in this format (numba-cpu, "
+                             "--framework numpy)")
 
 
 def _fail(message: str) -> int:
@@ -431,18 +444,23 @@ def main(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if steps < 1:
         return _fail(f"--steps: got {steps}; expected an integer >= 1")
+    state_dtype = getattr(args, "state_dtype", None)
     try:
         check_output_dir("--out", args.out)
         if args.framework == "torch":
-            resolve_torch_backend(args.backend)
+            name = resolve_torch_backend(args.backend)[0]
         else:
-            resolve_backend(args.backend)
+            name, _ = resolve_backend(args.backend)
     except ValueError as exc:
         return _fail(str(exc))
     except DemoError as exc:
         return _fail(f"--backend: {exc}")
+    if state_dtype is not None and args.framework == "torch":
+        return _fail(f"--state-dtype: got {state_dtype} with --framework torch; gpuadam.torch has no lean state yet")
+    if state_dtype is not None and name != "numba-cpu":
+        return _fail(f"--state-dtype: got {state_dtype} with backend {name}; lean state runs on numba-cpu only so far")
     config = Config(steps=steps, seed=args.seed)
-    table = run(config, args.backend, args.out, framework=args.framework)
+    table = run(config, args.backend, args.out, framework=args.framework, state_dtype=state_dtype)
     print(format_table(table))
     out = Path(args.out)
     print(f"wrote {out / PNG_NAME} and {out / JSON_NAME} ({table['train_seconds']:.1f} s of training)")

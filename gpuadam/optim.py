@@ -16,10 +16,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gpuadam import backends, checkpoint, flat, sharded_checkpoint
+from gpuadam import backends, checkpoint, flat, lean, sharded_checkpoint
 from gpuadam.arrays import (
     DEVICE,
     ArrayInfo,
+    aligned_zeros,
     check_grad_count,
     check_like,
     check_param,
@@ -74,7 +75,9 @@ class Optimizer:
         stochastic_rounding: bool = False,
         seed: int = 0,
         half_format: str | None = None,
+        state_dtype: str | None = None,
     ) -> None:
+        self._lean_format = lean.check_state_dtype(state_dtype)
         self.skip_nonfinite = check_flag("skip_nonfinite", skip_nonfinite)
         self.capturable = check_flag("capturable", capturable)
         self.master_weights = check_flag("master_weights", master_weights)
@@ -116,6 +119,7 @@ class Optimizer:
         hypers = [self._hyper(group, gi) for gi, group in enumerate(self.param_groups)]
         self._backend = backends.choose(backend, infos[0])
         be = self._backend
+        self._lean = self._lean_kinds(hypers)
         self._flat = [self._kernel_view(p, fmt) for p, fmt in zip(self._params, self._formats)]
         # state[i]: name -> 1-D state array of param i, allocated here, never in step(). A group whose
         # params are the views of one FlatBuffer gets its state as one allocation per name, and
@@ -126,9 +130,11 @@ class Optimizer:
         for gi, (group, hyper, indices) in enumerate(zip(self.param_groups, hypers, self._ranges)):
             fmt = self._formats[indices.start]
             names = self._state_names(hyper, fmt)
-            buf = flat.owner(group["params"])
+            # lean state is blocked per tensor: a FlatBuffer's views then step one by one
+            buf = flat.owner(group["params"]) if self._lean_format is None else None
             if buf is None:
-                self.state.extend(self._new_state(p, fmt, names) for p in group["params"])
+                self.state.extend(self._new_lean_state(p, fmt, self._lean[i]) if self._lean[i] else
+                                  self._new_state(p, fmt, names) for i, p in zip(indices, group["params"]))
             else:
                 whole = self._new_state(buf.data, fmt, names)
                 self._flat_groups[gi] = (buf, whole)
@@ -230,6 +236,71 @@ class Optimizer:
         be.copy_from_host(state["master"], widen_half(bits, fmt))
         return state
 
+    def _lean_kinds(self, hypers: list) -> list[str | None]:
+        """Per param, the format its moments are kept in (``lean``), after checking it can be."""
+        kind = self._lean_format
+        if kind is None:
+            return [None] * len(self._params)
+        if self._backend.name != "numba-cpu":
+            raise ValueError(f"state_dtype={kind!r}: the lean-state kernels run on numba-cpu only so far, "
+                             f"got backend {self._backend.name}")
+        for gi, hyper in enumerate(hypers):
+            if self.rule(hyper) != "adam":
+                raise ValueError(f"param group {gi}: state_dtype={kind!r} is for Adam/AdamW without amsgrad, "
+                                 f"this group's rule is {self.rule(hyper)!r}")
+        for i, (info, fmt) in enumerate(zip(self._infos, self._formats)):
+            if (fmt is None and info.dtype != np.float32) or (fmt is not None and not self.master_weights):
+                raise ValueError(f"param {i}: state_dtype={kind!r} is for float32 params, or half params with "
+                                 f"master_weights=True, got {info.dtype}")
+        return [lean.kind_for(kind, int(np.prod(info.shape))) for info in self._infos]
+
+    def _new_lean_state(self, p: Any, fmt: int | None, kind: str) -> dict[str, Any]:
+        shape = _shape_of(p)
+        # half params: float32 master weights beside the lean moments (master_weights, checked)
+        state = {} if fmt is None else self._new_state(p, fmt, ("master",))
+        for name in lean.NAMES[kind]:
+            dtype, state_shape = lean.spec(kind, name, shape)
+            state[name] = (aligned_zeros(int(np.prod(state_shape)), dtype) if name.endswith("_absmax")
+                           else self._backend.zeros_like(self._backend.flat(p), dtype))
+        return state
+
+    def _param_state_names(self, i: int, hyper: Any) -> tuple[str, ...]:
+        """The names of param ``i``'s state arrays (its lean format's, or its rule's)."""
+        kind = self._lean[i]
+        if not kind:
+            return self._state_names(hyper, self._formats[i])
+        return (*lean.NAMES[kind], "master") if self._formats[i] is not None else lean.NAMES[kind]
+
+    def state_shape(self, i: int, name: str) -> tuple:
+        """The shape of param ``i``'s state array ``name`` in ``state_dict()`` (the param's, but a
+        lean absmax: one per block)."""
+        return self._state_spec(i, name)[1]
+
+    def _state_spec(self, i: int, name: str) -> tuple[np.dtype, tuple]:
+        kind = self._lean[i]
+        if kind and name in lean.NAMES[kind]:
+            return lean.spec(kind, name, self._infos[i].shape)
+        return self.state_dtype(i), self._infos[i].shape
+
+    @property
+    def state_format(self) -> str | None:
+        """The ``state_dtype`` the optimizer was built with: None, ``"bfloat16"`` or ``"int8"``."""
+        return self._lean_format
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of all state arrays (codes, absmax, moments, master weights; a FlatBuffer group's
+        whole allocations, padding included)."""
+        total = 0
+        flat_params = set()
+        for gi, (_, whole) in self._flat_groups.items():
+            total += sum(int(a.nbytes) for a in whole.values())
+            flat_params.update(self._ranges[gi])
+        for i, state in enumerate(self.state):
+            if i not in flat_params:
+                total += sum(int(a.nbytes) for a in state.values())
+        return total
+
     def state_dtype(self, i: int) -> np.dtype:
         """The dtype of param ``i``'s state as ``state_dict()`` gives it."""
         return np.dtype(np.float32) if self.master_weights else self._infos[i].dtype
@@ -239,8 +310,9 @@ class Optimizer:
         half = self._formats[i] is not None and not self.master_weights
         return np.dtype(np.uint16) if half else self.state_dtype(i)
 
-    def _host_state(self, i: int, a: Any) -> np.ndarray:
-        return self._backend.to_host(a).view(self.state_dtype(i)).reshape(self._infos[i].shape)
+    def _host_state(self, i: int, a: Any, name: str = "") -> np.ndarray:
+        dtype, shape = self._state_spec(i, name)
+        return self._backend.to_host(a).view(dtype).reshape(shape)
 
     def _rule_name(self, hyper: Any, fmt: int | None) -> str:
         rule = self.rule(hyper)
@@ -370,10 +442,13 @@ class Optimizer:
 
     def _rounding(self, unit: Launch) -> tuple:
         # the half kernels' last arguments: (format, stochastic, seed, counter for the random bits,
-        # index of the first element in the whole buffer) and the half param
+        # index of the first element in the whole buffer) and the half param; before them, bfloat16
+        # moments' own (stochastic, seed, counter)
+        extra = ((1, self.seed, self._calls),) if unit.rule == lean.KERNEL["bfloat16"] else ()
         if unit.fmt is None:
-            return ()
-        return (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls, self._index_base), unit.param
+            return extra
+        return (*extra, (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls, self._index_base),
+                unit.param)
 
     def _plan(self, grads: Sequence[Any], hypers: list) -> list[Launch]:
         """Check every gradient and group, and list the launches.
@@ -392,7 +467,7 @@ class Optimizer:
             rule = self._rule_name(hyper, fmt)
             dtype = np.dtype(np.float32) if fmt is not None else None
             # a group's params got the same state names at construction (and load checks them)
-            missing = [n for n in names if n not in self.state[indices.start]]
+            missing = [n for n in self._param_state_names(indices.start, hyper) if n not in self.state[indices.start]]
             if missing:
                 raise ValueError(
                     f"param group {gi}: the hyperparameters now need state {missing} that was not "
@@ -416,10 +491,11 @@ class Optimizer:
                 check_like("grad", i, grads[i], self._infos[i], writeable=False)
             for i in indices:
                 state = self.state[i]
+                kind = self._lean[i]
                 arrays = (state["master"] if master else self._flat[i], self._kernel_view(grads[i], fmt),
-                          *(state[n] for n in rule_state))
-                units.append(Launch(gi, arrays, rule, dtype or self._infos[i].dtype, range(i, i + 1), fmt,
-                                    self._flat[i], self._slot_of[i], self._shard_valid))
+                          *(state[n] for n in (lean.NAMES[kind] if kind else rule_state)))
+                units.append(Launch(gi, arrays, lean.KERNEL[kind] if kind else rule, dtype or self._infos[i].dtype,
+                                    range(i, i + 1), fmt, self._flat[i], self._slot_of[i], self._shard_valid))
                 grad_spans.append((span(grads[i]), f"grad {i}"))
         self._check_grads_apart(grad_spans)
         return units
@@ -496,14 +572,17 @@ class Optimizer:
     def _state_dict(self) -> dict[str, Any]:
         steps = self.steps
         state = {
-            i: {"step": steps[i], **{n: self._host_state(i, a) for n, a in s.items()}}
+            i: {"step": steps[i], **{n: self._host_state(i, a, n) for n, a in s.items()}}
             for i, s in enumerate(self.state)
         }
         groups = [{**{k: _copied(v) for k, v in group.items() if k != "params"}, "params": list(indices)}
                   for group, indices in zip(self.param_groups, self._ranges)]
         # the counter that seeds stochastic rounding: a resumed run draws the same random bits
-        return {"optimizer": type(self).__name__, "state": state, "param_groups": groups,
-                "rounding_counter": self._calls, "steps_skipped": self.steps_skipped}
+        out = {"optimizer": type(self).__name__, "state": state, "param_groups": groups,
+               "rounding_counter": self._calls, "steps_skipped": self.steps_skipped}
+        if self._lean_format is not None:
+            out["state_dtype"] = self._lean_format
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; a dict that does not fit the params is refused, changing nothing.
@@ -525,6 +604,10 @@ class Optimizer:
         kind = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
         if kind != type(self).__name__:
             raise ValueError(f"state_dict: saved by {kind}, this optimizer is {type(self).__name__}")
+        saved_format = state_dict.get("state_dtype")
+        if saved_format != self._lean_format:
+            raise ValueError(f"state_dict: saved with state_dtype={saved_format!r}, this optimizer keeps "
+                             f"state_dtype={self._lean_format!r} (it cannot change mid-run)")
         calls = _saved_count("rounding_counter", state_dict.get("rounding_counter", 0))
         skipped = _saved_count("steps_skipped", state_dict.get("steps_skipped", 0))
         groups = state_dict.get("param_groups")
@@ -558,8 +641,8 @@ class Optimizer:
                              f"as integers, got keys {keys[:4]!r}{'...' if len(keys) > 4 else ''}")
         loaded = []
         for (_, hyper), indices in zip(new_groups, self._ranges):
-            names = self._state_names(hyper, self._formats[indices.start])
             for index in indices:
+                names = self._param_state_names(index, hyper)
                 if set(names) != set(self.state[index]):
                     raise ValueError(
                         f"state_dict: param {index}: it holds state {sorted(names)} (its hyperparameters say), this "
@@ -574,7 +657,9 @@ class Optimizer:
         be = self._backend
         for i, (_, arrays) in enumerate(loaded):
             for name, value in arrays.items():
-                be.copy_from_host(self.state[i][name], np.ascontiguousarray(value).view(self._state_bits(i)))
+                kind = self._lean[i]
+                bits = value.dtype if kind and name in lean.NAMES[kind] else self._state_bits(i)
+                be.copy_from_host(self.state[i][name], np.ascontiguousarray(value).view(bits))
         self._steps = steps
         self._calls = calls
         self._steps_skipped = skipped
@@ -653,20 +738,19 @@ class Optimizer:
         if got != set(names):
             raise ValueError(f"state_dict: param {i}: it holds state {sorted(got)}, this optimizer allocated "
                              f"{sorted(names)} (construct it with the same flags, e.g. amsgrad, as the saved one)")
-        info = self._infos[i]
         arrays = {}
         for name in names:
             value = saved[name]
-            dtype = self.state_dtype(i)
+            dtype, shape = self._state_spec(i, name)
             if not isinstance(value, np.ndarray):
                 raise ValueError(f"state_dict: param {i}: state {name!r} is a {type(value).__name__}, expected an "
-                                 f"array of shape {info.shape} and dtype {dtype}")
+                                 f"array of shape {shape} and dtype {dtype}")
             if value.dtype != dtype:
                 raise ValueError(f"state_dict: param {i}: state {name!r} has dtype {value.dtype}, this optimizer's "
                                  f"is {dtype}")
-            if value.shape != info.shape:
-                raise ValueError(f"state_dict: param {i}: state {name!r} has shape {value.shape}, the param's shape "
-                                 f"is {info.shape}")
+            if value.shape != shape:
+                what = "the param's shape is" if shape == self._infos[i].shape else "expected (one per block)"
+                raise ValueError(f"state_dict: param {i}: state {name!r} has shape {value.shape}, {what} {shape}")
             arrays[name] = value
         return step, arrays
 

@@ -40,6 +40,11 @@ class Adam(Optimizer):
     with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
     step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
     bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+
+    ``state_dtype`` (float32 params, or half params with ``master_weights``; no amsgrad; numba-cpu so
+    far): ``"int8"`` keeps both moments as bitsandbytes-compatible blockwise 8-bit codes (params under
+    4096 elements keep float32 state), ``"bfloat16"`` as bfloat16 rounded stochastically; the math
+    stays float32 (``gpuadam.lean``).
     """
 
     hyper_class = AdamHyper
@@ -64,6 +69,7 @@ class Adam(Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         half_format: str | None = None,
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -74,8 +80,8 @@ class Adam(Optimizer):
         super().__init__(
             params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+            state_dtype=state_dtype,
         )
-
 
     def rule(self, hyper: AdamHyper) -> str:
         return "amsgrad" if hyper.amsgrad else "adam"
@@ -113,12 +119,13 @@ class AdamW(Adam):
         stochastic_rounding: bool = False,
         seed: int = 0,
         half_format: str | None = None,
+        state_dtype: str | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, eps_root=eps_root,
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
             backend=backend, skip_nonfinite=skip_nonfinite, capturable=capturable, master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+            stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format, state_dtype=state_dtype,
         )
 
 

@@ -141,3 +141,18 @@ def test_plot_script_writes_a_png(name, tmp_path, monkeypatch):
     out = tmp_path / "sub" / f"{name}.png"
     assert _script(name, monkeypatch).main(["--quick", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_demo_state_dtype_adds_lean_rows_with_their_state_bytes(tmp_path, capsys):
+    _need("sklearn", "matplotlib", "tqdm")
+    table = _run_demo(tmp_path, "--state-dtype", "int8", "--steps", "30")
+    results = {r["optimizer"]: r for r in table["results"]}
+    assert list(results)[-2:] == ["Adam/int8", "AdamW/int8"]
+    for name in ("Adam", "AdamW"):
+        lean, plain = results[f"{name}/int8"], results[name]
+        assert lean["kwargs"]["state_dtype"] == "int8" and not lean["diverged"]
+        # the 64x128 layer keeps codes (2.03 B/param), the small ones float32 (8 B/param)
+        assert lean["state_bytes"] < 0.5 * plain["state_bytes"], (lean["state_bytes"], plain["state_bytes"])
+        # lean state steps a FlatBuffer view by view
+        assert lean["launches_per_step"] == len(demo.shapes(table["config"]["hidden"]))
+    assert "state (B)" in capsys.readouterr().out

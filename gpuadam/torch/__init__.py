@@ -52,8 +52,9 @@ from gpuadam.torch import flatten
 from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of
 from gpuadam.torch.flatten import FlatParams, flatten_parameters
 
-#: ``gpuadam`` options that have no meaning here (torch tensors carry their dtype; capturable is torch's).
-_NOT_HERE = {"half_format", "capturable"}
+#: ``gpuadam`` options not taken here (torch tensors carry their dtype; capturable is torch's; lean state
+#: is not wired to torch tensors yet).
+_NOT_HERE = {"half_format", "capturable", "state_dtype"}
 #: torch's options without a meaning for our kernels: accepted, kept in the groups, ignored or refused.
 _TORCH_ONLY = ("foreach", "capturable", "differentiable", "fused")
 

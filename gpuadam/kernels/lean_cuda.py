@@ -1,0 +1,109 @@
+"""Numba CUDA kernels for Adam with lean state: 8-bit blockwise (``lean_maps``), one thread block per
+quantisation block and one thread per element; and bfloat16 moments, a grid-stride loop rounding
+as ``lean_cpu``'s (the same ``lowp`` hash and index ``2 i``, ``2 i + 1``).
+
+Each thread dequantises its element's moments, updates them and the param in float32 (Adam's own
+``adam_moments``/``adam_param``), and offers the magnitudes' bits to the block's maximum, a tree
+reduction in shared memory (eight halvings; a warp-shuffle version would save barriers, but the
+CUDA simulator has no shuffles to prove it with). After the block's new
+absmax is known each thread writes its param and requantises (``lean_maps.nearest_code``, two
+table lookups from the read-only maps); thread 0 writes the absmax. Every absmax is read before
+the first barrier and written after the last.
+
+Not yet wired into ``backends.NumbaCUDA`` (``Optimizer`` refuses ``state_dtype`` off the host):
+proven in the simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90
+(``tests/test_lean_machine_code.py``); no GPU has run them.
+"""
+
+import numpy as np
+from numba import cuda, float32, int32
+
+from gpuadam.kernels.lean_maps import BLOCK, inverse_scale, magnitude_bits, nearest_code
+from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bf16_stochastic, random16
+from gpuadam.kernels.rules import SKIP, load_constants
+from gpuadam.kernels.rules.adam import adam_moments, adam_param
+
+
+@cuda.jit(device=True, inline=True)
+def _block_max(bits, scratch, t):
+    """The maximum of ``bits`` (int32) over the thread block, in every thread: a tree in shared
+    memory (the simulator has no warp shuffles, so the one reduction runs in both)."""
+    scratch[t] = bits
+    cuda.syncthreads()
+    half = BLOCK // 2
+    while half > 0:
+        if t < half:
+            scratch[t] = max(scratch[t], scratch[t + half])
+        cuda.syncthreads()
+        half //= 2
+    return scratch[0]
+
+
+@cuda.jit
+def adam_int8(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, ubuckets, uthr):
+    """Launch with ``p.size // BLOCK`` rounded up blocks of ``BLOCK`` threads."""
+    cc = load_constants(c)
+    if cc[SKIP] != 0:  # the same for every thread: nobody waits at a barrier alone
+        return
+    b = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    i = b * BLOCK + t
+    active = i < p.size
+    zero = float32(0)
+    m = zero
+    v = zero
+    x = zero
+    if active:
+        pi = p[i]
+        m, v = adam_moments(pi, g[i], smap[mq[i]] * m_absmax[b], umap[vq[i]] * v_absmax[b], cc)
+        x = adam_param(pi, m, v, cc)
+    m_scratch = cuda.shared.array(BLOCK, int32)
+    v_scratch = cuda.shared.array(BLOCK, int32)
+    m_top = _block_max(int32(magnitude_bits(m)), m_scratch, t)
+    v_top = _block_max(int32(magnitude_bits(v)), v_scratch, t)
+    new_ma = f32_from_bits(np.uint32(m_top))
+    new_va = f32_from_bits(np.uint32(v_top))
+    if active:
+        p[i] = x
+        mq[i] = nearest_code(m * inverse_scale(new_ma), sbuckets, sthr)
+        vq[i] = nearest_code(v * inverse_scale(new_va), ubuckets, uthr)
+    if t == 0:
+        m_absmax[b] = new_ma
+        v_absmax[b] = new_va
+
+
+def launch(p, g, mq, m_absmax, vq, v_absmax, c, maps, stream=0):
+    """Run ``adam_int8`` over device arrays; ``maps`` are the six device tables (``lean_maps``:
+    signed codes, buckets, thresholds, then the unsigned ones)."""
+    blocks = (p.size + BLOCK - 1) // BLOCK
+    adam_int8[blocks, BLOCK, stream](p, g, mq, m_absmax, vq, v_absmax, c, *maps)
+
+
+def _bf16_kernel(stochastic):
+    # stochastic rounding or not is a constant of the compiled kernel: round to nearest then fits
+    # the 32 registers of full occupancy; the hash takes 36 either way
+    @cuda.jit
+    def adam_bf16(p, g, m, v, c, state_rounding):
+        """float32 params, bfloat16 moments (uint16 bits); ``state_rounding = (stochastic, seed, counter)``."""
+        cc = load_constants(c)
+        if cc[SKIP] != 0:
+            return
+        seed = state_rounding[1]
+        counter = state_rounding[2]
+        start = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        for i in range(start, p.size, stride):
+            mk, vk = adam_moments(p[i], g[i], bf16_to_f32(m[i]), bf16_to_f32(v[i]), cc)
+            p[i] = adam_param(p[i], mk, vk, cc)
+            if stochastic:
+                m[i] = f32_to_bf16_stochastic(mk, random16(seed, counter, 2 * i))
+                v[i] = f32_to_bf16_stochastic(vk, random16(seed, counter, 2 * i + 1))
+            else:
+                m[i] = f32_to_bf16(mk)
+                v[i] = f32_to_bf16(vk)
+
+    return adam_bf16
+
+
+#: The bfloat16-state kernels by ``stochastic`` (``state_rounding[0]``).
+ADAM_BF16 = {False: _bf16_kernel(False), True: _bf16_kernel(True)}

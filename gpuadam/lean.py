@@ -1,0 +1,52 @@
+"""Lean optimizer state (``state_dtype=``): which params get it, its arrays' names, dtypes and shapes.
+
+``"int8"``: each moment as uint8 codes (the param's shape) and one float32 absmax per block of
+``BLOCK`` elements (``kernels/lean_maps.py``), named ``exp_avg_codes``, ``exp_avg_absmax``,
+``exp_avg_sq_codes``, ``exp_avg_sq_absmax``; params under ``MIN_SIZE`` elements keep float32
+``exp_avg``/``exp_avg_sq`` (as bitsandbytes). ``"bfloat16"``: each moment as bfloat16 bit
+patterns (uint16, the param's shape), ``exp_avg_bf16_bits`` and ``exp_avg_sq_bf16_bits``, rounded
+stochastically. Blocks follow each tensor (a FlatBuffer's views each start a block): a group with
+lean state steps tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpuadam.kernels.lean_maps import BLOCK, MIN_SIZE
+
+STATE_DTYPES = (None, "bfloat16", "int8")
+
+#: The kernel of each lean format, taking the param, the gradient and ``names`` in order.
+KERNEL = {"int8": "adam/int8", "bfloat16": "adam/bf16state"}
+
+#: The moments' array names per format, in the kernel's order.
+NAMES = {
+    "int8": ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"),
+    "bfloat16": ("exp_avg_bf16_bits", "exp_avg_sq_bf16_bits"),
+}
+
+
+def check_state_dtype(value: object) -> str | None:
+    """``value`` if it names a state format (None: the params' own), else ValueError."""
+    if value not in STATE_DTYPES or isinstance(value, bool):
+        raise ValueError(f"state_dtype: expected one of {list(STATE_DTYPES)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def kind_for(state_dtype: str | None, size: int) -> str | None:
+    """The format a param of ``size`` elements keeps its moments in: int8 only from ``MIN_SIZE``."""
+    if state_dtype == "int8" and size < MIN_SIZE:
+        return None
+    return state_dtype
+
+
+def n_blocks(size: int) -> int:
+    return -(-size // BLOCK)
+
+
+def spec(kind: str, name: str, shape: tuple) -> tuple[np.dtype, tuple]:
+    """``(dtype, shape)`` of lean state array ``name`` of a param of ``shape``."""
+    if name.endswith("_absmax"):
+        return np.dtype(np.float32), (n_blocks(int(np.prod(shape))),)
+    return np.dtype(np.uint8 if kind == "int8" else np.uint16), tuple(shape)

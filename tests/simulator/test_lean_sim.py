@@ -1,0 +1,91 @@
+"""The int8-state Adam kernel (``kernels/lean_cuda.py``) in Numba's CUDA simulator, against the host
+kernel: one thread block per quantisation block, the shuffle reduction of the absmax, a partial
+last block, a skipped step."""
+
+import numpy as np
+from numba import cuda
+
+from gpuadam.hyper import AdamHyper
+from gpuadam.kernels import lean_cpu, lean_cuda
+from gpuadam.kernels import lean_maps as L
+
+N = 2 * L.BLOCK + 88  # three blocks, the last partial
+MAPS = (L.SIGNED, L.SIGNED_BUCKETS, L.SIGNED_THRESHOLDS, L.UNSIGNED, L.UNSIGNED_BUCKETS, L.UNSIGNED_THRESHOLDS)
+
+
+def _constants(skip=False):
+    hyper = AdamHyper.from_kwargs(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
+                                  maximize=False, eps_root=0.0, bias_correction=True, decoupled_weight_decay=True)
+    c = list(hyper.constants(7, np.float32, 1.0))
+    if skip:
+        c[-1] = np.float32(1)
+    return tuple(np.float32(x) for x in c)
+
+
+def _arrays(seed):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(N).astype(np.float32)
+    g = (rng.standard_normal(N) * 10.0 ** rng.uniform(-3, 0, N)).astype(np.float32)
+    mq = rng.integers(0, 256, N).astype(np.uint8)
+    vq = rng.integers(0, 256, N).astype(np.uint8)
+    ma = rng.uniform(0.01, 0.1, 3).astype(np.float32)
+    va = rng.uniform(1e-4, 1e-3, 3).astype(np.float32)
+    ma[1] = 0.0  # a block whose exp_avg was all zero
+    return [p, g, mq, ma, vq, va]
+
+
+def _on_simulator(arrays, c):
+    dev = [cuda.to_device(a) for a in arrays]
+    maps = [cuda.to_device(m) for m in MAPS]
+    lean_cuda.launch(*dev, c, maps)
+    return [d.copy_to_host() for d in dev]
+
+
+def test_int8_kernel_matches_the_host_kernel():
+    arrays = _arrays(1)
+    c = _constants()
+    host = [a.copy() for a in arrays]
+    lean_cpu.KERNELS["adam/int8"](*host[:6], c)
+    sim = _on_simulator(arrays, c)
+    p, _, mq, ma, vq, va = sim
+    np.testing.assert_allclose(p, host[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ma, host[3], rtol=1e-6)
+    np.testing.assert_allclose(va, host[5], rtol=1e-6)
+    for got, want in ((mq, host[2]), (vq, host[4])):
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01
+    # the absmax is each block's largest magnitude: some code of each block is the map's end (1, or
+    # -0.99297 for a negative exp_avg: the signed map has no -1)
+    for q, codes, absmax in ((mq, L.SIGNED, ma), (vq, L.UNSIGNED, va)):
+        values = L.dequantize(q, absmax, codes)
+        for b in range(3):
+            block = np.abs(values[b * L.BLOCK : (b + 1) * L.BLOCK])
+            assert -L.SIGNED[0] * absmax[b] <= block.max() <= absmax[b]
+
+
+def test_a_skipped_step_changes_nothing():
+    arrays = _arrays(2)
+    sim = _on_simulator(arrays, _constants(skip=True))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, sim))
+
+
+def test_bf16_kernel_matches_the_host_kernel():
+    """The same random bits as the host (the shared hash): each moment the host's, or (where the
+    simulator's float64 square root moved the float32 moment) a neighbouring bfloat16."""
+    rng = np.random.default_rng(3)
+    n = 300
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    m = (rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    v = (rng.uniform(0.1, 1, n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    c = _constants()
+    for stochastic in (0, 1):
+        host = [a.copy() for a in (p, g, m, v)]
+        lean_cpu.KERNELS["adam/bf16state"](*host, c, (stochastic, 5, 9))
+        dev = [cuda.to_device(a) for a in (p, g, m, v)]
+        lean_cuda.ADAM_BF16[bool(stochastic)][4, 32](*dev, c, (stochastic, 5, 9))
+        sim = [d.copy_to_host() for d in dev]
+        np.testing.assert_allclose(sim[0], host[0], rtol=1e-6, atol=1e-7)
+        for got, want in ((sim[2], host[2]), (sim[3], host[3])):
+            diff = np.abs(got.astype(int) - want.astype(int))
+            assert diff.max() <= 1 and (diff == 0).mean() > 0.95, (stochastic, diff.max())
