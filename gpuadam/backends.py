@@ -138,8 +138,12 @@ class NumbaCUDA:
         return self._cuda.to_device(np.zeros(size, dtype))
 
     def copy_device(self, dst: Any, src: Any) -> None:
-        """Copy device array ``src`` (any ``__cuda_array_interface__``) into ``dst``, on the device."""
-        dst.copy_to_device(self._cuda.as_cuda_array(src) if not hasattr(src, "copy_to_host") else src)
+        """Copy device array ``src`` into ``dst`` (contiguous, any ``__cuda_array_interface__``), on the device."""
+        self.flat(dst).copy_to_device(self.flat(src))
+
+    def synchronize(self) -> None:
+        """Wait for all work on the device (before a library that reads device memory outside any stream)."""
+        self._cuda.synchronize()
 
     # --- the device-side bookkeeping (``on_device.DeviceSteps``)
     def device_array(self, host: np.ndarray) -> Any:
@@ -211,8 +215,12 @@ class CuPy:
         return self._cupy.zeros(size, dtype)
 
     def copy_device(self, dst: Any, src: Any) -> None:
-        """Copy device array ``src`` (any ``__cuda_array_interface__``) into ``dst``, on the device."""
-        dst[...] = self._cupy.asarray(src).reshape(dst.shape)
+        """Copy device array ``src`` into ``dst`` (contiguous, any ``__cuda_array_interface__``), on the device."""
+        self.flat(dst)[...] = self.flat(src)
+
+    def synchronize(self) -> None:
+        """Wait for all work on the device (before a library that reads device memory outside any stream)."""
+        self._cupy.cuda.Device().synchronize()
 
     # --- the device-side bookkeeping (``on_device.DeviceSteps``): CuPy's own kernels, on its
     # current stream like the updates

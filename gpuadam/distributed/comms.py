@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuadam import backends
 from gpuadam.arrays import span
 from gpuadam.distributed.layout import ShardLayout
 
@@ -79,12 +80,7 @@ def _copy(dst: Any, src: Any) -> None:
     if _is_host(dst):
         np.copyto(dst, src)
         return
-    from numba import cuda
-
-    def numba_array(a: Any) -> Any:  # Numba's own arrays as they are (the simulator has no as_cuda_array)
-        return a if hasattr(a, "copy_to_device") else cuda.as_cuda_array(a, sync=False)
-
-    numba_array(dst).copy_to_device(numba_array(src))
+    backends.device_backend("gpuadam.distributed").copy_device(dst, src)
 
 
 def _own_part(shard: Any, full: Any, layout: ShardLayout, rank: int) -> None:
@@ -138,9 +134,7 @@ class MPIComm(Communicator):
 
     def _ready(self, a: Any) -> None:
         if not _is_host(a):  # CUDA-aware MPI reads device memory outside any stream: finish the step
-            from numba import cuda
-
-            cuda.synchronize()
+            backends.device_backend("gpuadam.distributed").synchronize()
 
     def reduce_scatter(self, full: Any, shard: Any, layout: ShardLayout) -> None:
         if full.dtype not in (np.float32, np.float64):

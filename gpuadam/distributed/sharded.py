@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuadam import backends
 from gpuadam.arrays import aligned_zeros
 from gpuadam.distributed import checkpoints
 from gpuadam.distributed.comms import Communicator, _copy, communicator
@@ -62,9 +63,7 @@ class ShardedOptimizer:
     def _zeros(self, n: int, dtype: np.dtype) -> Any:
         if self.params.device == "cpu":
             return aligned_zeros(n, dtype)
-        from numba import cuda
-
-        return cuda.to_device(np.zeros(n, dtype))
+        return backends.device_backend("ShardedOptimizer").zeros(n, dtype)
 
     # --- stepping ----------------------------------------------------------------------------
     def step(self, grads: FlatBuffer, *, grad_scale: float | None = None, max_grad_norm: float | None = None) -> None:
