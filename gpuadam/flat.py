@@ -37,7 +37,12 @@ class FlatBuffer:
     read either through ``__cuda_array_interface__``).
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int] | int], dtype: Any = np.float32, device: str = "cpu") -> None:
+    def __init__(self, shapes: Sequence[Sequence[int] | int], dtype: Any = np.float32, device: str = "cpu", *,
+                 data: Any = None) -> None:
+        """``data``: instead of allocating, view this existing 1-D array (NumPy, or any
+        ``__cuda_array_interface__``), contiguous, writeable and of exactly the layout's size and
+        ``dtype`` on ``device``: memory another library owns, e.g. the buffers of
+        ``gpuadam.torch.flatten_parameters`` (whose layout is this one)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         self.shapes = _checked_shapes(shapes)
@@ -51,7 +56,12 @@ class FlatBuffer:
             end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
         self.size = end
         self._valid: np.ndarray | None = None
-        self.data = aligned_zeros(end, self.dtype) if self._backend is None else self._backend.zeros(end, self.dtype)
+        if data is not None:
+            self.data = self._existing(data)
+        elif self._backend is None:
+            self.data = aligned_zeros(end, self.dtype)
+        else:
+            self.data = self._backend.zeros(end, self.dtype)
         self.views = [
             self.data[o : o + int(np.prod(s))].reshape(s) for o, s in zip(self.offsets, self.shapes)
         ]
@@ -60,6 +70,19 @@ class FlatBuffer:
         for index, i in enumerate(ids):
             _owners[i] = (ref, index)
         weakref.finalize(self, _forget, ids)
+
+    def _existing(self, data: Any) -> Any:
+        info = describe(data)
+        want = f"a contiguous, writeable 1-D {self.device} array of {self.size} {self.dtype} (the layout's size)"
+        if info is None:
+            raise TypeError(f"data: expected {want}, got {type(data).__name__}")
+        if ((info.kind == HOST) != (self.device == "cpu") or info.shape != (self.size,) or info.dtype != self.dtype
+                or not info.contiguous or not info.writeable):
+            where = "host" if info.kind == HOST else "cuda"
+            raise ValueError(f"data: expected {want}, got a{'' if info.contiguous else ' strided'}"
+                             f"{'' if info.writeable else ' read-only'} {where} array of shape {info.shape} "
+                             f"and dtype {info.dtype}")
+        return data if self._backend is None else self._backend.flat(data)
 
     @classmethod
     def from_arrays(cls, arrays: Sequence[Any]) -> FlatBuffer:

@@ -162,6 +162,32 @@ class Checks:
         assert opt is not None or self.rank >= max(counts)
         self.passed.append(f"checkpoints resharded {' -> '.join(map(str, counts))}, plain <-> sharded, refusals")
 
+    # --- gpuadam.torch users: a flattened module's buffers, sharded over the process group ---------
+    def torch_flattened(self) -> None:
+        import torch
+
+        from gpuadam.torch import flatten_parameters
+
+        torch.manual_seed(3)  # the same model on every rank
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        (flat,) = flatten_parameters(model)
+        params, grads = flat.flat_buffers()
+        ref = gpuadam.FlatBuffer.from_arrays(params.views)
+        plain = gpuadam.Adam(ref.views, lr=1e-2)
+        opt = ShardedOptimizer(gpuadam.Adam, params, self.comm, lr=1e-2)
+        for t in range(3):
+            x = torch.from_numpy(np.random.default_rng([t, self.rank]).standard_normal((4, 6)).astype(np.float32))
+            model.zero_grad(set_to_none=False)
+            model(x).square().sum().backward()  # into the flattened gradient buffer
+            total = gpuadam.FlatBuffer.from_arrays(grads.views)
+            self.world.all_reduce(total.data)  # the sum opt.step reduce-scatters
+            opt.step(grads)
+            plain.step(total.views, grad_scale=float(self.size))
+            assert np.array_equal(bits(params.data), bits(ref.data)), f"step {t}: sharded != plain"
+        assert np.array_equal(model[0].weight.detach().numpy(), ref.views[0]), "the module does not see the step"
+        self.same_on_every_rank(params.data)
+        self.passed.append("gpuadam.torch flatten_parameters buffers, sharded")
+
     def run(self) -> None:
         two = self.size & (self.size - 1) == 0  # 1/N exact: the clip's sum of squares too
         self.stepping(1, gpuadam.Adam, {"lr": 1e-2})
@@ -176,6 +202,7 @@ class Checks:
 
             # stochastic rounding hashes each element's index in the whole buffer: the same bits
             self.stepping(6, gpuadam.Adam, {"lr": 1e-2, "stochastic_rounding": True, "seed": 5}, dtype=bfloat16)
+            self.torch_flattened()
         self.resharding()
 
 

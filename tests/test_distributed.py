@@ -92,8 +92,9 @@ def test_torch_gloo_two_ranks(tmp_path):
                 p.kill()
     passed = _passed(tmp_path, "\n".join(outs))
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
-    assert len(passed) == 7 and "2 -> 1" in passed[-1]
+    assert len(passed) == 8 and "2 -> 1" in passed[-1]
     assert any("stochastic_rounding" in line for line in passed)
+    assert any("flatten_parameters" in line for line in passed)
 
 
 # --- in one process ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 from helpers import problem
 
 import gpuadam
-from gpuadam.flat import ALIGN
+from gpuadam.flat import ALIGN, FlatBuffer, owner
 
 SHAPES = [(300, 7), (1,), (33,), (4, 5, 6), (1000,)]
 
@@ -109,3 +109,17 @@ def test_grad_scale_divides_inside_the_kernel_and_leaves_grads_alone():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="grad_scale"):
             opt_a.step(grads[0], grad_scale=bad)
+
+
+def test_flat_buffer_over_existing_memory_views_it_and_refuses_a_misfit():
+    layout = FlatBuffer([(3, 5), 2], np.float32)
+    data = np.zeros(layout.size, np.float32)
+    buf = FlatBuffer([(3, 5), 2], np.float32, data=data)
+    buf.views[1][...] = 4.0
+    assert buf.data is data and data[16] == 4.0 and buf.views[0].shape == (3, 5)
+    assert owner(buf.views) is buf  # a group over its views steps in one launch
+    for bad, what in ((np.zeros(layout.size + 1, np.float32), "shape"), (np.zeros(layout.size, np.float64), "dtype"),
+                      (np.zeros(2 * layout.size, np.float32)[::2], "strided"), ([0.0] * layout.size, "list")):
+        with pytest.raises((TypeError, ValueError), match=f"data: expected a contiguous, writeable 1-D cpu array of "
+                                                          f"{layout.size} float32.*{what}"):
+            FlatBuffer([(3, 5), 2], np.float32, data=bad)

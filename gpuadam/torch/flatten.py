@@ -19,7 +19,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from gpuadam.arrays import aligned_zeros
-from gpuadam.flat import ALIGN
+from gpuadam.flat import ALIGN, FlatBuffer
 
 #: param -> (its FlatParams, its index there); weak, so a dropped model's params go
 _owner: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -54,6 +54,21 @@ class FlatParams:
         """Param ``index``'s view of ``whole`` (a buffer of this layout), in its shape."""
         offset = self.offsets[index]
         return whole[offset : offset + self.sizes[index]].view(self.shapes[index])
+
+    def flat_buffers(self) -> tuple[FlatBuffer, FlatBuffer]:
+        """``(params, grads)``: ``gpuadam.FlatBuffer``s over ``data`` and ``grad`` (no copy), for the
+        gpuadam API that takes FlatBuffers, e.g. ``ShardedOptimizer(gpuadam.Adam, params, group)``
+        stepped with ``grads`` after each backward (``zero_grad(set_to_none=False)`` keeps them)."""
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"flat_buffers: float32 or float64 params, got {self.dtype} (a FlatBuffer holds "
+                            "NumPy dtypes)")
+        dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+        device = "cpu" if self.device.type == "cpu" else "cuda"
+
+        def over(t: torch.Tensor) -> FlatBuffer:
+            return FlatBuffer(self.shapes, dtype, device, data=t.detach().numpy() if device == "cpu" else t.detach())
+
+        return over(self.data), over(self.grad)
 
     def __len__(self) -> int:
         return len(self.sizes)
