@@ -295,6 +295,15 @@ def train_one(
     final = net.loss(x, item, domain)
     xt, it, dt = data["test"]
     pred_item, pred_domain = net.predict(xt)
+    return result_row(contender, diverged, final, float(np.mean(pred_item == _host(it))),
+                      float(np.mean(pred_domain == _host(dt))), losses,
+                      step_us_median=float(np.median(step_ns)) / 1e3,
+                      launches_per_step=getattr(opt, "last_step_launches", None), state_bytes=opt.state_nbytes)
+
+
+def result_row(contender: Contender, diverged: bool, final: float, item_accuracy: float, domain_accuracy: float,
+               curve: list[float], **measured: Any) -> dict[str, Any]:
+    """One contender's row of the table (and its loss curve), from either framework's training."""
     return {
         "optimizer": contender.label,
         "class": contender.class_name,
@@ -302,12 +311,10 @@ def train_one(
         "linestyle": contender.linestyle,
         "diverged": diverged,
         "final_train_loss": final if math.isfinite(final) else None,
-        "item_accuracy": float(np.mean(pred_item == _host(it))),
-        "domain_accuracy": float(np.mean(pred_domain == _host(dt))),
-        "step_us_median": float(np.median(step_ns)) / 1e3,
-        "launches_per_step": getattr(opt, "last_step_launches", None),
-        "state_bytes": opt.state_nbytes,
-        "curve": losses,
+        "item_accuracy": item_accuracy,
+        "domain_accuracy": domain_accuracy,
+        **measured,
+        "curve": curve,
     }
 
 
@@ -334,7 +341,8 @@ def run(config: Config, backend: str = "auto", out: Path | str = ".", progress: 
     results = []
     for contender in CONTENDERS + (lean_contenders(state_dtype) if state_dtype else ()):
         if framework == "torch":
-            results.append(train_one_with(contender, config, backend, data, init, schedule, progress))
+            results.append(result_row(contender, **train_one_with(contender, config, backend, data, init,
+                                                                  schedule, progress)))
         else:
             results.append(train_one(contender, config, backend, xp, data, init, schedule, progress))
     seconds = time.perf_counter() - start

@@ -64,7 +64,8 @@ def _sync(device: str) -> None:
 def train_one(contender: Any, config: Any, backend: str, data: dict[str, Any], init: list[np.ndarray],
               schedule: np.ndarray, progress: bool) -> dict[str, Any]:
     """Train ``contender`` (a ``gpuadam.demo.Contender``) on host ``data`` as the NumPy demo does;
-    the result has the NumPy demo's keys, plus ``iteration_us_median`` (forward, backward and step)."""
+    the measurements ``gpuadam.demo.result_row`` makes a row of, plus ``iteration_us_median``
+    (forward, backward and step)."""
     from tqdm import tqdm
 
     backend, device = resolve_backend(backend)
@@ -103,16 +104,14 @@ def train_one(contender: Any, config: Any, backend: str, data: dict[str, Any], i
         xt, it, dt = (torch.as_tensor(a, device=device) for a in data["test"])
         zi, zd = model(xt)
     return {
-        "optimizer": contender.label,
-        "class": contender.class_name,
-        "kwargs": dict(contender.kwargs),
-        "linestyle": contender.linestyle,
         "diverged": diverged,
-        "final_train_loss": final if math.isfinite(final) else None,
+        "final": final,
         "item_accuracy": float((zi.argmax(1) == it).double().mean()),
         "domain_accuracy": float((zd.argmax(1) == dt).double().mean()),
+        "curve": losses,
         "step_us_median": float(np.median(step_ns)) / 1e3,
         "iteration_us_median": float(np.median(iteration_ns)) / 1e3,
         "launches_per_step": opt.last_step_launches,
-        "curve": losses,
+        "state_bytes": sum(t.numel() * t.element_size() for state in opt.state.values() for name, t in state.items()
+                           if torch.is_tensor(t) and name != "step"),
     }
