@@ -29,16 +29,8 @@ import numpy as np
 from numba import prange
 
 from gpuadam.kernels import lean_maps, lowp, numba_cpu, rules
-from gpuadam.kernels.lean_maps import BLOCK, inverse_scale, magnitude_bits, nearest_code
-from gpuadam.kernels.lowp import (
-    bf16_to_f32,
-    f32_from_bits,
-    f32_to_bf16,
-    f32_to_bf16_stochastic,
-    load,
-    random16,
-    store,
-)
+from gpuadam.kernels.lean_maps import BLOCK, bf16_moments, inverse_scale, magnitude_bits, nearest_code
+from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits, load, store
 from gpuadam.kernels.numba_cpu import PARALLEL_MIN, run_parallel
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
 
@@ -98,12 +90,7 @@ def _bf16_loop(stochastic):
             p[i] = x
             if master:
                 store(half_param, i, x, fmt)
-            if stochastic:
-                m[i] = f32_to_bf16_stochastic(mk, random16(seed, counter, 2 * i))
-                v[i] = f32_to_bf16_stochastic(vk, random16(seed, counter, 2 * i + 1))
-            else:
-                m[i] = f32_to_bf16(mk)
-                v[i] = f32_to_bf16(vk)
+            m[i], v[i] = bf16_moments(mk, vk, stochastic, seed, counter, i)
     return adam_bf16_loop
 
 

@@ -18,8 +18,8 @@ proven in the simulator (``tests/simulator/test_lean_sim.py``) and compiled for 
 import numpy as np
 from numba import cuda, float32, int32
 
-from gpuadam.kernels.lean_maps import BLOCK, inverse_scale, magnitude_bits, nearest_code
-from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bf16_stochastic, random16
+from gpuadam.kernels.lean_maps import BLOCK, bf16_moments, inverse_scale, magnitude_bits, nearest_code
+from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits
 from gpuadam.kernels.rules import SKIP, load_constants
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
 
@@ -95,12 +95,7 @@ def _bf16_kernel(stochastic):
         for i in range(start, p.size, stride):
             mk, vk = adam_moments(p[i], g[i], bf16_to_f32(m[i]), bf16_to_f32(v[i]), cc)
             p[i] = adam_param(p[i], mk, vk, cc)
-            if stochastic:
-                m[i] = f32_to_bf16_stochastic(mk, random16(seed, counter, 2 * i))
-                v[i] = f32_to_bf16_stochastic(vk, random16(seed, counter, 2 * i + 1))
-            else:
-                m[i] = f32_to_bf16(mk)
-                v[i] = f32_to_bf16(vk)
+            m[i], v[i] = bf16_moments(mk, vk, stochastic, seed, counter, i)
 
     return adam_bf16
 
