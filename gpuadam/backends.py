@@ -80,6 +80,9 @@ class NumbaCPU:
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
         self._kernels[rule](*arrays, c, *extra)
 
+    def ready(self, rule: str) -> None:
+        """Nothing to prepare on the host (the device backends copy tables here)."""
+
     def grad_sumsq(self, g: np.ndarray, fmt: int | None, inv_scale: float,
                    valid: np.ndarray | None = None) -> tuple[float, float]:
         """``(sum of squares, count of inf/NaN)`` of a 1-D gradient times ``inv_scale`` (half bits when
@@ -94,10 +97,11 @@ class NumbaCUDA:
     def __init__(self) -> None:
         from numba import cuda
 
-        from gpuadam.kernels import numba_cuda
+        from gpuadam.kernels import lean_cuda, numba_cuda
 
         self._cuda = cuda
         self._kernels = numba_cuda
+        self._lean = lean_cuda
         self._launch = numba_cuda.launch
         self._streams: dict[int, Any] = {}
 
@@ -121,7 +125,17 @@ class NumbaCUDA:
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra, stream: int | None = None) -> None:
         """Launch ``rule``; ``stream``: a CUDA stream handle (another library's, e.g. torch's current
         stream) to launch on instead of Numba's default stream."""
-        self._launch(rule, arrays, c, *extra, stream=0 if not stream else self.external_stream(stream))
+        on = 0 if not stream else self.external_stream(stream)
+        lean = self._lean.LAUNCHERS.get(rule)
+        if lean is not None:
+            lean(arrays, c, *extra, stream=on)
+            return
+        self._launch(rule, arrays, c, *extra, stream=on)
+
+    def ready(self, rule: str) -> None:
+        """Whatever ``rule``'s launches need on the device, made now (before any step)."""
+        if rule == "adam/int8":
+            self._lean.device_maps()
 
     def external_stream(self, handle: int) -> Any:
         """Numba's stream object for the CUDA stream ``handle`` (made once per handle)."""
@@ -199,6 +213,9 @@ class CuPy:
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         self.flat(dst).set(np.ascontiguousarray(src).reshape(-1))
+
+    def ready(self, rule: str) -> None:
+        """Nothing to prepare: CuPy compiles a kernel at its first launch."""
 
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra, stream: int | None = None) -> None:
         """Launch ``rule`` on CuPy's current stream, or on the CUDA stream ``stream`` (a handle)."""

@@ -430,8 +430,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="numpy (default): forward/backward by hand, gpuadam's own optimizers on a FlatBuffer; "
                              "torch: a torch nn.Module (autograd) stepped by the gpuadam.torch drop-ins")
     parser.add_argument("--state-dtype", default=None, choices=STATE_DTYPES,
-                        help="also train Adam and AdamW with their moments kept in this format (numba-cpu, "
-                             "--framework numpy)")
+                        help="also train Adam and AdamW with their moments kept in this format (numba-cpu or "
+                             "numba-cuda, --framework numpy)")
 
 
 def _fail(message: str) -> int:
@@ -465,8 +465,9 @@ def main(args: argparse.Namespace) -> int:
         return _fail(f"--backend: {exc}")
     if state_dtype is not None and args.framework == "torch":
         return _fail(f"--state-dtype: got {state_dtype} with --framework torch; gpuadam.torch has no lean state yet")
-    if state_dtype is not None and name != "numba-cpu":
-        return _fail(f"--state-dtype: got {state_dtype} with backend {name}; lean state runs on numba-cpu only so far")
+    if state_dtype is not None and name not in ("numba-cpu", "numba-cuda"):
+        return _fail(f"--state-dtype: got {state_dtype} with backend {name}; lean state runs on numba-cpu and "
+                     "numba-cuda so far")
     config = Config(steps=steps, seed=args.seed)
     table = run(config, args.backend, args.out, framework=args.framework, state_dtype=state_dtype)
     print(format_table(table))

@@ -19,6 +19,7 @@ import numpy as np
 from gpuadam import backends, checkpoint, flat, lean, sharded_checkpoint
 from gpuadam.arrays import (
     DEVICE,
+    HOST,
     ArrayInfo,
     aligned_zeros,
     check_grad_count,
@@ -241,9 +242,10 @@ class Optimizer:
         kind = self._lean_format
         if kind is None:
             return [None] * len(self._params)
-        if self._backend.name != "numba-cpu":
-            raise ValueError(f"state_dtype={kind!r}: the lean-state kernels run on numba-cpu only so far, "
-                             f"got backend {self._backend.name}")
+        on_gpu = self._backend.name == "numba-cuda"
+        if self._backend.name not in ("numba-cpu", "numba-cuda"):
+            raise ValueError(f"state_dtype={kind!r}: the lean-state kernels run on numba-cpu and numba-cuda so "
+                             f"far, got backend {self._backend.name}")
         for gi, hyper in enumerate(hypers):
             if self.rule(hyper) != "adam":
                 raise ValueError(f"param group {gi}: state_dtype={kind!r} is for Adam/AdamW without amsgrad, "
@@ -252,16 +254,25 @@ class Optimizer:
             if (fmt is None and info.dtype != np.float32) or (fmt is not None and not self.master_weights):
                 raise ValueError(f"param {i}: state_dtype={kind!r} is for float32 params, or half params with "
                                  f"master_weights=True, got {info.dtype}")
+            if fmt is not None and on_gpu:
+                raise ValueError(f"param {i}: state_dtype={kind!r} with half params (master weights) runs on "
+                                 "numba-cpu only so far; on numba-cuda it takes float32 params")
         return [lean.kind_for(kind, int(np.prod(info.shape))) for info in self._infos]
 
     def _new_lean_state(self, p: Any, fmt: int | None, kind: str) -> dict[str, Any]:
         shape = _shape_of(p)
         # half params: float32 master weights beside the lean moments (master_weights, checked)
         state = {} if fmt is None else self._new_state(p, fmt, ("master",))
+        be = self._backend
+        be.ready(lean.KERNEL[kind])
         for name in lean.NAMES[kind]:
             dtype, state_shape = lean.spec(kind, name, shape)
-            state[name] = (aligned_zeros(int(np.prod(state_shape)), dtype) if name.endswith("_absmax")
-                           else self._backend.zeros_like(self._backend.flat(p), dtype))
+            if not name.endswith("_absmax"):
+                state[name] = be.zeros_like(be.flat(p), dtype)
+            elif be.kind == HOST:
+                state[name] = aligned_zeros(int(np.prod(state_shape)), dtype)
+            else:
+                state[name] = be.zeros(int(np.prod(state_shape)), dtype)
         return state
 
     def _param_state_names(self, i: int, hyper: Any) -> tuple[str, ...]:

@@ -10,8 +10,8 @@ absmax is known each thread writes its param and requantises (``lean_maps.neares
 table lookups from the read-only maps); thread 0 writes the absmax. Every absmax is read before
 the first barrier and written after the last.
 
-Not yet wired into ``backends.NumbaCUDA`` (``Optimizer`` refuses ``state_dtype`` off the host):
-proven in the simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90
+``backends.NumbaCUDA`` launches them by name (``LAUNCHERS``) for float32 params; proven in the
+simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90
 (``tests/test_lean_machine_code.py``); no GPU has run them.
 """
 
@@ -102,3 +102,32 @@ def _bf16_kernel(stochastic):
 
 #: The bfloat16-state kernels by ``stochastic`` (``state_rounding[0]``).
 ADAM_BF16 = {False: _bf16_kernel(False), True: _bf16_kernel(True)}
+
+
+_device_maps: list = []
+
+
+def device_maps() -> list:
+    """The six ``lean_maps`` tables on the device, copied once (``backends.NumbaCUDA.ready``, when
+    an optimizer allocates lean state: never inside a step)."""
+    if not _device_maps:
+        from gpuadam.kernels import lean_maps
+
+        _device_maps.extend(cuda.to_device(t) for t in (
+            lean_maps.SIGNED, lean_maps.SIGNED_BUCKETS, lean_maps.SIGNED_THRESHOLDS,
+            lean_maps.UNSIGNED, lean_maps.UNSIGNED_BUCKETS, lean_maps.UNSIGNED_THRESHOLDS))
+    return _device_maps
+
+
+def _launch_int8(arrays, c, stream=0):
+    launch(*arrays, c, device_maps(), stream=stream)
+
+
+def _launch_bf16(arrays, c, state_rounding, stream=0):
+    from gpuadam.kernels.numba_cuda import THREADS, _blocks
+
+    ADAM_BF16[bool(state_rounding[0])][_blocks(arrays[0].size), THREADS, stream](*arrays, c, state_rounding)
+
+
+#: The lean-state kernels by the names ``gpuadam.lean.KERNEL`` gives them: ``(arrays, c, *extra, stream=)``.
+LAUNCHERS = {"adam/int8": _launch_int8, "adam/bf16state": _launch_bf16}

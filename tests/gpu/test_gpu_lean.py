@@ -1,0 +1,43 @@
+"""Lean optimizer state (``state_dtype``) on numba-cuda against numba-cpu: int8 codes with one absmax
+per block, and bfloat16 moments. On a GPU fused multiply-adds may move a value across a rounding
+boundary, so the params agree to float32 rounding and the codes to within one."""
+
+import numpy as np
+import pytest
+from gpukit import SIM, host, put_all
+
+import gpuadam
+from gpuadam import lean
+from gpuadam.kernels import lean_maps
+
+SHAPES = [(lean_maps.BLOCK + 40,), (3, 5)] if SIM else [(1_000_003,), (257, 3), (5,)]
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_lean_state_on_the_gpu_follows_the_host(state_dtype, monkeypatch):
+    if SIM:  # every simulated thread is Python: int8 from one block on
+        monkeypatch.setattr(lean, "MIN_SIZE", lean_maps.BLOCK)
+    rng = np.random.default_rng(12)
+    p0 = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(3)]
+    kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype}
+    cpu = [p.copy() for p in p0]
+    dev = put_all(p0, "numba")
+    ref = gpuadam.Adam(cpu, backend="numba-cpu", **kw)
+    opt = gpuadam.Adam(dev, backend="numba-cuda", **kw)
+    assert lean.NAMES[state_dtype][0] in opt.state[0]
+    for g in grads:
+        ref.step(g, max_grad_norm=50.0)
+        opt.step(put_all(g, "numba"), max_grad_norm=50.0)
+    for d, c, p in zip(dev, cpu, p0):
+        assert np.abs(c - p).max() > 0
+        np.testing.assert_allclose(host(d), c, rtol=1e-5, atol=1e-6)
+    for name in lean.NAMES[state_dtype]:
+        got, want = host(opt.state[0][name]), ref.state[0][name]
+        if name.endswith("_codes"):
+            diff = np.abs(got.astype(int) - want.astype(int))
+            assert diff.max() <= 1 and np.mean(diff == 0) > 0.99, name
+        elif name.endswith("_absmax"):
+            np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
+        else:  # bfloat16 bits: one step of the last place at most
+            assert np.abs(got.view(np.int16).astype(int) - want.view(np.int16).astype(int)).max() <= 1, name
