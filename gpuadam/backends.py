@@ -71,6 +71,9 @@ class NumbaCPU:
     def zeros_like(self, x: np.ndarray, dtype: Any = None) -> np.ndarray:
         return aligned_zeros(x.size, x.dtype if dtype is None else dtype, like=x)
 
+    def zeros(self, size: int, dtype: Any) -> np.ndarray:
+        return aligned_zeros(size, dtype)
+
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, copy=True)
 

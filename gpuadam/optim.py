@@ -19,9 +19,7 @@ import numpy as np
 from gpuadam import backends, checkpoint, flat, lean, sharded_checkpoint
 from gpuadam.arrays import (
     DEVICE,
-    HOST,
     ArrayInfo,
-    aligned_zeros,
     check_grad_count,
     check_like,
     check_param,
@@ -267,12 +265,9 @@ class Optimizer:
         be.ready(lean.KERNEL[kind])
         for name in lean.NAMES[kind]:
             dtype, state_shape = lean.spec(kind, name, shape)
-            if not name.endswith("_absmax"):
-                state[name] = be.zeros_like(be.flat(p), dtype)
-            elif be.kind == HOST:
-                state[name] = aligned_zeros(int(np.prod(state_shape)), dtype)
-            else:
-                state[name] = be.zeros(int(np.prod(state_shape)), dtype)
+            # the codes and bits lie like the param (its page offset on the host); an absmax is small
+            state[name] = (be.zeros(int(np.prod(state_shape)), dtype) if name.endswith("_absmax")
+                           else be.zeros_like(be.flat(p), dtype))
         return state
 
     def _param_state_names(self, i: int, hyper: Any) -> tuple[str, ...]:
