@@ -2,6 +2,8 @@
 a device, the stream a launch goes to (torch's current one, passed on by both GPU backends), and
 the refusal of params on several devices. The kernels on real CUDA tensors: tests/gpu."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -51,9 +53,14 @@ def test_the_backends_launch_on_the_given_stream():
     be = object.__new__(backends.NumbaCUDA)
     be._cuda, be._streams = FakeNumba(), {}
     be._launch = lambda *args, stream: launched.append((args, stream))
+    # the lean-state kernels have launchers of their own: on the given stream too
+    be._lean = types.SimpleNamespace(LAUNCHERS={"adam/int8": lambda arrays, c, stream: launched.append(
+        (("adam/int8", arrays, c), stream))})
     be.launch("adam", ("p", "g"), "c", stream=7)
     be.launch("adam", ("p", "g"), "c")
-    assert launched == [(("adam", ("p", "g"), "c"), ("numba stream", 7)), (("adam", ("p", "g"), "c"), 0)]
+    be.launch("adam/int8", ("p", "g"), "c", stream=7)
+    assert launched == [(("adam", ("p", "g"), "c"), ("numba stream", 7)), (("adam", ("p", "g"), "c"), 0),
+                        (("adam/int8", ("p", "g"), "c"), ("numba stream", 7))]
     assert be.external_stream(7) is be.external_stream(7)  # made once per handle
 
     entered = []
