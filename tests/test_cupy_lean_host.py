@@ -3,11 +3,10 @@ functions compiled with g++ around a serial block reduction, bit for bit the Num
 the whole source compiled for sm_90 with NVRTC: no float64, no spills, no local memory."""
 
 import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from helpers import build_host_library
 
 from gpuadam import machine_code
 from gpuadam.hyper import AdamHyper
@@ -46,18 +45,9 @@ extern "C" void host_adam_int8(float* p, const float* g, unsigned char* mq, floa
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not on PATH: cannot compile the C source for the host")
-    tmp = tmp_path_factory.mktemp("lean")
-    src, lib = tmp / "lean.cpp", tmp / "lean.so"
-    src.write_text("#include <algorithm>\n#include <cmath>\nusing std::max;\nusing std::sqrt;\n"
-                   + cupy_lean.INT8_SOURCE + HOST_DRIVER)
-    cmd = [gxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra",
-           "-Wdouble-promotion", "-Werror", "-o", str(lib), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
-    fn = ctypes.CDLL(str(lib)).host_adam_int8
+    source = ("#include <algorithm>\n#include <cmath>\nusing std::max;\nusing std::sqrt;\n"
+              + cupy_lean.INT8_SOURCE + HOST_DRIVER)
+    fn = build_host_library(tmp_path_factory, "lean", source).host_adam_int8
     fn.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_longlong]
     fn.restype = None
     return fn

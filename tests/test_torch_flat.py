@@ -2,25 +2,22 @@
 trains exactly as torch.optim trains the same module; fresh gradients (``set_to_none=True``), a load,
 ``module.to()`` and ``module.state_dict()`` keep working."""
 
+import functools
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip(
     "torch", reason="torch is not installed: the drop-in tests need pip install -e '.[test]'")
+import torch_models  # noqa: E402
+from torch_models import make_model  # noqa: E402
+
 import gpuadam.torch as gt  # noqa: E402
 
 STEPS = 12
 
 
-def make_model(dtype=torch.float64):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(dtype)
-
-
-def batches(dtype=torch.float64, steps=STEPS):
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=gen, dtype=dtype), torch.randn(8, 3, generator=gen, dtype=dtype))
-            for _ in range(steps)]
+batches = functools.partial(torch_models.batches, steps=STEPS)
 
 
 def train(model, opt, data, set_to_none=False):

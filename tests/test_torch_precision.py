@@ -2,26 +2,23 @@
 then the step; float16/bfloat16 params (master weights, stochastic rounding, skipping non-finite
 steps) step bit for bit as gpuadam's own optimizer on the same bits, and as torch in float32."""
 
+import functools
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip(
     "torch", reason="torch is not installed: the drop-in tests need pip install -e '.[test]'")
+import torch_models  # noqa: E402
+from torch_models import make_model  # noqa: E402
+
 import gpuadam  # noqa: E402
 import gpuadam.torch as gt  # noqa: E402
 
 STEPS = 8
 
 
-def make_model(dtype=torch.float64):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(dtype)
-
-
-def batches(dtype=torch.float64, steps=STEPS):
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=gen, dtype=dtype), torch.randn(8, 3, generator=gen, dtype=dtype))
-            for _ in range(steps)]
+batches = functools.partial(torch_models.batches, steps=STEPS)
 
 
 def backward(model, x, y):
