@@ -2,15 +2,15 @@
 code against a brute-force argmin, and the host loop vectorised."""
 
 import os
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, prange
 
 from gpuadam.kernels import lean_maps as L
+from gpuadam.kernels.lowp import f32_from_bits
 
 MAPS = {"signed": (L.SIGNED, L.SIGNED_BUCKETS, L.SIGNED_THRESHOLDS),
         "unsigned": (L.UNSIGNED, L.UNSIGNED_BUCKETS, L.UNSIGNED_THRESHOLDS)}
@@ -92,31 +92,120 @@ def test_a_bucket_spanning_three_codes_is_refused():
         L.bucket_table(crowded)
 
 
+def _estimate_misses(estimate):
+    """``misses(first_bits, last_bits, sign, table, thr)``: over every float32 with magnitude bits
+    in ``[first_bits, last_bits)`` and the given sign, how many ``estimate_code`` gets wrong
+    without marking them unsure, and how many it marks."""
+    rows, ties, zero = estimate  # frozen into the loop (a parallel loop takes no nested tuples)
+
+    @njit(parallel=True, cache=False)
+    def misses(first_bits, last_bits, sign, table, thr):
+        wrong = 0
+        marked = 0
+        for k in prange(last_bits - first_bits):
+            x = f32_from_bits((first_bits + k) | (sign << 31))
+            code, unsure = L.estimate_code(x, rows, ties, zero)
+            if unsure:
+                marked += 1
+            elif code != L.nearest_code(x, table, thr):
+                wrong += 1
+        return wrong, marked
+
+    return misses
+
+
+_TINY = 0x33000000  # 2**-25: below it every magnitude is under the first midpoint (checked below)
+_ONE = 0x3F800001
+
+
+@pytest.mark.parametrize("name", sorted(MAPS))
+def test_estimate_code_is_nearest_code_for_every_float(name):
+    """The vectorisable estimate equals ``nearest_code`` on every float32 of magnitude 2**-25 to 1,
+    both signs, except where it says it is unsure; and it is unsure rarely."""
+    codes, table, thr = MAPS[name]
+    estimate = L.SIGNED_ESTIMATE if name == "signed" else L.UNSIGNED_ESTIMATE
+    rows, ties, zero = estimate
+    assert float(thr[0 if name == "unsigned" else 127]) > 2.0**-25 * 4  # the first midpoint above 0
+    misses = _estimate_misses(estimate)
+    for sign in (0, 1):
+        wrong, marked = misses(_TINY, _ONE, sign, table, thr)
+        assert wrong == 0, (name, sign, wrong)
+        assert marked < 2e-4 * (_ONE - _TINY), (name, sign, marked)
+    # the rest, sampled: tiny and huge magnitudes, infinities, NaNs, zeros
+    rng = np.random.default_rng(3)
+    bits = np.concatenate([rng.integers(0, _TINY, 20000), rng.integers(_ONE, 0x7FFFFFFF, 20000),
+                           [0, 0x7F800000, 0x7FC00000, 0x7F800001, 0x3F800000]]).astype(np.uint32)
+    x = np.concatenate([bits, bits | 0x80000000]).view(np.float32)
+    got = _estimates(x, rows, ties, zero)
+    sure = got[:, 1] == 0
+    assert np.array_equal(got[sure, 0], _codes_of(x, table, thr)[sure])
+
+
+@njit(cache=False)
+def _estimates(x, rows, ties, zero):
+    out = np.empty((x.size, 2), np.int32)
+    for i in range(x.size):
+        out[i, 0], out[i, 1] = L.estimate_code(x[i], rows, ties, zero)
+    return out
+
+
+def test_the_every_float_check_finds_a_wrong_grid():
+    """The check above can fail: a decade's grid shifted by a tenth of a step (and its estimate
+    then trusted to the same margin) gives wrong codes that it reports."""
+    rows, ties, zero = L.SIGNED_ESTIMATE
+    d = 5
+    boundary, alpha, inv_step, first, last = rows[d]
+    shifted = (boundary, np.float32(alpha + np.float32(0.1) / inv_step), inv_step, first, last)
+    bad_rows = rows[:d] + (shifted,) + rows[d + 1:]
+    lo = int(np.float32(rows[d][0]).view(np.uint32))
+    hi = int(np.float32(rows[d + 1][0]).view(np.uint32))
+    wrong, _ = _estimate_misses((bad_rows, ties, zero))(lo, hi, 0, L.SIGNED_BUCKETS, L.SIGNED_THRESHOLDS)
+    assert wrong > 1000
+
+
+def test_a_map_off_its_grid_is_refused():
+    codes = L.SIGNED.copy()
+    codes[200] = np.nextafter(np.float32((codes[199] + codes[201]) / 2), np.float32(2)) * np.float32(1.0001)
+    with pytest.raises(ValueError, match="not a linear grid"):
+        L.estimate_tables(codes)
+
+
 _VECTORIZED = """
 import re
-from numba import types
-from gpuadam.kernels import lean_cpu
+from numba import njit, types
+from gpuadam.kernels import lean_cpu, lean_maps
 f32, u8, u16 = types.float32[::1], types.uint8[::1], types.uint16[::1]
 c = types.UniTuple(types.float32, 12)
-int8 = lean_cpu.KERNELS["adam/int8"]
-sig = (f32, f32, u8, f32, u8, f32, c, f32, u8, f32, f32, u8, f32, types.int64, u16)
-int8.serial.compile(sig)
-print("int8", len(re.findall(r"<\\d+ x float>", int8.serial.inspect_llvm(sig))))
-bf16 = lean_cpu.KERNELS["adam/bf16state"]
-for key, (_, serial) in bf16.variants.items():
-    sig = (f32, f32, u16, u16, c, types.UniTuple(types.int64, 3), types.int64, u16)
-    serial.compile(sig)
-    print("bf16", int(key), len(re.findall(r"<\\d+ x float>", serial.inspect_llvm(sig))))
+
+def report(name, fn, sig):
+    fn.compile(sig)
+    ir = fn.inspect_llvm(sig)
+    print(name, len(re.findall(r"<\\d+ x float>", ir)), len(re.findall(r"masked.gather", ir)),
+          len(re.findall(r"llvm.sqrt.v\\d+f32", ir)))
+
+@njit
+def quantize(x, absmax, q, unsure):
+    lean_cpu.quantize_block(x, absmax, lean_maps.SIGNED_ESTIMATE, lean_maps.SIGNED_BUCKETS,
+                            lean_maps.SIGNED_THRESHOLDS, q, unsure)
+
+report("int8 quantize", quantize, (f32, types.float32, u8, u8))
+report("int8 kernel", lean_cpu.KERNELS["adam/int8"].serial,
+       (f32, f32, u8, f32, u8, f32, c, f32, u8, f32, f32, u8, f32, types.int64, u16))
+for key, (_, serial) in lean_cpu.KERNELS["adam/bf16state"].variants.items():
+    report(f"bf16 {int(key)}", serial, (f32, f32, u16, u16, c, types.UniTuple(types.int64, 3), types.int64, u16))
 """
 
 
 def test_lean_host_loops_vectorize(tmp_path):
-    """The int8 block loop (dequantise, update, absmax, nearest code) and the bfloat16 loops hold
-    vector float math. Own process, empty cache: Numba cannot show the IR of cached code."""
+    """The int8 block's quantiser (the estimate, with no gathers) and its update (a vector square
+    root in the kernel), and the bfloat16 loops, hold vector float math. Own process, empty cache:
+    Numba cannot show the IR of cached code."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", _VECTORIZED], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    counts = {" ".join(line.split()[:-1]): int(line.split()[-1]) for line in out.stdout.splitlines() if line.strip()}
-    assert set(counts) == {"int8", "bf16 0", "bf16 1"}, counts
-    assert all(n > 0 for n in counts.values()), counts
-    assert re.search(r"\d", out.stdout)
+    rows = {" ".join(line.split()[:-3]): tuple(map(int, line.split()[-3:])) for line in out.stdout.splitlines()
+            if line.strip()}
+    assert set(rows) == {"int8 quantize", "int8 kernel", "bf16 0", "bf16 1"}, rows
+    assert all(vectors > 0 for vectors, _, _ in rows.values()), rows
+    assert rows["int8 quantize"][1] == 0, rows  # no gathers
+    assert rows["int8 kernel"][2] > 0 and rows["bf16 1"][2] > 0, rows  # the update's sqrt on vectors

@@ -3,14 +3,16 @@
 Both run Adam's own element functions (``rules.adam.adam_moments`` and ``adam_param``) in float32;
 only the storage of ``exp_avg`` and ``exp_avg_sq`` differs, as in torchao.
 
-``"adam/int8"`` takes ``(p, g, m_codes, m_absmax, v_codes, v_absmax, c)``: one iteration of the
-parallel loop per quantisation block (``lean_maps.BLOCK`` elements of one tensor). The block is
-read from memory once: a first sweep dequantises, updates the moments and takes their new absmax
-(an integer maximum of the magnitudes' bits, which vectorises); the second sweep redoes the same
-arithmetic on the lines now in L1, writes the param and requantises against the new absmax (each
-code by ``lean_maps.nearest_code``, a branch-free search whose lookups are gathers). Recomputing
-costs a few float operations per element; keeping the block's moments instead would need scratch
-memory per thread. The params take the float32 moments before quantisation, as bitsandbytes'.
+``"adam/int8"`` takes ``(p, g, m_codes, m_absmax, v_codes, v_absmax, c)``: the parallel loop runs
+over chunks of quantisation blocks (``lean_maps.BLOCK`` elements of one tensor), each chunk with a
+block of float32 scratch per moment. Per block, four sweeps over slices (contiguous, so LLVM
+vectorises them): dequantise each moment into the scratch (a scalar table lookup: x86 cores with
+the gather data sampling fix make gathers slower than the loads they replace, and LLVM does not
+emit them there); update the param and the moments in the scratch with Adam's functions, taking
+the new absmax as an integer maximum of the magnitudes' bits; then requantise each moment
+(``quantize_block``: ``lean_maps.estimate_code``, branch-free arithmetic, then ``nearest_code`` for
+the few elements it marks). The block is read from memory once and written once. The params take
+the float32 moments before quantisation, as bitsandbytes'.
 
 ``"adam/bf16state"`` takes ``(p, g, m_bits, v_bits, c, state_rounding)`` with the moments as
 bfloat16 bit patterns and ``state_rounding = (stochastic, seed, counter)``: stochastic rounding
@@ -27,9 +29,19 @@ from pathlib import Path
 
 import numpy as np
 from numba import prange
+from numba.extending import register_jitable
 
 from gpuadam.kernels import lean_maps, lowp, numba_cpu, rules
-from gpuadam.kernels.lean_maps import BLOCK, bf16_moments, inverse_scale, magnitude_bits, nearest_code
+from gpuadam.kernels.lean_maps import (
+    BLOCK,
+    SIGNED_ESTIMATE,
+    UNSIGNED_ESTIMATE,
+    bf16_moments,
+    estimate_code,
+    inverse_scale,
+    magnitude_bits,
+    nearest_code,
+)
 from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits, load, store
 from gpuadam.kernels.numba_cpu import PARALLEL_MIN, run_parallel
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
@@ -40,43 +52,78 @@ _STAMP = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (*rules.SOURCES, 
 # No half param to write (float32 params): an empty array, so one compiled loop serves both.
 _NO_HALF = np.zeros(0, np.uint16)
 
-# Elements per parallel chunk of the int8 loop: whole blocks, enough to amortise the scheduling.
+# Blocks per parallel chunk: enough to amortise the scheduling and the scratch.
 BLOCKS_PER_CHUNK = 16
+
+
+@register_jitable
+def dequantize_block(q, cmap, absmax, out):
+    """``out[j] = cmap[q[j]] * absmax``: one scalar lookup per element (no gathers, see above)."""
+    for j in range(out.size):
+        out[j] = cmap[q[j]] * absmax
+
+
+@register_jitable
+def update_block(p, g, m, v, c, fmt, half_param):
+    """Adam on one block, the moments in and out of the float32 scratch ``m``, ``v``; returns the
+    largest magnitudes' bits of the new moments (an integer maximum: it vectorises)."""
+    m_top = np.int32(0)
+    v_top = np.int32(0)
+    master = half_param.size != 0
+    for j in range(p.size):
+        pj = p[j]
+        mj, vj = adam_moments(pj, load(g, j, fmt), m[j], v[j], c)
+        x = adam_param(pj, mj, vj, c)
+        p[j] = x
+        if master:
+            store(half_param, j, x, fmt)
+        m[j] = mj
+        v[j] = vj
+        m_top = max(m_top, np.int32(magnitude_bits(mj)))
+        v_top = max(v_top, np.int32(magnitude_bits(vj)))
+    return m_top, v_top
+
+
+@register_jitable
+def quantize_block(x, absmax, estimate, buckets, thr, q, unsure):
+    """The codes of ``x / absmax`` into ``q``: ``lean_maps.estimate_code`` for every element (a
+    vector loop), then ``nearest_code`` for the few it marks ``unsure``."""
+    inv = inverse_scale(absmax)
+    rows, ties, zero = estimate
+    for j in range(x.size):
+        q[j], unsure[j] = estimate_code(x[j] * inv, rows, ties, zero)
+    marked = np.uint8(0)
+    for j in range(x.size):
+        marked |= unsure[j]
+    if marked:
+        for j in range(x.size):
+            if unsure[j]:
+                q[j] = nearest_code(x[j] * inv, buckets, thr)
 
 
 def adam_int8_loop(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, ubuckets, uthr, fmt,
                    half_param):
     n = p.size
-    n_chunks = (n + BLOCK * BLOCKS_PER_CHUNK - 1) // (BLOCK * BLOCKS_PER_CHUNK)
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    n_chunks = (n_blocks + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK
     master = half_param.size != 0
     for chunk in prange(n_chunks):
-        first = chunk * BLOCKS_PER_CHUNK
-        last = min(first + BLOCKS_PER_CHUNK, (n + BLOCK - 1) // BLOCK)
-        for b in range(first, last):
-            start = b * BLOCK
-            stop = min(n, start + BLOCK)
-            ma = m_absmax[b]
-            va = v_absmax[b]
-            m_top = np.int64(0)
-            v_top = np.int64(0)
-            for i in range(start, stop):
-                m, v = adam_moments(p[i], load(g, i, fmt), smap[mq[i]] * ma, umap[vq[i]] * va, c)
-                m_top = max(m_top, magnitude_bits(m))
-                v_top = max(v_top, magnitude_bits(v))
-            new_ma = f32_from_bits(m_top)
-            new_va = f32_from_bits(v_top)
-            m_inv = inverse_scale(new_ma)
-            v_inv = inverse_scale(new_va)
-            for i in range(start, stop):
-                m, v = adam_moments(p[i], load(g, i, fmt), smap[mq[i]] * ma, umap[vq[i]] * va, c)
-                x = adam_param(p[i], m, v, c)
-                p[i] = x
-                if master:
-                    store(half_param, i, x, fmt)
-                mq[i] = nearest_code(m * m_inv, sbuckets, sthr)
-                vq[i] = nearest_code(v * v_inv, ubuckets, uthr)
-            m_absmax[b] = new_ma
-            v_absmax[b] = new_va
+        m = np.empty(BLOCK, np.float32)
+        v = np.empty(BLOCK, np.float32)
+        unsure = np.empty(BLOCK, np.uint8)
+        for b in range(chunk * BLOCKS_PER_CHUNK, min(n_blocks, (chunk + 1) * BLOCKS_PER_CHUNK)):
+            # slices, so that each sweep is a loop over contiguous arrays that LLVM vectorises
+            s = b * BLOCK
+            e = min(n, s + BLOCK)
+            w = e - s
+            dequantize_block(mq[s:e], smap, m_absmax[b], m[:w])
+            dequantize_block(vq[s:e], umap, v_absmax[b], v[:w])
+            m_top, v_top = update_block(p[s:e], g[s:e], m[:w], v[:w], c, fmt,
+                                        half_param[s:e] if master else half_param)
+            m_absmax[b] = f32_from_bits(m_top)
+            v_absmax[b] = f32_from_bits(v_top)
+            quantize_block(m[:w], m_absmax[b], SIGNED_ESTIMATE, sbuckets, sthr, mq[s:e], unsure[:w])
+            quantize_block(v[:w], v_absmax[b], UNSIGNED_ESTIMATE, ubuckets, uthr, vq[s:e], unsure[:w])
 
 
 def _bf16_loop(stochastic):
