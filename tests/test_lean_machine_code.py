@@ -34,8 +34,9 @@ def test_int8_kernel_machine_code():
     assert report.global_loads == 4 + 6 + 2, report
 
 
+@pytest.mark.parametrize("device_constants", [False, True], ids=["host-constants", "device-constants"])
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_bf16_kernel_machine_code(stochastic):
+def test_bf16_kernel_machine_code(stochastic, device_constants):
     try:
         machine_code.find_ptxas()
     except machine_code.ToolMissing as exc:
@@ -44,14 +45,14 @@ def test_bf16_kernel_machine_code(stochastic):
     from gpuadam.kernels.rules import N_CONSTANTS
 
     f32, u16 = types.float32[::1], types.uint16[::1]
-    signature = (f32, f32, u16, u16, types.UniTuple(types.float32, N_CONSTANTS), types.UniTuple(types.int64, 3))
+    constants = f32 if device_constants else types.UniTuple(types.float32, N_CONSTANTS)
+    signature = (f32, f32, u16, u16, constants, types.UniTuple(types.int64, 3))
     with machine_code._no_device_needed((9, 0)):
         ptx, _ = cuda.compile_ptx(lean_cuda.ADAM_BF16[stochastic], signature, cc=(9, 0))
     report = machine_code.report("numba-cuda", "adam/bf16state", "float32", "sm_90", ptx)
     assert report.f64_ops == 0 and report.spill_bytes == 0 and report.local_bytes == 0, report
-    # the hash of stochastic rounding takes 36 (sm_90, CUDA 13.0): above the bar of 32, not spilled
-    assert report.registers <= (40 if stochastic else 32), report
-    # 16 bytes per element: p, g and two bfloat16 moments read; p and the moments written (the
-    # loop may be unrolled: per trip a multiple of 4 loads to 3 stores)
-    loads, stores = report.loads_per_element, report.stores_per_element
-    assert loads * 3 == stores * 4 and loads % 4 == 0, report
+    # the hash of stochastic rounding included: stores at opaque_index, as the plain kernels
+    assert report.registers <= 32, report
+    # 16 bytes per element: p, g and two bfloat16 moments read; p and the moments written, one
+    # element per trip of the (unsigned, not unrolled) loop
+    assert (report.loads_per_element, report.stores_per_element) == (4, 3), report
