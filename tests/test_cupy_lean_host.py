@@ -5,15 +5,16 @@ very argument tuples the cupy backend's launchers pass (``cupy_lean.int8_args``/
   lists (named scalar constants, or ``_dc``: a constants array), around a serial block reduction
   (the ``__global__`` kernel's shared-memory reduction is CUDA only): bit for bit the Numba host kernel;
 - bfloat16 state: the whole ``__global__`` kernels, behind a one-thread shim of CUDA's built-ins,
-  bit for bit the Numba host loop, stochastic (``lowp``'s hash at ``2 i``, ``2 i + 1``) and nearest;
-- every kernel compiled for sm_90 with NVRTC: no float64, no spills, no local memory, <= 32 registers.
+  bit for bit the Numba host loop, stochastic (``lowp``'s hash at ``2 i``, ``2 i + 1``) and nearest.
+
+Their machine code for sm_90 is held to the bar with every other kernel's (``gpuadam inspect``,
+``tests/test_machine_code.py``).
 """
 
 import numpy as np
 import pytest
 from helpers import ONE_THREAD, build_host_library, call_with_args
 
-from gpuadam import machine_code
 from gpuadam.hyper import AdamHyper
 from gpuadam.kernels import cupy_lean, lean_cpu
 from gpuadam.kernels import lean_maps as L
@@ -171,33 +172,3 @@ def test_launch_arguments_are_typed_as_the_kernels_declare():
     device_c = np.zeros(N_CONSTANTS, np.float32)
     assert cupy_lean.int8_args(arrays, device_c, MAPS)[4] is device_c
     assert len(cupy_lean.int8_args(arrays, device_c, MAPS)) == 4 + 1 + len(MAPS) + 1
-
-
-def _sm90(kernel):
-    try:
-        machine_code.find_ptxas()
-        name, source = cupy_lean.kernel_source(kernel)
-        ptx = machine_code.compile_source_ptx(source, name, "sm_90")
-    except (machine_code.ToolMissing, RuntimeError) as exc:
-        pytest.skip(f"no NVRTC/nvcc or ptxas: {exc}")
-    return machine_code.report("cupy", kernel, "float32", "sm_90", ptx)
-
-
-@pytest.mark.parametrize("suffix", ["", "/device-constants"])
-def test_int8_source_for_sm_90(suffix):
-    r = _sm90("adam/int8" + suffix)
-    assert r.f64_ops == 0 and r.spill_bytes == 0 and r.local_bytes == 0, r
-    # one thread per element: p, g, two codes, six table lookups, the block's two absmax (and the
-    # constants when read from memory); stores p, two codes and, thread 0, the two absmax
-    constants = N_CONSTANTS if suffix else 0
-    assert (r.global_loads, r.global_stores) == (4 + 6 + 2 + constants, 5), r
-    assert r.registers <= 32, r  # as every other kernel: full occupancy
-
-
-@pytest.mark.parametrize("suffix", ["", "/device-constants"])
-@pytest.mark.parametrize("kernel", ["adam/bf16state", "adam/bf16state/stochastic"])
-def test_bf16_source_for_sm_90(kernel, suffix):
-    r = _sm90(kernel + suffix)
-    assert r.f64_ops == 0 and r.spill_bytes == 0 and r.local_bytes == 0, r
-    assert (r.loads_per_element, r.stores_per_element) == (4, 3), r  # p, g, m, v in; p, m, v out
-    assert r.registers <= 32, r

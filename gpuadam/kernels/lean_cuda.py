@@ -11,8 +11,8 @@ table lookups from the read-only maps); thread 0 writes the absmax. Every absmax
 the first barrier and written after the last.
 
 ``backends.NumbaCUDA`` launches them by name (``LAUNCHERS``) for float32 params; proven in the
-simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90
-(``tests/test_lean_machine_code.py``); no GPU has run them.
+simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90 (``gpuadam inspect``,
+``machine_code.numba_lean_ptx``; ``tests/test_machine_code.py``); no GPU has run them.
 """
 
 import numpy as np
