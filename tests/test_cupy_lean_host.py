@@ -160,15 +160,35 @@ def test_bf16_source_skips(bf16_lib, device_constants):
     assert all(np.array_equal(a, b) for a, b in zip(arrays, ours))
 
 
-def test_launch_arguments_are_typed_as_the_kernels_declare():
-    """Scalars by value in the kernels' C types (CuPy passes a NumPy scalar as its dtype): float32
-    constants in slot order, 32-bit seed and counter, a 64-bit element count."""
-    arrays = tuple(np.zeros(3, np.float32) for _ in range(4))
-    c = tuple(np.float32(k) for k in range(N_CONSTANTS))
-    args = cupy_lean.bf16_args(arrays, c, (1, -1, 2**32 + 3))
-    assert [type(a) for a in args[4:]] == [np.float32] * len(cupy_lean.NAMED_CONSTANTS) + [np.uint32] * 2 + [np.int64]
-    assert [float(a) for a in args[4:4 + len(cupy_lean.NAMED_CONSTANTS)]] == [k for k, _ in cupy_lean.NAMED_CONSTANTS]
-    assert args[-3:] == (0xFFFFFFFF, 3, 3)
-    device_c = np.zeros(N_CONSTANTS, np.float32)
-    assert cupy_lean.int8_args(arrays, device_c, MAPS)[4] is device_c
-    assert len(cupy_lean.int8_args(arrays, device_c, MAPS)) == 4 + 1 + len(MAPS) + 1
+#: C parameter types and what CuPy must be handed for each: a NumPy scalar of that width by value
+C_SCALARS = {"float": np.float32, "unsigned int": np.uint32, "long long": np.int64}
+
+
+def _declared(params: str) -> list:
+    """Per C parameter of a kernel, the NumPy array or scalar type its argument must have."""
+    out = []
+    for param in params.split(","):
+        ctype = " ".join(param.split()[:-1]).removeprefix("const ").strip()
+        out.append(np.ndarray if ctype.endswith("*") else C_SCALARS[ctype])
+    return out
+
+
+@pytest.mark.parametrize("device_constants", [False, True], ids=["scalars", "device-constants"])
+def test_launch_arguments_are_the_kernels_declared_parameters(device_constants):
+    """What CuPy gets is the kernels' parameter list, argument for argument: arrays for pointers and
+    NumPy scalars of the declared width (CuPy passes a scalar as its dtype), the constants in slot
+    order, the seed and counter as lowp's 32-bit words, a 64-bit element count."""
+    c = np.arange(N_CONSTANTS, dtype=np.float32)
+    passed = _pass_constants(c, device_constants)
+    int8 = cupy_lean.int8_args(tuple(_int8_case(5, 300)), passed, MAPS)
+    bf16 = cupy_lean.bf16_args(tuple(_bf16_case(5, 300)), passed, (1, -1, 2**32 + 3))
+    for args, params in ((int8, cupy_lean.int8_params(device_constants)),
+                         (bf16, cupy_lean.bf16_params(device_constants))):
+        assert [np.ndarray if isinstance(a, np.ndarray) else type(a) for a in args] == _declared(params)
+        assert args[-1] == 300
+    assert bf16[-3:-1] == (0xFFFFFFFF, 3)
+    if device_constants:
+        assert bf16[4] is passed and int8[6] is passed
+    else:
+        named = [float(k) for k, _ in cupy_lean.NAMED_CONSTANTS]
+        assert [float(a) for a in bf16[4:-3]] == named == [float(a) for a in int8[6:-len(MAPS) - 1]]
