@@ -5,18 +5,25 @@ very argument tuples the cupy backend's launchers pass (``cupy_lean.int8_args``/
   lists (named scalar constants, or ``_dc``: a constants array), around a serial block reduction
   (the ``__global__`` kernel's shared-memory reduction is CUDA only): bit for bit the Numba host kernel;
 - bfloat16 state: the whole ``__global__`` kernels, behind a one-thread shim of CUDA's built-ins,
-  bit for bit the Numba host loop, stochastic (``lowp``'s hash at ``2 i``, ``2 i + 1``) and nearest.
+  bit for bit the Numba host loop, stochastic (``lowp``'s hash at ``2 i``, ``2 i + 1``) and nearest;
+- the argument tuples against the kernels' declared C parameters, type for type;
+- the whole chain, ``Adam(state_dtype=..., backend="cupy")`` through ``backends.CuPy`` to those host
+  builds standing in for the RawKernels: the same bits as numba-cpu over several steps.
 
 Their machine code for sm_90 is held to the bar with every other kernel's (``gpuadam inspect``,
 ``tests/test_machine_code.py``).
 """
 
+import types
+
 import numpy as np
 import pytest
 from helpers import ONE_THREAD, build_host_library, call_with_args
 
+import gpuadam
+from gpuadam import backends, lean
 from gpuadam.hyper import AdamHyper
-from gpuadam.kernels import cupy_lean, lean_cpu
+from gpuadam.kernels import cupy_bookkeeping, cupy_lean, lean_cpu
 from gpuadam.kernels import lean_maps as L
 from gpuadam.kernels.rules import N_CONSTANTS, SKIP
 
@@ -192,3 +199,60 @@ def test_launch_arguments_are_the_kernels_declared_parameters(device_constants):
     else:
         named = [float(k) for k, _ in cupy_lean.NAMED_CONSTANTS]
         assert [float(a) for a in bf16[4:-3]] == named == [float(a) for a in int8[6:-len(MAPS) - 1]]
+
+
+class _HostRawKernel:
+    """A ``cupy.RawKernel`` stand-in that runs the kernel's host build with the launch's arguments."""
+
+    def __init__(self, function, launches):
+        self.function, self.launches = function, launches
+
+    def __call__(self, grid, block, args):
+        self.launches.append((grid, block))
+        call_with_args(self.function, args)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, int8_lib, bf16_lib, monkeypatch):
+    """The whole chain on the host: ``Adam(state_dtype=..., backend="cupy")`` allocates the state and
+    readies the maps through the backend, and each step reaches ``cupy_lean``'s launchers and the
+    kernels with the arrays, constants and rounding the optimizer passes: the C build of each kernel
+    stands in for the RawKernel (CuPy's arrays for NumPy's). The same bits as numba-cpu, every step."""
+    launches = []
+    lib = int8_lib if state_dtype == "int8" else bf16_lib
+    for name in cupy_lean.KERNELS:
+        for d in (False, True):
+            kname, _ = cupy_lean.KERNELS[name](d)
+            if hasattr(lib, kname):
+                monkeypatch.setitem(cupy_lean._kernels, (name, d), _HostRawKernel(getattr(lib, kname), launches))
+    readied = []
+    monkeypatch.setattr(cupy_lean, "device_maps", lambda: readied.append(1) or MAPS)
+    monkeypatch.setattr(cupy_bookkeeping, "_blocks_max", [3])
+    be = object.__new__(backends.CuPy)
+    be._cupy = types.SimpleNamespace(asarray=np.asarray, zeros=np.zeros, asnumpy=np.array)
+    be._lean, be._launch, be._external = cupy_lean, None, {}
+    be.kind = backends.HOST  # NumPy arrays stand in for CuPy's: no device-side bookkeeping
+    monkeypatch.setitem(backends._statuses, "cupy", backends.BackendStatus("cupy", True, "host stand-in"))
+    monkeypatch.setitem(backends._instances, "cupy", be)
+    monkeypatch.setattr(lean, "MIN_SIZE", L.BLOCK)
+    rng = np.random.default_rng(7)
+    shapes = [(3 * L.BLOCK + 40,), (257, 3)]
+    p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype, "seed": 99}
+    ours, cpu = [p.copy() for p in p0], [p.copy() for p in p0]
+    opt = gpuadam.AdamW(ours, backend="cupy", **kw)
+    ref = gpuadam.AdamW(cpu, backend="numba-cpu", **kw)
+    assert len(readied) == (2 if state_dtype == "int8" else 0) and not launches
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.step(grads)
+        ref.step(grads)
+        for got, want in zip(ours, cpu):
+            np.testing.assert_array_equal(got, want)
+        for i in range(len(shapes)):
+            for name in lean.NAMES[state_dtype]:
+                assert np.array_equal(opt.state[i][name], ref.state[i][name]), name
+    assert len(launches) == 3 * len(shapes)
+    if state_dtype == "int8":  # one thread block of BLOCK threads per quantisation block
+        assert launches[0] == ((-(-shapes[0][0] // L.BLOCK),), (L.BLOCK,))
+    assert not np.array_equal(ours[0], p0[0])
