@@ -198,10 +198,11 @@ class CuPy:
     def __init__(self) -> None:
         import cupy
 
-        from gpuadam.kernels import cupy_bookkeeping, cupy_elementwise
+        from gpuadam.kernels import cupy_bookkeeping, cupy_elementwise, cupy_lean
 
         self._cupy = cupy
         self._launch = cupy_elementwise.launch
+        self._lean = cupy_lean
         self._bookkeeping = cupy_bookkeeping
         self._external: dict[int, Any] = {}
 
@@ -218,17 +219,27 @@ class CuPy:
         self.flat(dst).set(np.ascontiguousarray(src).reshape(-1))
 
     def ready(self, rule: str) -> None:
-        """Nothing to prepare: CuPy compiles a kernel at its first launch."""
+        """Whatever ``rule``'s launches need on the device, made now (before any step): the int8
+        tables. CuPy compiles each kernel itself at its first launch."""
+        if rule == "adam/int8":
+            self._lean.device_maps()
 
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra, stream: int | None = None) -> None:
         """Launch ``rule`` on CuPy's current stream, or on the CUDA stream ``stream`` (a handle)."""
         if not stream:
-            self._launch(rule, arrays, c, *extra)
+            self._launch_here(rule, arrays, c, *extra)
             return
         external = self._external.get(stream)
         if external is None:
             external = self._external[stream] = self._cupy.cuda.ExternalStream(stream)
         with external:
+            self._launch_here(rule, arrays, c, *extra)
+
+    def _launch_here(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
+        lean = self._lean.LAUNCHERS.get(rule)  # the lean-state RawKernels, else the rules' kernels
+        if lean is not None:
+            lean(arrays, c, *extra)
+        else:
             self._launch(rule, arrays, c, *extra)
 
     def zeros(self, size: int, dtype: Any) -> Any:

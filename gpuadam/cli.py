@@ -87,6 +87,9 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"{r.backend:11s} {r.kernel:{width}s} {r.dtype:8s} {r.arch:6s} {r.registers:4d} "
                   f"{r.spill_bytes:5d} {r.local_bytes:5d} {r.f64_ops:4d} {r.loads_per_element:7d} "
                   f"{r.stores_per_element:7d}  {'full' if r.full_occupancy else 'partial'}")
+        notes = {r.kernel.removesuffix(machine_code.DEVICE_CONSTANTS): r.note for r in reports if r.note}
+        for kernel, note in notes.items():
+            print(f"{kernel}: {note}")
         for p in problems:
             print(f"not inspected: {p}", file=sys.stderr)
     return 1 if problems and not reports else 0

@@ -5,7 +5,8 @@ Numba's kernels go through ``numba.cuda.compile_ptx`` (libNVVM), CuPy's CUDA sou
 with inspection; at run time CuPy compiles its kernels itself); ``ptxas -v`` then assembles each PTX
 for the target and reports registers, spills and stack. From the PTX we count float64 instructions
 and global loads/stores. This is how the GPU code is held to its bar on machines without a GPU
-(``gpuadam inspect``).
+(``gpuadam inspect``): every rule's kernels and the lean-state kernels (``LEAN_KERNELS``:
+``lean_cuda``'s and ``cupy_lean``'s RawKernel sources).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class KernelReport:
     global_stores: int
     loads_per_element: int
     stores_per_element: int
+    #: what the per-element counts mean where it is not one trip of an element loop (``NOTES``)
+    note: str = ""
 
     @property
     def full_occupancy(self) -> bool:
@@ -167,15 +170,29 @@ def ptxas_resources(ptx: str, arch: str) -> tuple[int, int, int]:
     return registers, spills, stack
 
 
+#: What "per element" counts for the kernels without an element loop, by kernel (without
+#: ``/device-constants``). The int8 kernel runs one thread per element and one thread block per
+#: quantisation block: its counts are one thread's, so they hold per-block work too.
+NOTES = {
+    "adam/int8": "one thread per element, no loop: ld/elem is p, g, two codes, six map lookups and the "
+                 "block's two absmax (same address in all 256 threads), plus the constants with "
+                 "/device-constants; st/elem is p and two codes per element and, from thread 0 only, "
+                 "the two absmax per block of 256",
+}
+
+
 def report(backend: str, kernel: str, dtype: str, arch: str, ptx: str) -> KernelReport:
     registers, spills, stack = ptxas_resources(ptx, arch)
     f64, loads, stores = ptx_counts(ptx)
+    note = NOTES.get(kernel.removesuffix(DEVICE_CONSTANTS), "")
     in_loop = loop_traffic(ptx)
-    if in_loop is None:  # no loop: one element per thread, or a loop fully unrolled by k
+    if note:  # one element per thread by design: the whole kernel's counts, as they are
+        in_loop = (loads, stores)
+    elif in_loop is None:  # no loop: one element per thread, or a loop fully unrolled by k
         unroll = math.gcd(loads, stores) or 1
         in_loop = (loads // unroll, stores // unroll)
     return KernelReport(backend, kernel, dtype, arch, registers, spills, stack, f64,
-                        loads, stores, in_loop[0], in_loop[1])
+                        loads, stores, in_loop[0], in_loop[1], note)
 
 
 @contextlib.contextmanager
@@ -224,6 +241,36 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
         func, n_arrays = numba_cuda.KERNELS[name]
         constants = scalar[::1] if variant else types.UniTuple(scalar, N_CONSTANTS)
         signature = (*([scalar[::1]] * n_arrays), constants)
+    cc = (int(arch[3:-1]), int(arch[-1]))
+    with _no_device_needed(cc):
+        ptx, _ = cuda.compile_ptx(func, signature, cc=cc)
+    return ptx
+
+
+#: The lean-state kernels (``state_dtype=``) of both GPU backends, each also ``/device-constants``.
+LEAN_KERNELS = ("adam/int8", "adam/bf16state", "adam/bf16state/stochastic")
+
+
+def numba_lean_ptx(kernel: str, dtype: str = "float32", arch: str = "sm_90") -> str:
+    """PTX of a ``lean_cuda`` kernel (``LEAN_KERNELS``, optionally ``/device-constants``) for
+    ``arch``, with the argument types the numba-cuda backend launches it with (float32 params)."""
+    from numba import cuda, types
+
+    from gpuadam.kernels import lean_cuda
+
+    base = kernel.removesuffix(DEVICE_CONSTANTS)
+    if base not in LEAN_KERNELS or dtype != "float32":
+        raise ValueError(f"unknown lean kernel {kernel!r} ({dtype}): expected one of {', '.join(LEAN_KERNELS)}, "
+                         "float32, optionally with /device-constants")
+    f32, u8, u16 = types.float32[::1], types.uint8[::1], types.uint16[::1]
+    constants = f32 if kernel.endswith(DEVICE_CONSTANTS) else types.UniTuple(types.float32, N_CONSTANTS)
+    if base == "adam/int8":
+        func = lean_cuda.adam_int8
+        # p, g, codes and absmax of each moment, the constants, then the signed and unsigned maps
+        signature = (f32, f32, u8, f32, u8, f32, constants, f32, u8, f32, f32, u8, f32)
+    else:
+        func = lean_cuda.ADAM_BF16[base.endswith("/stochastic")]
+        signature = (f32, f32, u16, u16, constants, types.UniTuple(types.int64, 3))
     cc = (int(arch[3:-1]), int(arch[-1]))
     with _no_device_needed(cc):
         ptx, _ = cuda.compile_ptx(func, signature, cc=cc)
@@ -337,6 +384,17 @@ def cupy_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
     return compile_source_ptx(source, name, arch)
 
 
+def cupy_lean_ptx(kernel: str, dtype: str = "float32", arch: str = "sm_90") -> str:
+    """PTX of a ``cupy_lean`` kernel (``LEAN_KERNELS``, optionally ``/device-constants``) for
+    ``arch``: the very source the cupy backend's ``RawKernel`` compiles (with CuPy's ``-ftz=true``)."""
+    from gpuadam.kernels import cupy_lean
+
+    if dtype != "float32":
+        raise ValueError(f"the lean kernels compute in float32, not {dtype}")
+    name, source = cupy_lean.kernel_source(kernel)
+    return compile_source_ptx(source, name, arch)
+
+
 def _cupy_compiler_missing() -> str | None:
     if load_nvrtc() is None and shutil.which("nvcc") is None:
         return f"neither libnvrtc (the nvidia-cuda-nvrtc wheel) nor nvcc is here: {INSTALL_HINT}"
@@ -358,6 +416,7 @@ def inspect_kernels(
     plain = [k for k in numba_cuda.KERNELS if "/" not in k]
     jobs = [("numba-cuda", k + v, numba_ptx, DTYPES) for k in plain for v in ("", DEVICE_CONSTANTS)]
     jobs += [("numba-cuda", k + v, numba_ptx, ("float32",)) for k in plain for v in ("/master", "/half")]
+    jobs += [("numba-cuda", k + v, numba_lean_ptx, ("float32",)) for k in LEAN_KERNELS for v in ("", DEVICE_CONSTANTS)]
     try:
         missing = _cupy_compiler_missing()
         if missing is not None:
@@ -367,6 +426,7 @@ def inspect_kernels(
         jobs += [("cupy", f"{k}/{layout}{v}", cupy_ptx, ("float32",))
                  for k in cupy_elementwise.SNIPPETS for layout in cupy_elementwise.HALF_LAYOUTS
                  for v in ("", DEVICE_CONSTANTS)]
+        jobs += [("cupy", k + v, cupy_lean_ptx, ("float32",)) for k in LEAN_KERNELS for v in ("", DEVICE_CONSTANTS)]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
         problems.append(f"cupy: {exc}")
     todo = [(backend, kernel, compile_, dtype) for backend, kernel, compile_, dtypes in jobs for dtype in dtypes]

@@ -240,10 +240,7 @@ class Optimizer:
         kind = self._lean_format
         if kind is None:
             return [None] * len(self._params)
-        on_gpu = self._backend.name == "numba-cuda"
-        if self._backend.name not in ("numba-cpu", "numba-cuda"):
-            raise ValueError(f"state_dtype={kind!r}: the lean-state kernels run on numba-cpu and numba-cuda so "
-                             f"far, got backend {self._backend.name}")
+        on_gpu = self._backend.kind == DEVICE
         for gi, hyper in enumerate(hypers):
             if self.rule(hyper) != "adam":
                 raise ValueError(f"param group {gi}: state_dtype={kind!r} is for Adam/AdamW without amsgrad, "
@@ -254,7 +251,7 @@ class Optimizer:
                                  f"master_weights=True, got {info.dtype}")
             if fmt is not None and on_gpu:
                 raise ValueError(f"param {i}: state_dtype={kind!r} with half params (master weights) runs on "
-                                 "numba-cpu only so far; on numba-cuda it takes float32 params")
+                                 f"numba-cpu only so far; on {self._backend.name} it takes float32 params")
         return [lean.kind_for(kind, int(np.prod(info.shape))) for info in self._infos]
 
     def _new_lean_state(self, p: Any, fmt: int | None, kind: str) -> dict[str, Any]:

@@ -41,8 +41,8 @@ class Adam(Optimizer):
     step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
     bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
 
-    ``state_dtype`` (float32 params, or half params with ``master_weights``; no amsgrad; numba-cpu so
-    far): ``"int8"`` keeps both moments as bitsandbytes-compatible blockwise 8-bit codes (params under
+    ``state_dtype`` (float32 params on every backend, or half params with ``master_weights`` on
+    numba-cpu; no amsgrad): ``"int8"`` keeps both moments as bitsandbytes-compatible blockwise 8-bit codes (params under
     4096 elements keep float32 state), ``"bfloat16"`` as bfloat16 rounded stochastically; the math
     stays float32 (``gpuadam.lean``).
     """

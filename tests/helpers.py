@@ -125,3 +125,38 @@ def build_host_library(tmp_path_factory, name: str, source: str, extra_flags: tu
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
     return ctypes.CDLL(str(lib))
+
+
+#: CUDA's built-ins for one thread of one block, so a kernel's own text runs on the host.
+ONE_THREAD = r"""
+#include <cmath>
+#include <cstring>
+using std::isfinite; using std::sqrt; using std::pow; using std::exp; using std::expm1; using std::log;
+#define __CUDACC__
+#define __global__
+#define __device__
+#define __forceinline__
+struct one_dim { unsigned x; };
+static const one_dim threadIdx = {0}, blockIdx = {0}, blockDim = {1}, gridDim = {1};
+template <class V> static V __shfl_down_sync(unsigned, V, int) { return V(0); }
+static double atomicAdd(double* at, double v) { const double old = *at; *at += v; return old; }
+"""
+
+
+_C = {np.dtype(np.float64): ctypes.c_double, np.dtype(np.int64): ctypes.c_longlong,
+      np.dtype(np.float32): ctypes.c_float, np.dtype(np.uint64): ctypes.c_uint64,
+      np.dtype(np.uint32): ctypes.c_uint32}
+
+
+def call_with_args(kernel, args):
+    """Call a host-compiled kernel with the launcher's own argument tuple."""
+    types, values = [], []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            types.append(ctypes.c_void_p)
+            values.append(a.ctypes.data)
+        else:
+            types.append(_C[np.dtype(type(a))])
+            values.append(a)
+    kernel.argtypes = types
+    kernel(*values)

@@ -95,6 +95,16 @@ def fake_ptxas(monkeypatch):
     monkeypatch.setattr(machine_code, "inspect_kernels", _never)
 
 
+def test_inspect_says_what_per_element_means_for_a_kernel_without_a_loop(fake_ptxas, monkeypatch, capsys):
+    note = machine_code.NOTES["adam/int8"]
+    rows = [machine_code.KernelReport("cupy", name, "float32", "sm_90", 25, 0, 0, 0, 12, 5, 12, 5, note)
+            for name in ("adam/int8", "adam/int8/device-constants")]
+    monkeypatch.setattr(machine_code, "inspect_kernels", lambda *args: (rows, []))
+    assert cli.main(["inspect"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"adam/int8: {note}" and sum(note in line for line in out) == 1
+
+
 @pytest.mark.parametrize("arch", ["foo", "sm_999", "sm_", "90", "sm_90a"])
 def test_inspect_refuses_an_unknown_arch_in_one_line(arch, fake_ptxas, capsys):
     assert cli.main(["inspect", "--arch", arch]) == 2

@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import build_host_library, narrow_half, widen_half
+from helpers import ONE_THREAD, build_host_library, call_with_args, narrow_half, widen_half
 
 from gpuadam import machine_code as mc
 from gpuadam.flat import FlatBuffer
@@ -32,21 +32,6 @@ from gpuadam.kernels.rules import N_CONSTANTS, RULES, SKIP, grad_factor
 
 UNUSED_OK = ("-Wno-unused-function",)  # the shim's built-ins, and conversions a kernel does not call
 CONSTANTS_FNS = {r.constants.__name__: r.constants for r in RULES.values()}
-
-#: CUDA's built-ins for one thread of one block, so a kernel's own text runs on the host.
-ONE_THREAD = r"""
-#include <cmath>
-#include <cstring>
-using std::isfinite; using std::sqrt; using std::pow; using std::exp; using std::expm1; using std::log;
-#define __CUDACC__
-#define __global__
-#define __device__
-#define __forceinline__
-struct one_dim { unsigned x; };
-static const one_dim threadIdx = {0}, blockIdx = {0}, blockDim = {1}, gridDim = {1};
-template <class V> static V __shfl_down_sync(unsigned, V, int) { return V(0); }
-static double atomicAdd(double* at, double v) { const double old = *at; *at += v; return old; }
-"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,24 +130,6 @@ def test_the_translator_refuses_what_it_cannot_take_by_name(fn, what):
 # ---------------------------------------------------------------------------------------------
 # 2. The kernels, one thread on the host
 
-_C = {np.dtype(np.float64): ctypes.c_double, np.dtype(np.int64): ctypes.c_longlong,
-      np.dtype(np.float32): ctypes.c_float, np.dtype(np.uint64): ctypes.c_uint64}
-
-
-def _call(kernel, args):
-    """Call a host-compiled kernel with the launcher's own argument tuple."""
-    types, values = [], []
-    for a in args:
-        if isinstance(a, np.ndarray):
-            types.append(ctypes.c_void_p)
-            values.append(a.ctypes.data)
-        else:
-            types.append(_C[np.dtype(type(a))])
-            values.append(a)
-    kernel.argtypes = types
-    kernel(*values)
-
-
 SUMSQ_CASES = [(np.float32, None), (np.float64, None), (np.float32, "bf16"), (np.float32, "f16")]
 
 
@@ -203,7 +170,7 @@ def test_sumsq_kernel_is_the_sequential_sum_in_the_gradients_precision(sumsq_lib
     sums = np.array([0.25, 1.0])  # the kernel adds to what is there
     name, _ = cb.sumsq_source(dtype, fmt, masked)
     valid = buf.valid_counts() if masked else sums
-    _call(getattr(sumsq_libs[name], name), (g, sums, inv, valid, np.uint64(g.size)))
+    call_with_args(getattr(sumsq_libs[name], name), (g, sums, inv, valid, np.uint64(g.size)))
     np.testing.assert_array_equal(sums, want)
     assert np.isfinite(sums[0]) != poison
 
@@ -263,8 +230,8 @@ def test_prepare_kernel_is_grad_factor_then_the_rules_constants(prepare_lib, nam
         group, slot = 1, 1
         want_norm, want_c, want_steps = _expected(fn, sums0, hyper, 0.5, max_norm, float(skip_nonfinite), lr, group,
                                                   steps, slot, last, host_step)
-        _call(kernel, cb.prepare_args(sums, hyper, 0.5, max_norm, skip_nonfinite, lr_dev, group, steps, slot,
-                                      c32, c64, norm, skipped, last, host_step))
+        call_with_args(kernel, cb.prepare_args(sums, hyper, 0.5, max_norm, skip_nonfinite, lr_dev, group, steps,
+                                               slot, c32, c64, norm, skipped, last, host_step))
         np.testing.assert_array_equal(steps, want_steps)
         if last:
             np.testing.assert_array_equal(sums, [0.0, 0.0])

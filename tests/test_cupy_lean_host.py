@@ -1,30 +1,45 @@
-"""The CuPy int8-state kernel's C source (``kernels/cupy_lean.py``) without a GPU: its element
-functions compiled with g++ around a serial block reduction, bit for bit the Numba host kernel;
-the whole source compiled for sm_90 with NVRTC: no float64, no spills, no local memory."""
+"""The CuPy lean-state kernels' C source (``kernels/cupy_lean.py``) without a GPU, called with the
+very argument tuples the cupy backend's launchers pass (``cupy_lean.int8_args``/``bf16_args``):
 
-import ctypes
+- int8: the element functions compiled with g++ behind host functions of the kernels' own parameter
+  lists (named scalar constants, or ``_dc``: a constants array), around a serial block reduction
+  (the ``__global__`` kernel's shared-memory reduction is CUDA only): bit for bit the Numba host kernel;
+- bfloat16 state: the whole ``__global__`` kernels, behind a one-thread shim of CUDA's built-ins,
+  bit for bit the Numba host loop, stochastic (``lowp``'s hash at ``2 i``, ``2 i + 1``) and nearest;
+- the argument tuples against the kernels' declared C parameters, type for type;
+- the whole chain, ``Adam(state_dtype=..., backend="cupy")`` through ``backends.CuPy`` to those host
+  builds standing in for the RawKernels: the same bits as numba-cpu over several steps.
+
+Their machine code for sm_90 is held to the bar with every other kernel's (``gpuadam inspect``,
+``tests/test_machine_code.py``).
+"""
+
+import types
 
 import numpy as np
 import pytest
-from helpers import build_host_library
+from helpers import ONE_THREAD, build_host_library, call_with_args
 
-from gpuadam import machine_code
+import gpuadam
+from gpuadam import backends, lean
 from gpuadam.hyper import AdamHyper
-from gpuadam.kernels import cupy_lean, lean_cpu
+from gpuadam.kernels import cupy_bookkeeping, cupy_lean, lean_cpu
 from gpuadam.kernels import lean_maps as L
-from gpuadam.kernels.rules import N_CONSTANTS
+from gpuadam.kernels.rules import N_CONSTANTS, SKIP
 
 MAPS = (L.SIGNED, L.SIGNED_BUCKETS, L.SIGNED_THRESHOLDS, L.UNSIGNED, L.UNSIGNED_BUCKETS, L.UNSIGNED_THRESHOLDS)
+HEADERS = "#include <algorithm>\n#include <cmath>\n#include <cstddef>\nusing std::max;\nusing std::sqrt;\n"
 
-HOST_DRIVER = r"""
-extern "C" void host_adam_int8(float* p, const float* g, unsigned char* mq, float* m_absmax,
+HOST_BLOCKS = r"""
+/* the int8 kernel's work with its block's threads in turn, then the block's reduction */
+static void host_int8_blocks(float* p, const float* g, unsigned char* mq, float* m_absmax,
     unsigned char* vq, float* v_absmax, const float* c, const float* smap, const unsigned char* sb,
     const float* sthr, const float* umap, const unsigned char* ub, const float* uthr, long long n) {
   if (c[LEAN_SKIP]) return;
   float x[LEAN_BLOCK], m[LEAN_BLOCK], v[LEAN_BLOCK];
   for (long long b = 0; b < (n + LEAN_BLOCK - 1) / LEAN_BLOCK; ++b) {
     unsigned int m_top = 0, v_top = 0;
-    for (int t = 0; t < LEAN_BLOCK; ++t) {  /* the threads of one block, then its reduction */
+    for (int t = 0; t < LEAN_BLOCK; ++t) {
       const long long i = b * LEAN_BLOCK + t;
       x[t] = m[t] = v[t] = lowp_f32_from_bits(0u);
       if (i < n) lean_int8_update(i, b, p, g, mq, m_absmax, vq, v_absmax, c, smap, umap, x[t], m[t], v[t]);
@@ -43,37 +58,61 @@ extern "C" void host_adam_int8(float* p, const float* g, unsigned char* mq, floa
 """
 
 
+def _int8_host_kernel(device_constants):
+    """A host function named and declared as the int8 kernel, gathering its constants as it does."""
+    return (f'extern "C" void {cupy_lean.int8_name(device_constants)}({cupy_lean.int8_params(device_constants)}) {{\n'
+            f"{cupy_lean.gather_constants(device_constants)}"
+            "  host_int8_blocks(p, g, mq, m_absmax, vq, v_absmax, cc, smap, sbuckets, sthr, umap, ubuckets, uthr,\n"
+            "                   n);\n}\n")
+
+
 @pytest.fixture(scope="module")
-def host_lib(tmp_path_factory):
-    source = ("#include <algorithm>\n#include <cmath>\nusing std::max;\nusing std::sqrt;\n"
-              + cupy_lean.INT8_SOURCE + HOST_DRIVER)
-    fn = build_host_library(tmp_path_factory, "lean", source).host_adam_int8
-    fn.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_longlong]
-    fn.restype = None
-    return fn
+def int8_lib(tmp_path_factory):
+    source = HEADERS + cupy_lean.INT8_SOURCE + HOST_BLOCKS + _int8_host_kernel(False) + _int8_host_kernel(True)
+    return build_host_library(tmp_path_factory, "lean_int8", source)
 
 
-def _case(seed, n, skip=False):
-    rng = np.random.default_rng(seed)
+@pytest.fixture(scope="module")
+def bf16_lib(tmp_path_factory):
+    """The four bfloat16-state kernels, each its source's own text after the shared part."""
+    texts = [cupy_lean.bf16_source(s, d)[1] for s in (False, True) for d in (False, True)]
+    assert all(t.startswith(cupy_lean.BF16_SOURCE) for t in texts)
+    source = HEADERS + ONE_THREAD + cupy_lean.BF16_SOURCE + "".join(t[len(cupy_lean.BF16_SOURCE):] for t in texts)
+    return build_host_library(tmp_path_factory, "lean_bf16", source, ("-Wno-unused-function",))
+
+
+def _constants(seed, skip=False):
     hyper = AdamHyper.from_kwargs(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
                                   maximize=seed % 2 == 1, eps_root=0.0, bias_correction=True,
                                   decoupled_weight_decay=seed % 2 == 0)
     c = np.array(hyper.constants(5, np.float32, 1.0), np.float32)
-    c[-1] = 1.0 if skip else 0.0
+    c[SKIP] = 1.0 if skip else 0.0
+    return c
+
+
+def _pass_constants(c, device_constants):
+    """What the launcher gets: a (device) array of the constants, or the host's tuple of scalars."""
+    return c.copy() if device_constants else tuple(np.float32(x) for x in c)
+
+
+def _int8_case(seed, n):
+    rng = np.random.default_rng(seed)
     blocks = -(-n // L.BLOCK)
     arrays = [rng.standard_normal(n).astype(np.float32),
               (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 0, n)).astype(np.float32),
               rng.integers(0, 256, n).astype(np.uint8), rng.uniform(0.01, 0.1, blocks).astype(np.float32),
               rng.integers(0, 256, n).astype(np.uint8), rng.uniform(1e-4, 1e-3, blocks).astype(np.float32)]
     arrays[3][0] = 0.0
-    return arrays, c
+    return arrays
 
 
+@pytest.mark.parametrize("device_constants", [False, True], ids=["scalars", "device-constants"])
 @pytest.mark.parametrize("seed, n", [(0, 3 * L.BLOCK + 40), (1, 4096 + 17)])
-def test_c_source_is_the_host_kernel_bit_for_bit(host_lib, seed, n):
-    arrays, c = _case(seed, n)
+def test_int8_source_is_the_host_kernel_bit_for_bit(int8_lib, seed, n, device_constants):
+    arrays, c = _int8_case(seed, n), _constants(seed)
     ours = [a.copy() for a in arrays]
-    host_lib(*(a.ctypes.data for a in ours), c.ctypes.data, *(m.ctypes.data for m in MAPS), n)
+    args = cupy_lean.int8_args(tuple(ours), _pass_constants(c, device_constants), MAPS)
+    call_with_args(getattr(int8_lib, cupy_lean.int8_name(device_constants)), args)
     numba = [a.copy() for a in arrays]
     lean_cpu.KERNELS["adam/int8"](*numba, tuple(np.float32(x) for x in c))
     for got, want in zip(ours, numba):
@@ -81,22 +120,139 @@ def test_c_source_is_the_host_kernel_bit_for_bit(host_lib, seed, n):
     assert not np.array_equal(ours[0], arrays[0])  # it did step
 
 
-def test_c_source_skips(host_lib):
-    arrays, c = _case(2, 1000, skip=True)
+@pytest.mark.parametrize("device_constants", [False, True], ids=["scalars", "device-constants"])
+def test_int8_source_skips(int8_lib, device_constants):
+    arrays, c = _int8_case(2, 1000), _constants(2, skip=True)
     ours = [a.copy() for a in arrays]
-    host_lib(*(a.ctypes.data for a in ours), c.ctypes.data, *(m.ctypes.data for m in MAPS), 1000)
+    args = cupy_lean.int8_args(tuple(ours), _pass_constants(c, device_constants), MAPS)
+    call_with_args(getattr(int8_lib, cupy_lean.int8_name(device_constants)), args)
     assert all(np.array_equal(a, b) for a, b in zip(arrays, ours))
 
 
-def test_cuda_source_for_sm_90():
-    try:
-        machine_code.find_ptxas()
-        ptx = machine_code.compile_source_ptx(cupy_lean.INT8_SOURCE, cupy_lean.NAME, "sm_90")
-    except (machine_code.ToolMissing, RuntimeError) as exc:
-        pytest.skip(f"no NVRTC/nvcc or ptxas: {exc}")
-    f64, loads, stores = machine_code.ptx_counts(ptx)
-    registers, spills, stack = machine_code.ptxas_resources(ptx, "sm_90")
-    assert f64 == 0 and spills == 0 and stack == 0, (f64, spills, stack)
-    # p, g, two codes, six table lookups, two absmax, and the twelve constants once each
-    assert stores == 5 and loads == 4 + 6 + 2 + N_CONSTANTS, (loads, stores)
-    assert registers <= 32  # as every other kernel: full occupancy
+def _bf16_case(seed, n):
+    rng = np.random.default_rng(seed)
+    m = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+    v = (rng.standard_normal(n) ** 2 * 1e-4).astype(np.float32)
+    bits = [(x.view(np.uint32) >> 16).astype(np.uint16) for x in (m, v)]
+    return [rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32), *bits]
+
+
+@pytest.mark.parametrize("device_constants", [False, True], ids=["scalars", "device-constants"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_bf16_source_is_the_host_loop_bit_for_bit(bf16_lib, stochastic, device_constants):
+    n = 3001
+    arrays, c = _bf16_case(3, n), _constants(3)
+    # seed and counter past 32 bits: the launcher passes lowp's 32-bit words, as the hash masks them
+    state_rounding = (int(stochastic), 2**40 + 12345, 2**33 + 7)
+    ours = [a.copy() for a in arrays]
+    args = cupy_lean.bf16_args(tuple(ours), _pass_constants(c, device_constants), state_rounding)
+    call_with_args(getattr(bf16_lib, cupy_lean.bf16_name(stochastic, device_constants)), args)
+    numba = [a.copy() for a in arrays]
+    lean_cpu.KERNELS["adam/bf16state"](*numba, tuple(np.float32(x) for x in c), state_rounding)
+    for got, want in zip(ours, numba):
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert not np.array_equal(ours[0], arrays[0])  # it did step
+    nearest = [a.copy() for a in arrays]
+    lean_cpu.KERNELS["adam/bf16state"](*nearest, tuple(np.float32(x) for x in c), (0, 0, 0))
+    # the rounding chosen is the one run: stochastic moves some moments off the nearest
+    assert np.array_equal(ours[2], nearest[2]) != stochastic
+
+
+@pytest.mark.parametrize("device_constants", [False, True], ids=["scalars", "device-constants"])
+def test_bf16_source_skips(bf16_lib, device_constants):
+    arrays, c = _bf16_case(4, 500), _constants(4, skip=True)
+    ours = [a.copy() for a in arrays]
+    args = cupy_lean.bf16_args(tuple(ours), _pass_constants(c, device_constants), (1, 5, 6))
+    call_with_args(getattr(bf16_lib, cupy_lean.bf16_name(True, device_constants)), args)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, ours))
+
+
+#: C parameter types and what CuPy must be handed for each: a NumPy scalar of that width by value
+C_SCALARS = {"float": np.float32, "unsigned int": np.uint32, "long long": np.int64}
+
+
+def _declared(params: str) -> list:
+    """Per C parameter of a kernel, the NumPy array or scalar type its argument must have."""
+    out = []
+    for param in params.split(","):
+        ctype = " ".join(param.split()[:-1]).removeprefix("const ").strip()
+        out.append(np.ndarray if ctype.endswith("*") else C_SCALARS[ctype])
+    return out
+
+
+@pytest.mark.parametrize("device_constants", [False, True], ids=["scalars", "device-constants"])
+def test_launch_arguments_are_the_kernels_declared_parameters(device_constants):
+    """What CuPy gets is the kernels' parameter list, argument for argument: arrays for pointers and
+    NumPy scalars of the declared width (CuPy passes a scalar as its dtype), the constants in slot
+    order, the seed and counter as lowp's 32-bit words, a 64-bit element count."""
+    c = np.arange(N_CONSTANTS, dtype=np.float32)
+    passed = _pass_constants(c, device_constants)
+    int8 = cupy_lean.int8_args(tuple(_int8_case(5, 300)), passed, MAPS)
+    bf16 = cupy_lean.bf16_args(tuple(_bf16_case(5, 300)), passed, (1, -1, 2**32 + 3))
+    for args, params in ((int8, cupy_lean.int8_params(device_constants)),
+                         (bf16, cupy_lean.bf16_params(device_constants))):
+        assert [np.ndarray if isinstance(a, np.ndarray) else type(a) for a in args] == _declared(params)
+        assert args[-1] == 300
+    assert bf16[-3:-1] == (0xFFFFFFFF, 3)
+    if device_constants:
+        assert bf16[4] is passed and int8[6] is passed
+    else:
+        named = [float(k) for k, _ in cupy_lean.NAMED_CONSTANTS]
+        assert [float(a) for a in bf16[4:-3]] == named == [float(a) for a in int8[6:-len(MAPS) - 1]]
+
+
+class _HostRawKernel:
+    """A ``cupy.RawKernel`` stand-in that runs the kernel's host build with the launch's arguments."""
+
+    def __init__(self, function, launches):
+        self.function, self.launches = function, launches
+
+    def __call__(self, grid, block, args):
+        self.launches.append((grid, block))
+        call_with_args(self.function, args)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, int8_lib, bf16_lib, monkeypatch):
+    """The whole chain on the host: ``Adam(state_dtype=..., backend="cupy")`` allocates the state and
+    readies the maps through the backend, and each step reaches ``cupy_lean``'s launchers and the
+    kernels with the arrays, constants and rounding the optimizer passes: the C build of each kernel
+    stands in for the RawKernel (CuPy's arrays for NumPy's). The same bits as numba-cpu, every step."""
+    launches = []
+    lib = int8_lib if state_dtype == "int8" else bf16_lib
+    for name in cupy_lean.KERNELS:
+        for d in (False, True):
+            kname, _ = cupy_lean.KERNELS[name](d)
+            if hasattr(lib, kname):
+                monkeypatch.setitem(cupy_lean._kernels, (name, d), _HostRawKernel(getattr(lib, kname), launches))
+    readied = []
+    monkeypatch.setattr(cupy_lean, "device_maps", lambda: readied.append(1) or MAPS)
+    monkeypatch.setattr(cupy_bookkeeping, "_blocks_max", [3])
+    be = object.__new__(backends.CuPy)
+    be._cupy = types.SimpleNamespace(asarray=np.asarray, zeros=np.zeros, asnumpy=np.array)
+    be._lean, be._launch, be._external = cupy_lean, None, {}
+    be.kind = backends.HOST  # NumPy arrays stand in for CuPy's: no device-side bookkeeping
+    monkeypatch.setitem(backends._statuses, "cupy", backends.BackendStatus("cupy", True, "host stand-in"))
+    monkeypatch.setitem(backends._instances, "cupy", be)
+    monkeypatch.setattr(lean, "MIN_SIZE", L.BLOCK)
+    rng = np.random.default_rng(7)
+    shapes = [(3 * L.BLOCK + 40,), (257, 3)]
+    p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype, "seed": 99}
+    ours, cpu = [p.copy() for p in p0], [p.copy() for p in p0]
+    opt = gpuadam.AdamW(ours, backend="cupy", **kw)
+    ref = gpuadam.AdamW(cpu, backend="numba-cpu", **kw)
+    assert len(readied) == (2 if state_dtype == "int8" else 0) and not launches
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.step(grads)
+        ref.step(grads)
+        for got, want in zip(ours, cpu):
+            np.testing.assert_array_equal(got, want)
+        for i in range(len(shapes)):
+            for name in lean.NAMES[state_dtype]:
+                assert np.array_equal(opt.state[i][name], ref.state[i][name]), name
+    assert len(launches) == 3 * len(shapes)
+    if state_dtype == "int8":  # one thread block of BLOCK threads per quantisation block
+        assert launches[0] == ((-(-shapes[0][0] // L.BLOCK),), (L.BLOCK,))
+    assert not np.array_equal(ours[0], p0[0])

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from gpuadam import machine_code
-from gpuadam.kernels.rules import RULES
+from gpuadam.kernels.rules import N_CONSTANTS, RULES
 
 try:
     from numba import cuda, types
@@ -76,6 +76,29 @@ def test_device_constant_variants_keep_the_traffic_and_float32(inspected, backen
     assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
     assert k["registers"] <= 32
     assert (k["loads_per_element"], k["stores_per_element"]) == (loads, stores)
+
+
+#: The lean-state kernels' loads and stores per element, host constants and device constants:
+#: bfloat16 state one trip of the loop (p, g, m, v in; p, m, v out); int8 one thread per element
+#: (``machine_code.NOTES``): p, g, two codes, six map lookups, two absmax (and the constants, read
+#: per thread, from memory); p, two codes and, thread 0, the two absmax.
+LEAN_TRAFFIC = {"adam/int8": ((12, 5), (12 + N_CONSTANTS, 5)), "adam/bf16state": ((4, 3), (4, 3)),
+                "adam/bf16state/stochastic": ((4, 3), (4, 3))}
+
+
+@pytest.mark.parametrize("backend", ["numba-cuda", "cupy"])
+@pytest.mark.parametrize("device_constants", [False, True], ids=["host-constants", "device-constants"])
+@pytest.mark.parametrize("kernel", sorted(LEAN_TRAFFIC))
+def test_lean_state_kernels_meet_the_bar(inspected, kernel, device_constants, backend):
+    """int8 and bfloat16 state (``state_dtype=``), stochastic rounding's hash included: float32 math,
+    nothing in local memory, full occupancy, the traffic of one pass."""
+    name = kernel + (machine_code.DEVICE_CONSTANTS if device_constants else "")
+    (k,) = [k for k in inspected["kernels"] if (k["backend"], k["kernel"]) == (backend, name)]
+    assert k["dtype"] == "float32"
+    assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
+    assert k["registers"] <= 32
+    assert (k["loads_per_element"], k["stores_per_element"]) == LEAN_TRAFFIC[kernel][device_constants]
+    assert bool(k["note"]) == (kernel == "adam/int8")  # what "per element" means without a loop
 
 
 def test_float64_kernels_do_the_same_traffic(inspected):

@@ -82,10 +82,15 @@ def test_the_backends_launch_on_the_given_stream():
     be = object.__new__(backends.CuPy)
     be._cupy, be._external = FakeCupy(), {}
     be._launch = lambda *args: launched.append((args, list(entered)))
+    # its lean-state RawKernels inside the same stream context
+    be._lean = types.SimpleNamespace(LAUNCHERS={"adam/int8": lambda arrays, c: launched.append(
+        (("adam/int8", arrays, c), list(entered)))})
     launched.clear()
     be.launch("adam", ("p", "g"), "c", stream=9)
     be.launch("adam", ("p", "g"), "c")
-    assert launched == [(("adam", ("p", "g"), "c"), [9]), (("adam", ("p", "g"), "c"), [9, "exit"])]
+    be.launch("adam/int8", ("p", "g"), "c", stream=9)
+    assert launched == [(("adam", ("p", "g"), "c"), [9]), (("adam", ("p", "g"), "c"), [9, "exit"]),
+                        (("adam/int8", ("p", "g"), "c"), [9, "exit", 9])]
 
 
 def test_a_step_launches_on_the_stream_it_is_given_and_never_synchronises(monkeypatch):

@@ -1,86 +1,148 @@
-"""CUDA C source of the int8-state Adam kernel, for a CuPy ``RawKernel`` (an ``ElementwiseKernel``
-cannot reduce a block's absmax): the same algorithm as ``lean_cuda.adam_int8``.
+"""CUDA C of the lean-state Adam kernels for CuPy ``RawKernel``s, and their launchers: the int8
+kernel (an ``ElementwiseKernel`` cannot reduce a block's absmax), the same algorithm as
+``lean_cuda.adam_int8``; and the bfloat16-state kernel, a grid-stride loop rounding as
+``lean_cpu``/``lean_cuda`` do (``lowp_random16`` at index ``2 i`` for ``exp_avg`` and ``2 i + 1`` for
+``exp_avg_sq`` when stochastic, else to nearest even).
 
-The element work is two functions around the block's reduction, so the host tests can run them
-with g++ around a serial reduction (``tests/test_cupy_lean_host.py``): ``lean_int8_update``
-dequantises and runs Adam's own snippet (``rules.adam.ADAM.snippet``, the rule's one C copy), and
-``lean_int8_store`` writes the param and the nearest codes (``lean_nearest_code``, the buckets and
-midpoints of ``lean_maps``). The ``__global__`` kernel, CUDA only, puts them around a shared-memory
-tree reduction of the magnitudes' bits. No float literal, no double.
+The element work is plain functions, so the host tests run them with g++
+(``tests/test_cupy_lean_host.py``): ``lean_int8_update`` dequantises and runs Adam's own snippet
+(``rules.adam.ADAM.snippet``, the rule's one C copy), ``lean_int8_store`` writes the param and the
+nearest codes (``lean_nearest_code``, the buckets and midpoints of ``lean_maps``); the int8
+``__global__`` kernel, CUDA only, puts them around a shared-memory tree reduction of the magnitudes'
+bits. The bfloat16 kernels' loop is ordinary code: behind a one-thread shim of CUDA's built-ins the
+whole kernel runs on the host. No float literal, no double.
 
-Not yet launched by the cupy backend (``Optimizer`` refuses ``state_dtype`` off the host): compiled
-for sm_90 by the tests; no GPU has run it.
+Each kernel comes twice, as the ``ElementwiseKernel``s do: taking its constants as scalar arguments
+by name (``constant_params("adam")``: the host computed them), or with ``_dc`` from a device array
+(``on_device.DeviceSteps``: clipping, skipping, capturable). Either way the kernel gathers them into
+a local array once, before any element (``gather_constants``). Stochastic rounding or not is a constant of
+the compiled bfloat16 kernel (``_sr``/``_rn``), as in ``lean_cuda``.
+
+``backends.CuPy`` launches them by name (``LAUNCHERS``, ``*_args`` build the argument tuples the
+kernels declare); ``device_maps`` copies the six ``lean_maps`` tables to the device once, when an
+optimizer allocates int8 state (``CuPy.ready``). Compiled for sm_90 by the tests; no GPU has run them.
 """
 
-from gpuadam.kernels.cupy_elementwise import constant_params
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpuadam.kernels.cupy_elementwise import INDEX_SOURCE, constant_params
 from gpuadam.kernels.cupy_lowp import LOWP_SOURCE
 from gpuadam.kernels.lean_maps import _HIGHEST, _LOWEST, BLOCK, N_BUCKETS
-from gpuadam.kernels.rules import SKIP
+from gpuadam.kernels.rules import N_CONSTANTS, SKIP
 from gpuadam.kernels.rules.adam import ADAM
 
-NAME = "gpuadam_adam_int8"
+#: The constants Adam's snippet reads, ``(slot, name)``: the by-value kernels' scalar parameters.
+NAMED_CONSTANTS = constant_params("adam")
 
-_CONSTANTS = "".join(f"  const T {name} = c[{k}];\n" for k, name in constant_params("adam"))
+_UNPACK = "".join(f"  const T {name} = c[{k}];\n" for k, name in NAMED_CONSTANTS)
 
-INT8_SOURCE = LOWP_SOURCE + f"""
+
+def gather_constants(device_constants: bool) -> str:
+    """The kernel's first line: its constants in a local array ``cc`` in slot order (registers once
+    the indices are constants), read once from ``c`` or taken from the named scalars."""
+    named = dict(NAMED_CONSTANTS)
+    items = [f"c[{k}]" if device_constants else named.get(k, "lowp_f32_from_bits(0u)") for k in range(N_CONSTANTS)]
+    return f"  const float cc[LEAN_N_CONSTANTS] = {{{', '.join(items)}}};\n"
+
+
+def _constant_params(device_constants: bool) -> str:
+    return "const float* c" if device_constants else ", ".join(f"const float {n}" for _, n in NAMED_CONSTANTS)
+
+
+COMMON_SOURCE = LOWP_SOURCE + f"""
 typedef float T;
 enum {{ LEAN_BLOCK = {BLOCK}, LEAN_LOWEST = {_LOWEST}, LEAN_HIGHEST = {_HIGHEST}, LEAN_BUCKETS = {N_BUCKETS},
-       LEAN_SKIP = {SKIP} }};
+       LEAN_SKIP = {SKIP}, LEAN_N_CONSTANTS = {N_CONSTANTS} }};
 
+/* Adam on one element in float32: the new param x and moments m, v (the rule's snippet) */
+GPUADAM_FN void lean_adam_snippet(T& p, const T g, T& m, T& v, const float* c) {{
+{_UNPACK}{ADAM.snippet}}}
+"""
+
+# ---------------------------------------------------------------------------------------------
+# int8: one block of LEAN_BLOCK threads per quantisation block
+
+INT8 = "gpuadam_adam_int8"
+
+_INT8_ARRAYS = ("float* p, const float* g, unsigned char* mq, float* m_absmax, unsigned char* vq, "
+                "float* v_absmax")
+_INT8_MAPS = ("const float* smap, const unsigned char* sbuckets, const float* sthr, const float* umap, "
+              "const unsigned char* ubuckets, const float* uthr, const long long n")
+
+
+def int8_name(device_constants: bool) -> str:
+    return INT8 + ("_dc" if device_constants else "")
+
+
+def int8_params(device_constants: bool) -> str:
+    """The int8 kernel's C parameter list (``int8_args`` passes its arguments)."""
+    return f"{_INT8_ARRAYS}, {_constant_params(device_constants)}, {_INT8_MAPS}"
+
+
+def _int8_kernel(device_constants: bool) -> str:
+    return f"""
+extern "C" __global__ void {int8_name(device_constants)}({int8_params(device_constants)}) {{
+{gather_constants(device_constants)}  lean_int8_block(p, g, mq, m_absmax, vq, v_absmax, cc, smap, sbuckets, sthr,
+                  umap, ubuckets, uthr, n);
+}}
+"""
+
+
+INT8_SOURCE = COMMON_SOURCE + """
 /* the code nearest x: the bucket's lowest code (top 16 bits of x), plus one above its midpoint */
-GPUADAM_FN unsigned char lean_nearest_code(float x, const unsigned char* buckets, const float* thr) {{
+GPUADAM_FN unsigned char lean_nearest_code(float x, const unsigned char* buckets, const float* thr) {
   const unsigned int b = lowp_f32_bits(x);
   const unsigned int lowest = LEAN_LOWEST, highest = LEAN_HIGHEST;
   unsigned int top = (b & 0x7FFFFFFFu) >> 16;
   top = top < lowest ? lowest : top > highest ? highest : top;
   const unsigned int base = buckets[top - LEAN_LOWEST + (b >> 31) * LEAN_BUCKETS];
   return (unsigned char)(base + (x > thr[base] ? 1u : 0u));
-}}
+}
 
-GPUADAM_FN unsigned int lean_magnitude_bits(float x) {{ return lowp_f32_bits(x) & 0x7FFFFFFFu; }}
+GPUADAM_FN unsigned int lean_magnitude_bits(float x) { return lowp_f32_bits(x) & 0x7FFFFFFFu; }
 
-GPUADAM_FN float lean_inverse_scale(float absmax) {{
+GPUADAM_FN float lean_inverse_scale(float absmax) {
   const float one = lowp_f32_from_bits(0x3F800000u);
   const float zero = lowp_f32_from_bits(0u);
   return absmax > zero ? one / absmax : zero;
-}}
+}
 
-/* element i of block b: the new param x and moments m, v in float32 (Adam's snippet) */
-GPUADAM_FN void lean_int8_snippet(T& p, const T g, T& m, T& v, const float* c) {{
-{_CONSTANTS}{ADAM.snippet}}}
-
+/* element i of block b: the new param x and moments m, v in float32 */
 GPUADAM_FN void lean_int8_update(long long i, long long b, const float* p, const float* g,
     const unsigned char* mq, const float* m_absmax, const unsigned char* vq, const float* v_absmax,
-    const float* c, const float* smap, const float* umap, float& x, float& m, float& v) {{
+    const float* c, const float* smap, const float* umap, float& x, float& m, float& v) {
   x = p[i];
   m = smap[mq[i]] * m_absmax[b];
   v = umap[vq[i]] * v_absmax[b];
-  lean_int8_snippet(x, g[i], m, v, c);
-}}
+  lean_adam_snippet(x, g[i], m, v, c);
+}
 
 GPUADAM_FN void lean_int8_store(long long i, float x, float m, float v, float new_ma, float new_va,
     float* p, unsigned char* mq, unsigned char* vq, const unsigned char* sbuckets, const float* sthr,
-    const unsigned char* ubuckets, const float* uthr) {{
+    const unsigned char* ubuckets, const float* uthr) {
   p[i] = x;
   mq[i] = lean_nearest_code(m * lean_inverse_scale(new_ma), sbuckets, sthr);
   vq[i] = lean_nearest_code(v * lean_inverse_scale(new_va), ubuckets, uthr);
-}}
+}
 
 #ifdef __CUDACC__
-GPUADAM_FN unsigned int lean_block_max(unsigned int bits, unsigned int* scratch, int t) {{
+GPUADAM_FN unsigned int lean_block_max(unsigned int bits, unsigned int* scratch, int t) {
   scratch[t] = bits;
   __syncthreads();
-  for (int half = LEAN_BLOCK / 2; half > 0; half /= 2) {{
+  for (int half = LEAN_BLOCK / 2; half > 0; half /= 2) {
     if (t < half) scratch[t] = max(scratch[t], scratch[t + half]);
     __syncthreads();
-  }}
+  }
   return scratch[0];
-}}
+}
 
-/* one block of LEAN_BLOCK threads per quantisation block */
-extern "C" __global__ void {NAME}(float* p, const float* g, unsigned char* mq, float* m_absmax,
+GPUADAM_FN void lean_int8_block(float* p, const float* g, unsigned char* mq, float* m_absmax,
     unsigned char* vq, float* v_absmax, const float* c, const float* smap, const unsigned char* sbuckets,
-    const float* sthr, const float* umap, const unsigned char* ubuckets, const float* uthr, long long n) {{
+    const float* sthr, const float* umap, const unsigned char* ubuckets, const float* uthr, long long n) {
   __shared__ unsigned int m_scratch[LEAN_BLOCK];
   __shared__ unsigned int v_scratch[LEAN_BLOCK];
   if (c[LEAN_SKIP]) return;  /* the same in every thread: a skipped step changes nothing */
@@ -92,10 +154,184 @@ extern "C" __global__ void {NAME}(float* p, const float* g, unsigned char* mq, f
   const float new_ma = lowp_f32_from_bits(lean_block_max(lean_magnitude_bits(m), m_scratch, t));
   const float new_va = lowp_f32_from_bits(lean_block_max(lean_magnitude_bits(v), v_scratch, t));
   if (i < n) lean_int8_store(i, x, m, v, new_ma, new_va, p, mq, vq, sbuckets, sthr, ubuckets, uthr);
-  if (t == 0) {{
+  if (t == 0) {
     m_absmax[b] = new_ma;
     v_absmax[b] = new_va;
-  }}
-}}
+  }
+}
 #endif
 """
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 state: a grid-stride loop, one element per trip
+
+BF16 = "gpuadam_adam_bf16state"
+
+_BF16_ARRAYS = "float* p, const float* g, unsigned short* m, unsigned short* v"
+_BF16_TAIL = "const unsigned int seed, const unsigned int counter, const long long n"
+
+
+def bf16_name(stochastic: bool, device_constants: bool) -> str:
+    return BF16 + ("_sr" if stochastic else "_rn") + ("_dc" if device_constants else "")
+
+
+def bf16_params(device_constants: bool) -> str:
+    """The bfloat16-state kernels' C parameter list (``bf16_args`` passes its arguments); the seed
+    and counter of stochastic rounding are ``lowp``'s 32-bit words (a nearest kernel ignores them)."""
+    return f"{_BF16_ARRAYS}, {_constant_params(device_constants)}, {_BF16_TAIL}"
+
+
+def _bf16_kernel(stochastic: bool, device_constants: bool) -> str:
+    return f"""
+extern "C" __global__ void {bf16_name(stochastic, device_constants)}({bf16_params(device_constants)}) {{
+{gather_constants(device_constants)}  lean_bf16_loop<{str(stochastic).lower()}>(p, g, m, v, cc, seed, counter, n);
+}}
+"""
+
+
+BF16_SOURCE = COMMON_SOURCE + INDEX_SOURCE + """
+/* element i's new moments rounded to bfloat16 bits: stochastically (lowp_random16 at 2 i and
+   2 i + 1, the index modulo 2**32 as lowp masks it) or to nearest even */
+template <bool STOCHASTIC>
+GPUADAM_FN void lean_bf16_store(long long i, float m, float v, unsigned short* m_bits, unsigned short* v_bits,
+                                unsigned int seed, unsigned int counter) {
+  if (STOCHASTIC) {
+    const unsigned int k = static_cast<unsigned int>(i) * 2u;
+    m_bits[i] = lowp_f32_to_bf16_stochastic(m, lowp_random16(seed, counter, k));
+    v_bits[i] = lowp_f32_to_bf16_stochastic(v, lowp_random16(seed, counter, k + 1u));
+  } else {
+    m_bits[i] = lowp_f32_to_bf16(m);
+    v_bits[i] = lowp_f32_to_bf16(v);
+  }
+}
+
+template <bool STOCHASTIC>
+GPUADAM_FN void lean_bf16_loop(float* p, const float* g, unsigned short* m_bits, unsigned short* v_bits,
+                               const float* c, unsigned int seed, unsigned int counter, long long n) {
+  if (c[LEAN_SKIP]) return;  /* a skipped step changes nothing */
+  #pragma unroll 1
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<long long>(blockDim.x) * gridDim.x) {
+    float x = p[i];
+    float m = lowp_bf16_to_f32(m_bits[i]);
+    float v = lowp_bf16_to_f32(v_bits[i]);
+    lean_adam_snippet(x, g[i], m, v, c);
+    const long long j = opaque_index(i);  /* the stores' addresses after the math: INDEX_SOURCE */
+    p[j] = x;
+    lean_bf16_store<STOCHASTIC>(j, m, v, m_bits, v_bits, seed, counter);
+  }
+}
+"""
+
+
+def int8_source(device_constants: bool) -> tuple[str, str]:
+    """``(name, source)`` of the int8 kernel (one kernel per source: CuPy compiles each alone)."""
+    return int8_name(device_constants), INT8_SOURCE + "#ifdef __CUDACC__" + _int8_kernel(device_constants) + "#endif\n"
+
+
+def bf16_source(stochastic: bool, device_constants: bool) -> tuple[str, str]:
+    """``(name, source)`` of one bfloat16-state kernel."""
+    return bf16_name(stochastic, device_constants), BF16_SOURCE + _bf16_kernel(stochastic, device_constants)
+
+
+def kernel_source(kernel: str) -> tuple[str, str]:
+    """``(name, source)`` of a lean kernel by its ``gpuadam inspect`` name: ``adam/int8`` or
+    ``adam/bf16state`` (to nearest), ``adam/bf16state/stochastic``, each with ``/device-constants``."""
+    base, _, variant = kernel.partition("/device-constants")
+    if variant or base not in KERNELS:
+        raise ValueError(f"unknown CuPy lean kernel {kernel!r}: expected one of {', '.join(KERNELS)}, "
+                         "each optionally with /device-constants")
+    return KERNELS[base](kernel.endswith("/device-constants"))
+
+
+#: The lean kernels by their ``gpuadam inspect`` names, each a function of ``device_constants``.
+KERNELS = {
+    "adam/int8": int8_source,
+    "adam/bf16state": lambda d: bf16_source(False, d),
+    "adam/bf16state/stochastic": lambda d: bf16_source(True, d),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching (CuPy is imported only here, so the sources above need no GPU stack)
+
+
+def _constants(c: Any) -> tuple:
+    """The constants as the kernel declares them: a device array of float32 (``_dc``), or the named
+    float32 scalars."""
+    if isinstance(c, tuple):
+        return tuple(np.float32(c[k]) for k, _ in NAMED_CONSTANTS)
+    return (c,)
+
+
+def int8_args(arrays: tuple, c: Any, maps: tuple) -> tuple:
+    """The int8 kernel's arguments: ``(p, g, m_codes, m_absmax, v_codes, v_absmax)``, the constants,
+    the six ``lean_maps`` tables (``device_maps``) and the element count, typed as declared."""
+    return (*arrays, *_constants(c), *maps, np.int64(arrays[0].size))
+
+
+def bf16_args(arrays: tuple, c: Any, state_rounding: tuple) -> tuple:
+    """The bfloat16-state kernel's arguments: ``(p, g, m_bits, v_bits)``, the constants, the seed and
+    counter of ``state_rounding = (stochastic, seed, counter)`` as 32-bit words, the element count."""
+    _, seed, counter = state_rounding
+    return (*arrays, *_constants(c), np.uint32(seed & 0xFFFFFFFF), np.uint32(counter & 0xFFFFFFFF),
+            np.int64(arrays[0].size))
+
+
+_kernels: dict = {}
+_device_maps: dict[int, tuple] = {}
+
+
+def _kernel(kernel: str, device_constants: bool) -> Any:
+    key = (kernel, device_constants)
+    raw = _kernels.get(key)
+    if raw is None:
+        import cupy
+
+        name, source = KERNELS[kernel](device_constants)
+        raw = _kernels[key] = cupy.RawKernel(source, name)
+    return raw
+
+
+def device_maps() -> tuple:
+    """The six ``lean_maps`` tables as CuPy arrays on the current device, copied once per device
+    (``backends.CuPy.ready``, when an optimizer allocates int8 state: never inside a step)."""
+    import cupy
+
+    device = cupy.cuda.runtime.getDevice()
+    maps = _device_maps.get(device)
+    if maps is None:
+        from gpuadam.kernels import lean_maps
+
+        maps = _device_maps[device] = tuple(cupy.asarray(t) for t in (
+            lean_maps.SIGNED, lean_maps.SIGNED_BUCKETS, lean_maps.SIGNED_THRESHOLDS,
+            lean_maps.UNSIGNED, lean_maps.UNSIGNED_BUCKETS, lean_maps.UNSIGNED_THRESHOLDS))
+    return maps
+
+
+def _launch_int8(arrays: tuple, c: Any) -> None:
+    kernel = _kernel("adam/int8", not isinstance(c, tuple))
+    blocks = (arrays[0].size + BLOCK - 1) // BLOCK
+    kernel((blocks,), (BLOCK,), int8_args(arrays, _device(c), device_maps()))
+
+
+def _launch_bf16(arrays: tuple, c: Any, state_rounding: tuple) -> None:
+    from gpuadam.kernels.cupy_bookkeeping import THREADS, _blocks
+
+    name = "adam/bf16state/stochastic" if state_rounding[0] else "adam/bf16state"
+    kernel = _kernel(name, not isinstance(c, tuple))
+    kernel((_blocks(arrays[0].size),), (THREADS,), bf16_args(arrays, _device(c), state_rounding))
+
+
+def _device(c: Any) -> Any:
+    if isinstance(c, tuple):
+        return c
+    import cupy
+
+    return cupy.asarray(c)  # any CUDA array of float32, zero-copy
+
+
+#: The lean-state kernels by the names ``gpuadam.lean.KERNEL`` gives them: ``(arrays, c, *extra)``,
+#: launched on CuPy's current stream.
+LAUNCHERS = {"adam/int8": _launch_int8, "adam/bf16state": _launch_bf16}

@@ -11,15 +11,16 @@ table lookups from the read-only maps); thread 0 writes the absmax. Every absmax
 the first barrier and written after the last.
 
 ``backends.NumbaCUDA`` launches them by name (``LAUNCHERS``) for float32 params; proven in the
-simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90
-(``tests/test_lean_machine_code.py``); no GPU has run them.
+simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90 (``gpuadam inspect``,
+``machine_code.numba_lean_ptx``; ``tests/test_machine_code.py``); no GPU has run them.
 """
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, int64, uint64
 
 from gpuadam.kernels.lean_maps import BLOCK, bf16_moments, inverse_scale, magnitude_bits, nearest_code
 from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits
+from gpuadam.kernels.numba_cuda import opaque_index
 from gpuadam.kernels.rules import SKIP, load_constants
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
 
@@ -80,8 +81,9 @@ def launch(p, g, mq, m_absmax, vq, v_absmax, c, maps, stream=0):
 
 
 def _bf16_kernel(stochastic):
-    # stochastic rounding or not is a constant of the compiled kernel: round to nearest then fits
-    # the 32 registers of full occupancy; the hash takes 36 either way
+    # stochastic rounding or not is a constant of the compiled kernel: the nearest one carries no
+    # hash; the loop and its stores are the plain kernels' (numba_cuda: unsigned index,
+    # opaque_index), which keeps both within the 32 registers of full occupancy
     @cuda.jit
     def adam_bf16(p, g, m, v, c, state_rounding):
         """float32 params, bfloat16 moments (uint16 bits); ``state_rounding = (stochastic, seed, counter)``."""
@@ -90,12 +92,17 @@ def _bf16_kernel(stochastic):
             return
         seed = state_rounding[1]
         counter = state_rounding[2]
-        start = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        for i in range(start, p.size, stride):
-            mk, vk = adam_moments(p[i], g[i], bf16_to_f32(m[i]), bf16_to_f32(v[i]), cc)
-            p[i] = adam_param(p[i], mk, vk, cc)
-            m[i], v[i] = bf16_moments(mk, vk, stochastic, seed, counter, i)
+        i = uint64(cuda.grid(1))
+        stride = uint64(cuda.gridsize(1))
+        n = uint64(p.size)
+        while i < n:
+            pi = p[i]
+            mk, vk = adam_moments(pi, g[i], bf16_to_f32(m[i]), bf16_to_f32(v[i]), cc)
+            x = adam_param(pi, mk, vk, cc)
+            j = opaque_index(i)  # the stores' addresses after the math, as numba_cuda's kernels
+            p[j] = x
+            m[j], v[j] = bf16_moments(mk, vk, stochastic, seed, counter, int64(j))
+            i += stride
 
     return adam_bf16
 

@@ -1,20 +1,25 @@
-"""Lean optimizer state (``state_dtype``) on numba-cuda against numba-cpu: int8 codes with one absmax
-per block, and bfloat16 moments. On a GPU fused multiply-adds may move a value across a rounding
-boundary, so the params agree to float32 rounding and the codes to within one."""
+"""Lean optimizer state (``state_dtype``) on the GPU backends against numba-cpu: int8 codes with one
+absmax per block, and bfloat16 moments; each with the constants computed on the host, and on the
+device (clipping). On a GPU fused multiply-adds may move a value across a rounding boundary, so the
+params agree to float32 rounding and the codes to within one. The simulator runs numba-cuda only,
+with clipping (CuPy's kernels are proven on the host: tests/test_cupy_lean_host.py)."""
 
 import numpy as np
 import pytest
-from gpukit import SIM, host, put_all
+from gpukit import SIM, host, native, put_all
 
 import gpuadam
 from gpuadam import lean
 from gpuadam.kernels import lean_maps
 
 SHAPES = [(lean_maps.BLOCK + 40,), (3, 5)] if SIM else [(1_000_003,), (257, 3), (5,)]
+#: max_grad_norm: constants made on the device (the kernels' device-constants variants), or on the host
+CLIPS = [50.0] if SIM else [50.0, None]
 
 
+@pytest.mark.parametrize("clip", CLIPS, ids=lambda c: "device-constants" if c else "host-constants")
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
-def test_lean_state_on_the_gpu_follows_the_host(state_dtype, monkeypatch):
+def test_lean_state_on_the_gpu_follows_the_host(state_dtype, backend, clip, monkeypatch):
     if SIM:  # every simulated thread is Python: int8 from one block on
         monkeypatch.setattr(lean, "MIN_SIZE", lean_maps.BLOCK)
     rng = np.random.default_rng(12)
@@ -22,13 +27,14 @@ def test_lean_state_on_the_gpu_follows_the_host(state_dtype, monkeypatch):
     grads = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(3)]
     kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype}
     cpu = [p.copy() for p in p0]
-    dev = put_all(p0, "numba")
+    kind = native(backend)
+    dev = put_all(p0, kind)
     ref = gpuadam.Adam(cpu, backend="numba-cpu", **kw)
-    opt = gpuadam.Adam(dev, backend="numba-cuda", **kw)
+    opt = gpuadam.Adam(dev, backend=backend, **kw)
     assert lean.NAMES[state_dtype][0] in opt.state[0]
     for g in grads:
-        ref.step(g, max_grad_norm=50.0)
-        opt.step(put_all(g, "numba"), max_grad_norm=50.0)
+        ref.step(g, max_grad_norm=clip)
+        opt.step(put_all(g, kind), max_grad_norm=clip)
     for d, c, p in zip(dev, cpu, p0):
         assert np.abs(c - p).max() > 0
         np.testing.assert_allclose(host(d), c, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpuadam import machine_code
-from gpuadam.kernels import cupy_elementwise, numba_cuda
+from gpuadam.kernels import cupy_elementwise, cupy_lean, numba_cuda
 
 pytestmark = pytest.mark.usefixtures("real_gpu")
 
@@ -41,7 +41,11 @@ def _predict(cache: dict, backend: str, kernel: str, dtype: str, arch: str) -> t
     """``(registers, local bytes)`` inspect predicts, from its JSON or compiled now."""
     known = cache.get((backend, kernel, dtype))
     if known is None:
-        ptx = (machine_code.numba_ptx if backend == "numba-cuda" else machine_code.cupy_ptx)(kernel, dtype, arch)
+        lean = kernel.removesuffix(machine_code.DEVICE_CONSTANTS) in machine_code.LEAN_KERNELS
+        compile_ = {(False, "numba-cuda"): machine_code.numba_ptx, (False, "cupy"): machine_code.cupy_ptx,
+                    (True, "numba-cuda"): machine_code.numba_lean_ptx,
+                    (True, "cupy"): machine_code.cupy_lean_ptx}[(lean, backend)]
+        ptx = compile_(kernel, dtype, arch)
         known = cache[(backend, kernel, dtype)] = machine_code.report(backend, kernel, dtype, arch, ptx).as_dict()
     return known["registers"], known["local_bytes"]
 
@@ -71,6 +75,23 @@ def _numba_loaded():
             yield name, dtype, kernel.regs_per_thread, kernel.local_mem_per_thread
 
 
+def _numba_lean_loaded():
+    """The same for the lean-state kernels (``lean_cuda``) the session loaded: float32 params, the
+    constants a tuple or (``/device-constants``) a device array."""
+    from numba import types
+
+    from gpuadam.kernels import lean_cuda
+
+    constants_at = {"adam/int8": 6, "adam/bf16state": 4, "adam/bf16state/stochastic": 4}
+    dispatchers = {"adam/int8": lean_cuda.adam_int8, "adam/bf16state": lean_cuda.ADAM_BF16[False],
+                   "adam/bf16state/stochastic": lean_cuda.ADAM_BF16[True]}
+    for base, dispatcher in dispatchers.items():
+        for args, kernel in dispatcher.overloads.items():
+            device_constants = isinstance(args[constants_at[base]], types.Array)
+            name = base + (machine_code.DEVICE_CONSTANTS if device_constants else "")
+            yield name, "float32", kernel.regs_per_thread, kernel.local_mem_per_thread
+
+
 def _cupy_loaded():
     """``(inspect's kernel name, dtype)`` of every ElementwiseKernel the session ran, per input
     dtypes; each is then compiled from the source CuPy generates for it and loaded by the driver."""
@@ -95,7 +116,7 @@ def test_registers_and_local_memory_of_every_loaded_kernel_as_inspect_predicted(
         except machine_code.ToolMissing as exc:
             pytest.skip(f"inspect's predictions need ptxas: {exc}")
     compared, wrong = {"numba-cuda": 0, "cupy": 0}, []
-    for name, dtype, regs, local in _numba_loaded():
+    for name, dtype, regs, local in (*_numba_loaded(), *_numba_lean_loaded()):
         want = _predict(cache, "numba-cuda", name, dtype, arch)
         compared["numba-cuda"] += 1
         if (regs, local) != want:
@@ -108,6 +129,12 @@ def test_registers_and_local_memory_of_every_loaded_kernel_as_inspect_predicted(
         compared["cupy"] += 1
         if got != want:
             wrong.append(f"cupy {name} {dtype}: driver {got[0]} registers, {got[1]} B local; inspect {want}")
+    for (base, device_constants), loaded in list(cupy_lean._kernels.items()):  # the lean RawKernels
+        name = base + (machine_code.DEVICE_CONSTANTS if device_constants else "")
+        got, want = (loaded.num_regs, loaded.local_size_bytes), _predict(cache, "cupy", name, "float32", arch)
+        compared["cupy"] += 1
+        if got != want:
+            wrong.append(f"cupy {name} float32: driver {got[0]} registers, {got[1]} B local; inspect {want}")
     print(f"kernels compared with inspect's prediction: {compared}")
     assert not wrong, "\n".join(wrong)
     for backend, least in AT_LEAST.items():
