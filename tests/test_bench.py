@@ -625,3 +625,45 @@ def test_cuda_lean_ceilings_in_the_simulator():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "GPUADAM_BACKEND": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_cupy_lean_ceilings_on_the_host(tmp_path_factory):
+    """The CuPy lean ceiling bodies (``CUPY_CEILING``), as CuPy is given them, in a C++ loop over i
+    compiled with g++ and run through ctypes: every array moved as the Numba ceilings move it."""
+    import ctypes
+
+    from helpers import build_host_library
+
+    c_types = {"float32": "float", "uint8": "unsigned char", "uint16": "unsigned short"}
+    np_types = {"float32": np.float32, "uint8": np.uint8, "uint16": np.uint16}
+    source, signatures = "#include <cstddef>\n", {}
+    for rule in ("adam/int8", "adam/bf16state"):
+        ins, outs, body = bench.CUPY_CEILING[rule]
+        params = [x.split() for x in f"{ins}, {outs}".split(",")]  # [raw, type, name]
+        name = "ceiling_" + rule.replace("/", "_")
+        args = ", ".join(f"{c_types[t]}* {n}" for _, t, n in params)
+        source += f'extern "C" void {name}(const ptrdiff_t n, {args}) {{\n' \
+                  f"  for (ptrdiff_t i = 0; i < n; ++i) {{\n{body}\n  }}\n}}\n"
+        signatures[rule] = (name, [np_types[t] for _, t, _ in params])
+    lib = build_host_library(tmp_path_factory, "cupy_lean_ceiling", source)
+    rng = np.random.default_rng(3)
+    n = 600
+
+    def run(rule, arrays):
+        name, dtypes = signatures[rule]
+        assert [a.dtype for a in arrays] == [np.dtype(d) for d in dtypes]
+        getattr(lib, name)(ctypes.c_ssize_t(n), *(a.ctypes.data_as(ctypes.c_void_p) for a in arrays))
+
+    g, p = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    mq, vq = (rng.integers(0, 256, n).astype(np.uint8) for _ in range(2))
+    ma, va = (rng.random(3, dtype=np.float32) for _ in range(2))
+    want = [g, p + g, vq, va, mq + vq, ma + va]
+    arrays = [x.copy() for x in (g, p, mq, ma, vq, va)]  # the kernel's order: ins, then outs
+    run("adam/int8", arrays)
+    for got, expected in zip(arrays, want):
+        np.testing.assert_array_equal(got, expected)
+    m, v = (rng.integers(0, 1 << 16, n).astype(np.uint16) for _ in range(2))
+    arrays = [x.copy() for x in (g, p, m, v)]
+    run("adam/bf16state", arrays)
+    for got, expected in zip(arrays, [g, p + g, v, m + v]):
+        np.testing.assert_array_equal(got, expected)
