@@ -667,3 +667,31 @@ def test_cupy_lean_ceilings_on_the_host(tmp_path_factory):
     run("adam/bf16state", arrays)
     for got, expected in zip(arrays, [g, p + g, v, m + v]):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_lean_rows_on_numba_cuda_in_the_simulator():
+    """Our bfloat16-state step and its ceiling on numba-cuda, set up and verified as the bench does
+    (device state read back, decoded, checked), on two buffer sets, a tail past the last full
+    block of threads. int8's kernel is the simulator's slowest (a thread block per 256 elements):
+    its ceiling is run above, the kernel itself in tests/simulator. Its own process."""
+    code = (
+        "import numpy as np\n"
+        "from gpuadam import bench\n"
+        "from gpuadam.bench.timing import Entry, verify\n"
+        "from gpuadam.kernels import numba_cuda\n"
+        "numba_cuda.THREADS = 32  # the simulator pays for every thread\n"
+        "problem = bench.make_problem(bench.OPTIMIZERS['adamw'], np.float32, (4196,), 0)\n"
+        "for impl in (bench.OursLean('numba-cuda', 'bfloat16'), bench.LeanCeiling('numba-cuda', 'bfloat16')):\n"
+        "    assert impl.unavailable(problem) is None, impl.unavailable(problem)\n"
+        "    entry = Entry('sizes', impl, problem)\n"
+        "    entry.case = impl.setup(problem, 2)\n"
+        "    error, where = verify(entry)\n"
+        "    assert 0 <= error <= 1, (impl.name, error, where)\n"
+        "    entry.case.step(1)\n"
+        "    entry.case.sync()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "GPUADAM_BACKEND": ""}
+    out = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning", "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout[-2000:] + out.stderr[-3000:]
