@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo.main)
     p = sub.add_parser("bench", help="time the kernels against the same-bytes ceiling and the peers",
                        description="Time every backend's Adam step against a kernel that moves the same bytes with "
-                                   "no math, and against NumPy, PyTorch, optax and DeepSpeed where installed.")
+                                   "no math, and against NumPy, PyTorch, optax, DeepSpeed and bitsandbytes where "
+                                   "installed.")
     _bench_arguments(p)
     p.set_defaults(func=_bench)
     return parser
@@ -147,11 +148,17 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                         "in float32, as torch does")
     p.add_argument("--master-weights", action="store_true",
                    help="with --dtype float16/bfloat16: float32 master weights and state (28 B/element for Adam)")
+    p.add_argument("--state-dtype", default="float32",
+                   help="comma-separated float32,bfloat16,int8: the optimizer state's layouts in the size sweep "
+                        "(default float32, the params' own). Each lean one adds Adam(state_dtype=...).step on "
+                        "every backend that takes it and a ceiling moving that layout's bytes; int8 also "
+                        "bitsandbytes' Adam8bit where installed. Lean state takes --dtype float32, adam/adamw")
     p.add_argument("--many", action="store_true",
                    help="400 tensors of 1e3-1e5 elements: one tensor vs separate arrays vs a FlatBuffer vs the "
                         "peers (the size sweep then runs only if --sizes is given)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time NumPy, PyTorch, optax, DeepSpeed where installed (default on)")
+                   help="also time NumPy, PyTorch, optax, DeepSpeed (with int8 state bitsandbytes) where installed "
+                        "(default on)")
     p.add_argument("--repeat", type=int, help="timed samples per implementation and round (default 5; --quick 3)")
     p.add_argument("--rounds", type=int,
                    help="rounds of fresh allocations, each with another implementation allocating first; "

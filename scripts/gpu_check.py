@@ -14,7 +14,8 @@ fit is cut to smaller sizes or skipped, and says so):
              among them): float32 at 2^20 and 2^24, and at 2^27
   sanitizer  ``compute-sanitizer --tool memcheck`` over one small step per backend, when it is here
   bench-*    bfloat16 at 2^27, with half state and with float32 master weights; 400 tensors of
-             1e3 to 1e5 elements, separate and in one FlatBuffer (``--many``)
+             1e3 to 1e5 elements, separate and in one FlatBuffer (``--many``); lean state
+             (``--state-dtype float32,bfloat16,int8``) at 2^24 with bitsandbytes' Adam8bit, if time is left
 
 Everything goes under ``$OUT`` (else ``gpu-check-out/``): ``summary.json``, ``gpu_check.log``,
 ``tests.xml``, ``inspect.json``, ``bench.json``; at most ``MAX_FILES``. The summary is rewritten
@@ -51,7 +52,8 @@ MAX_FILES = 8
 LOG_PART_LIMIT = 2 * 2**20  # bytes of one part's output kept in the log
 #: Seconds each part may take at most (the overall budget may give it less).
 CAPS = {"gpu": 20, "install": 60, "inspect": 200, "tests": 200, "bench-float32": 45, "bench-float32-2^27": 45,
-        "sanitizer": 45, "bench-bfloat16-2^27": 35, "bench-bfloat16-master-2^27": 35, "bench-float32-many": 30}
+        "sanitizer": 45, "bench-bfloat16-2^27": 35, "bench-bfloat16-master-2^27": 35, "bench-float32-many": 30,
+        "bench-lean-state": 40}
 #: The bench parts: name, gpuadam bench arguments, then the sizes to try, largest first (the first
 #: that fits the time left runs: cut sizes rather than overrun).
 BENCHES = [
@@ -62,6 +64,10 @@ BENCHES = [
      ["2^27", "2^26", "2^25"]),
     # 400 tensors: separate launches against one FlatBuffer launch and torch fused (no size sweep)
     ("bench-float32-many", ["--dtype", "float32", "--many", "--rounds", "1", "--no-overhead"], []),
+    # lean state: float32, bfloat16 and int8 moments, each layout beside its own ceiling, torch fused and
+    # bitsandbytes' Adam8bit (CUDA) where installed; last, so it runs only in the time left
+    ("bench-lean-state", ["--dtype", "float32", "--state-dtype", "float32,bfloat16,int8", "--rounds", "1",
+                          "--no-overhead"], ["2^24", "2^22"]),
 ]
 #: The benches that run before the sanitizer (the float32 ones: the targets are float32 Adam's).
 BEFORE_SANITIZER = 2
@@ -412,14 +418,14 @@ def run_benches(c: Check, benches: list, runs: dict) -> None:
 
 
 def bench_figures(doc: dict) -> list[dict]:
-    """Per size and row of ours and of torch fused: bandwidth, fraction of the same-bytes ceiling,
-    and torch fused's time over ours."""
+    """Per size and row of ours (each state layout's), of torch fused and of bitsandbytes: bandwidth,
+    fraction of the same-bytes ceiling, and torch fused's time over ours."""
     rows = []
     for r in doc.get("results", []):
-        fused = "fused" in r["implementation"] and r["group"] == "peer"
-        if r["suite"] == "sizes" and (r["implementation"].endswith("Adam.step") or fused or r["group"] == "ceiling"):
-            rows.append({k: r.get(k) for k in ("implementation", "dtype", "master_weights", "size", "status",
-                                               "bandwidth_gbs", "ceiling_fraction", "median_s", "reason")})
+        peer = r["group"] == "peer" and ("fused" in r["implementation"] or "Adam8bit" in r["implementation"])
+        if r["suite"] == "sizes" and (r["implementation"].endswith(".step") or peer or r["group"] == "ceiling"):
+            rows.append({k: r.get(k) for k in ("implementation", "dtype", "master_weights", "state_dtype", "size",
+                                               "status", "bandwidth_gbs", "ceiling_fraction", "median_s", "reason")})
     for ratio in doc.get("ratios", []):
         fused = {k: v for k, v in ratio.get("peer_time_over_ours", {}).items() if "fused" in k}
         rows.append({"ours": ratio["ours"], "size": ratio["size"], "ours_over_ceiling": ratio["ours_over_ceiling"],

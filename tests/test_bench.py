@@ -370,15 +370,17 @@ def test_half_verification_catches_a_wrong_step(dtype):
 
 def test_cuda_ceiling_compiles_to_the_same_loads_and_stores():
     """For sm_90 (no GPU needed, only NVVM): 4 loads and 3 stores for Adam, 5 and 4 for AMSGrad; with
-    master weights one more store (the half param)."""
+    master weights one more store (the half param); int8 state: p g mq vq and the two absmax read,
+    all but g written; bfloat16 state as Adam."""
     code = (
         "import re\n"
-        "from numba import cuda, float32, uint16\n"
+        "from numba import cuda, float32, uint8, uint16\n"
         "from gpuadam.bench import ceiling_cuda as bench_cuda\n"
-        "f, h = float32[::1], uint16[::1]\n"
+        "f, h, b = float32[::1], uint16[::1], uint8[::1]\n"
         "for f, sig in ((bench_cuda.move_adam, (f,) * 4), (bench_cuda.move_amsgrad, (f,) * 5),\n"
         "               (bench_cuda.move_adam_master, (f, h, f, f, h)),\n"
-        "               (bench_cuda.move_amsgrad_master, (f, h, f, f, f, h))):\n"
+        "               (bench_cuda.move_amsgrad_master, (f, h, f, f, f, h)),\n"
+        "               (bench_cuda.move_int8, (f, f, b, f, b, f)), (bench_cuda.move_bf16state, (f, f, h, h))):\n"
         "    ptx, _ = cuda.compile_ptx(f, sig, cc=(9, 0))\n"
         "    print(len(re.findall(r'ld\\.global', ptx)), len(re.findall(r'st\\.global', ptx)),"
         " len(re.findall(r'\\.f64', ptx)))\n"
@@ -387,7 +389,8 @@ def test_cuda_ceiling_compiles_to_the_same_loads_and_stores():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         pytest.skip(f"cannot compile PTX here: {out.stderr.strip().splitlines()[-1:]}")
-    assert out.stdout.split() == ["4", "3", "0", "5", "4", "0", "4", "4", "0", "5", "5", "0"]
+    assert out.stdout.split() == ["4", "3", "0", "5", "4", "0", "4", "4", "0", "5", "5", "0", "6", "5", "0",
+                                  "4", "3", "0"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -439,3 +442,256 @@ def test_gpu_timing_path_in_the_simulator(tmp_path, storage):
     assert refused == ({"gpuadam numba-cuda adam_step"} if storage else set()) | {"gpuadam.torch Adam.step (cuda)"}
     assert over and all(r["status"] == "ok" and r["timer"] == "perf_counter" and r["buffer_sets"] == 1
                         for r in over if r["status"] != "unavailable")
+
+
+# --- lean optimizer state (--state-dtype) -------------------------------------------------
+
+
+def test_lean_layouts_bytes():
+    """int8: float32 p and g (12 B) and a uint8 code per moment each way (4 B), plus one float32
+    absmax per block of 256 of each tensor per moment each way; bfloat16: 2 B per moment each way."""
+    assert bench.lean_bytes_per_step("int8", (4096,)) == 4096 * 16 + 16 * 16
+    assert bench.lean_bytes_per_step("int8", (300, 4096)) == 4396 * 16 + (2 + 16) * 16  # blocks follow tensors
+    assert bench.lean_bytes_per_step("bfloat16", (300, 4096)) == 4396 * 20
+    assert bench.lean_accounting("int8")["bytes_per_element"] == 16.0625
+    with pytest.raises(ValueError, match="int4"):
+        bench.lean_bytes_per_step("int4", (10,))
+
+
+@pytest.mark.parametrize("n", [1000, PARALLEL_MIN + 3])  # the serial and the parallel loop
+def test_cpu_lean_ceilings_move_every_array(n):
+    rng = np.random.default_rng(2)
+    p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    mq, vq = (rng.integers(0, 256, n).astype(np.uint8) for _ in range(2))
+    ma, va = (rng.random(-(-n // 256), dtype=np.float32) for _ in range(2))
+    before = [x.copy() for x in (p, g, mq, ma, vq, va)]
+    bench.ceiling_kernel("numba-cpu", "adam/int8")(p, g, mq, ma, vq, va)
+    np.testing.assert_array_equal(p, before[0] + before[1])
+    np.testing.assert_array_equal(g, before[1])
+    np.testing.assert_array_equal(mq, before[4])
+    np.testing.assert_array_equal(vq, before[2] + before[4])  # uint8: wraps as the store does
+    np.testing.assert_array_equal(ma, before[5])
+    np.testing.assert_array_equal(va, before[3] + before[5])
+    m, v = (rng.integers(0, 1 << 16, n).astype(np.uint16) for _ in range(2))
+    p0, m0, v0 = p.copy(), m.copy(), v.copy()
+    bench.ceiling_kernel("numba-cpu", "adam/bf16state")(p, g, m, v)
+    np.testing.assert_array_equal(p, p0 + g)
+    np.testing.assert_array_equal(m, v0)
+    np.testing.assert_array_equal(v, m0 + v0)
+
+
+def _lean_config(**kw):
+    base = dict(sizes=(4096,), overhead=False, repeat=1, state_dtypes=("float32", "bfloat16", "int8"))
+    return quick_config(**{**base, **kw})
+
+
+def test_lean_state_rows_verified_against_their_layouts_ceiling_and_torch_fused():
+    from gpuadam.bench.lean_state import BitsandbytesPeer
+
+    extra = [bench.TorchPeer("fused", "cpu"), BitsandbytesPeer("cpu")]
+    doc = bench.run(_lean_config(), extra=extra)
+    rows = {r["implementation"]: r for r in doc["results"]}
+    assert doc["config"]["state_dtypes"] == ["float32", "bfloat16", "int8"]
+    assert doc["state_layouts"]["int8"]["bytes_per_element"] == 16.0625
+    assert doc["state_layouts"]["bfloat16"]["bytes_per_element"] == 20
+    for kind in ("bfloat16", "int8"):
+        ours = rows[f"gpuadam numba-cpu Adam(state_dtype={kind}).step"]
+        ceiling = rows[f"ceiling numba-cpu {kind} state (same bytes, no math)"]
+        for r in (ours, ceiling):
+            assert r["status"] == "ok" and r["verified"] and r["verify_error"] <= 1.0 and r["state_dtype"] == kind, r
+            assert r["bytes_per_step"] == bench.lean_bytes_per_step(kind, (4096,))
+            assert math.isclose(r["bandwidth_gbs"], r["bytes_per_step"] / r["median_s"] / 1e9, rel_tol=1e-9)
+        assert ceiling["verify_error"] == 0  # it moves bits: exact
+        assert math.isclose(ours["ceiling_fraction"], ceiling["median_s"] / ours["median_s"], rel_tol=1e-9)
+        (ratio,) = [q for q in doc["ratios"] if q["ours"] == ours["implementation"]]
+        assert ratio["state_dtype"] == kind and "torch fused (cpu)" in ratio["peer_time_over_ours"]
+    plain = rows["gpuadam numba-cpu Adam.step"]
+    assert plain["state_dtype"] is None and plain["bytes_per_step"] == 28 * 4096
+    bnb = rows["bitsandbytes Adam8bit (cpu)"]
+    if bnb["status"] != "unavailable" or os.environ.get("GPUADAM_REQUIRE_ALL"):
+        assert bnb["status"] == "ok" and bnb["verified"] and bnb["state_dtype"] == "int8", bnb
+        assert bnb["ceiling_fraction"] > 0 and "3e-5" in bnb["note"]
+    table = bench.format_table(doc)
+    lean = table[table.index("== lean optimizer state"):]
+    assert re.search(r"2\^12  gpuadam numba-cpu Adam\(state_dtype=int8\)\.step +int8 .* \d+% +[\d.]+x", lean), lean
+    assert re.search(r"2\^12  torch fused \(cpu\) +float32 .* 1\.00x", lean), lean
+    main = table[: table.index("== lean optimizer state")]
+    assert "state_dtype=" not in main and "Adam8bit" not in main  # the 28 B/element table has none of them
+
+
+def test_lean_rows_ask_the_optimizer_which_backends_take_them(monkeypatch):
+    """A backend is benchmarked with lean state exactly when gpuadam.Adam takes state_dtype there."""
+    import gpuadam
+    from gpuadam.bench import cases
+    from gpuadam.bench.lean_state import OursLean
+
+    problem = bench.make_problem(bench.OPTIMIZERS["adam"], np.float32, (4096,), 0)
+    assert OursLean("numba-cpu", "int8").unavailable(problem) is None
+    small = bench.make_problem(bench.OPTIMIZERS["adam"], np.float32, (1000,), 0)
+    assert "under 4096" in OursLean("numba-cpu", "int8").unavailable(small)
+    amsgrad = bench.make_problem(bench.OPTIMIZERS["amsgrad"], np.float32, (4096,), 0)
+    assert "amsgrad" in OursLean("numba-cpu", "bfloat16").unavailable(amsgrad)
+
+    def refuse(*args, **kw):
+        raise ValueError("state_dtype='int8': not on this backend")
+
+    cases.lean_refusal.cache_clear()
+    monkeypatch.setattr(gpuadam, "Adam", refuse)
+    try:
+        assert OursLean("numba-cpu", "int8").unavailable(problem) == "state_dtype='int8': not on this backend"
+        assert "not on this backend" in bench.ceiling.LeanCeiling("numba-cpu", "int8").unavailable(problem)
+    finally:
+        cases.lean_refusal.cache_clear()
+
+
+class _BrokenLean:
+    """Our lean step, then the state broken the way a wrong kernel would leave it."""
+
+    @staticmethod
+    def make(kind, how):
+        from gpuadam.bench import lean_state
+
+        class Case(lean_state._OursLeanCase):
+            def step(self, k):
+                super().step(k)
+                (state,) = self.opts[k].state
+                if how == "absmax":  # a scale 1.25x the block's largest magnitude
+                    state["exp_avg_absmax"] *= np.float32(1.25)
+                elif how == "codes":  # v three codes up, as a nearest-code search off by three
+                    codes = state["exp_avg_sq_codes"]
+                    codes[...] = np.minimum(codes.astype(np.int64) + 3, 255)
+                else:  # bfloat16 m two ulps off (its magnitude's bits + 2)
+                    state["exp_avg_bf16_bits"] += np.uint16(2)
+
+        class Broken(lean_state.OursLean):
+            def __init__(self):
+                super().__init__("numba-cpu", kind)
+                self.name = f"broken {kind} ({how})"
+
+            def setup(self, problem, sets):
+                return Case(self.backend, problem, sets, self.state_dtype)
+
+        return Broken()
+
+
+def test_a_broken_lean_row_is_rejected_and_not_timed():
+    """The lean check has teeth: a scale off by 1.25, codes three off, bfloat16 bits two ulps off."""
+    broken = [_BrokenLean.make("int8", "absmax"), _BrokenLean.make("int8", "codes"),
+              _BrokenLean.make("bfloat16", "bits")]
+    doc = bench.run(_lean_config(state_dtypes=("int8",)), extra=broken)
+    rows = {r["implementation"]: r for r in doc["results"]}
+    assert rows["gpuadam numba-cpu Adam(state_dtype=int8).step"]["status"] == "ok"
+    for impl, where in zip(broken, ("m_absmax at step", "v at step", "m at step")):
+        r = rows[impl.name]
+        assert r["status"] == "failed" and not r["samples_s"] and r["verify_error"] > 1, r
+        assert f"reference: {where}" in r["reason"], r["reason"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--state-dtype", "int4"], "float32, bfloat16, int8"),
+    (["--state-dtype", "int8", "--dtype", "bfloat16"], "float32 params"),
+    (["--state-dtype", "bfloat16", "--optimizers", "amsgrad"], "adam/adamw"),
+])
+def test_state_dtype_refusals(capsys, argv, words):
+    assert cli_main(["bench", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpuadam bench: --state-dtype") and words in err, err
+
+
+def test_cuda_lean_ceilings_in_the_simulator():
+    """The Numba CUDA lean ceilings, launched as the bench launches them (int8: a thread block per
+    quantisation block, thread 0 moving the absmax), on a tail block too. Its own process."""
+    code = (
+        "import numpy as np\n"
+        "from numba import cuda\n"
+        "from gpuadam.bench import ceiling_cuda\n"
+        "rng = np.random.default_rng(0)\n"
+        "n = 600\n"
+        "p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))\n"
+        "mq, vq = (rng.integers(0, 256, n).astype(np.uint8) for _ in range(2))\n"
+        "ma, va = (rng.random(3, dtype=np.float32) for _ in range(2))\n"
+        "d = [cuda.to_device(x) for x in (p, g, mq, ma, vq, va)]\n"
+        "ceiling_cuda.launch('adam/int8', *d)\n"
+        "out = [x.copy_to_host() for x in d]\n"
+        "want = [p + g, g, vq, va, mq + vq, ma + va]\n"
+        "assert all(np.array_equal(a, b) for a, b in zip(out, want)), 'int8'\n"
+        "m, v = (rng.integers(0, 1 << 16, n).astype(np.uint16) for _ in range(2))\n"
+        "d = [cuda.to_device(x) for x in (p, g, m, v)]\n"
+        "ceiling_cuda.launch('adam/bf16state', *d)\n"
+        "out = [x.copy_to_host() for x in d]\n"
+        "assert all(np.array_equal(a, b) for a, b in zip(out, [p + g, g, v, m + v])), 'bfloat16'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "GPUADAM_BACKEND": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_cupy_lean_ceilings_on_the_host(tmp_path_factory):
+    """The CuPy lean ceiling bodies (``CUPY_CEILING``), as CuPy is given them, in a C++ loop over i
+    compiled with g++ and run through ctypes: every array moved as the Numba ceilings move it."""
+    import ctypes
+
+    from helpers import build_host_library
+
+    c_types = {"float32": "float", "uint8": "unsigned char", "uint16": "unsigned short"}
+    np_types = {"float32": np.float32, "uint8": np.uint8, "uint16": np.uint16}
+    source, signatures = "#include <cstddef>\n", {}
+    for rule in ("adam/int8", "adam/bf16state"):
+        ins, outs, body = bench.CUPY_CEILING[rule]
+        params = [x.split() for x in f"{ins}, {outs}".split(",")]  # [raw, type, name]
+        name = "ceiling_" + rule.replace("/", "_")
+        args = ", ".join(f"{c_types[t]}* {n}" for _, t, n in params)
+        source += f'extern "C" void {name}(const ptrdiff_t n, {args}) {{\n' \
+                  f"  for (ptrdiff_t i = 0; i < n; ++i) {{\n{body}\n  }}\n}}\n"
+        signatures[rule] = (name, [np_types[t] for _, t, _ in params])
+    lib = build_host_library(tmp_path_factory, "cupy_lean_ceiling", source)
+    rng = np.random.default_rng(3)
+    n = 600
+
+    def run(rule, arrays):
+        name, dtypes = signatures[rule]
+        assert [a.dtype for a in arrays] == [np.dtype(d) for d in dtypes]
+        getattr(lib, name)(ctypes.c_ssize_t(n), *(a.ctypes.data_as(ctypes.c_void_p) for a in arrays))
+
+    g, p = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    mq, vq = (rng.integers(0, 256, n).astype(np.uint8) for _ in range(2))
+    ma, va = (rng.random(3, dtype=np.float32) for _ in range(2))
+    want = [g, p + g, vq, va, mq + vq, ma + va]
+    arrays = [x.copy() for x in (g, p, mq, ma, vq, va)]  # the kernel's order: ins, then outs
+    run("adam/int8", arrays)
+    for got, expected in zip(arrays, want):
+        np.testing.assert_array_equal(got, expected)
+    m, v = (rng.integers(0, 1 << 16, n).astype(np.uint16) for _ in range(2))
+    arrays = [x.copy() for x in (g, p, m, v)]
+    run("adam/bf16state", arrays)
+    for got, expected in zip(arrays, [g, p + g, v, m + v]):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_lean_rows_on_numba_cuda_in_the_simulator():
+    """Our bfloat16-state step and its ceiling on numba-cuda, set up and verified as the bench does
+    (device state read back, decoded, checked), on two buffer sets, a tail past the last full
+    block of threads. int8's kernel is the simulator's slowest (a thread block per 256 elements):
+    its ceiling is run above, the kernel itself in tests/simulator. Its own process."""
+    code = (
+        "import numpy as np\n"
+        "from gpuadam import bench\n"
+        "from gpuadam.bench.timing import Entry, verify\n"
+        "from gpuadam.kernels import numba_cuda\n"
+        "numba_cuda.THREADS = 32  # the simulator pays for every thread\n"
+        "problem = bench.make_problem(bench.OPTIMIZERS['adamw'], np.float32, (4196,), 0)\n"
+        "for impl in (bench.OursLean('numba-cuda', 'bfloat16'), bench.LeanCeiling('numba-cuda', 'bfloat16')):\n"
+        "    assert impl.unavailable(problem) is None, impl.unavailable(problem)\n"
+        "    entry = Entry('sizes', impl, problem)\n"
+        "    entry.case = impl.setup(problem, 2)\n"
+        "    error, where = verify(entry)\n"
+        "    assert 0 <= error <= 1, (impl.name, error, where)\n"
+        "    entry.case.step(1)\n"
+        "    entry.case.sync()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "GPUADAM_BACKEND": ""}
+    out = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning", "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout[-2000:] + out.stderr[-3000:]

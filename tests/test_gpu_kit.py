@@ -15,7 +15,7 @@ from family_cases import CASES
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 PARTS = ["gpu", "install", "inspect", "tests", "bench-float32", "bench-float32-2^27", "sanitizer",
-         "bench-bfloat16-2^27", "bench-bfloat16-master-2^27", "bench-float32-many"]
+         "bench-bfloat16-2^27", "bench-bfloat16-master-2^27", "bench-float32-many", "bench-lean-state"]
 
 
 def _dry_run(out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@ buffers of ours in a backend's memory."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from gpuadam.bench.problems import (
     Problem,
     is_half,
 )
+from gpuadam.kernels.lean_maps import MIN_SIZE
 from gpuadam.reference import adam_reference
 
 # An Implementation says whether it can run a problem and builds a Case: its own copy of the
@@ -57,6 +59,9 @@ class Implementation:
     tolerance_eps = VERIFY_ULPS  # verification tolerance (see ``verify``)
     note = ""  # shown under the table: anything a reader must know to trust the row
 
+    #: The state's layout when it is not the params' own (``problems.LEAN_STATE``): its bytes, its
+    #: ceiling and its verification differ.
+    state_dtype: str | None = None
     storage_ulps = VERIFY_STORAGE_ULPS  # half storage: the rounding allowed per element (see ``verify``)
     #: Half storage computed op by op in the half format (no float32 math): its math budget is then
     #: in eps of that format, and no per-element ulps (rounding each operation cancels to many).
@@ -84,6 +89,16 @@ class Implementation:
             out["w"] = p0
         return out
 
+    def bytes_per_step(self, problem: Problem) -> int:
+        """The bytes one step of this implementation's state layout must move (bandwidth = this / time)."""
+        return problem.bytes_per_step
+
+    def expected_with_allowance(self, problem: Problem, before: dict[str, np.ndarray], g: np.ndarray,
+                                t: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``expected_step``, and per array an error allowed at each element beyond the math's budget
+        (a quantised state's rounding: ``timing.verify``); none by default."""
+        return self.expected_step(problem, before, g, t), {}
+
     def expected_step(self, problem: Problem, before: dict[str, np.ndarray], g: np.ndarray,
                       t: int) -> dict[str, np.ndarray]:
         """Step ``t`` of the float64 reference from ``before`` (this implementation's own values after
@@ -99,6 +114,35 @@ class Implementation:
         if problem.master:
             out["w"] = p
         return out
+
+
+@functools.cache
+def lean_refusal(backend: str, kind: str) -> str | None:
+    """Why ``gpuadam.Adam(state_dtype=kind)`` refuses ``backend`` here (its own words), or None: the
+    optimizer is asked, on a float32 probe large enough for lean state, so a backend that gains
+    the lean kernels is benchmarked without a change here."""
+    import gpuadam
+
+    be = backends.get(backend)
+    try:
+        gpuadam.Adam([be.zeros(MIN_SIZE, np.float32)], backend=backend, state_dtype=kind)
+    except ValueError as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
+def lean_unavailable(problem: Problem, kind: str) -> str | None:
+    """Why the bench's ``kind``-state rows cannot run ``problem``: float32 params, Adam/AdamW, one
+    tensor of at least ``MIN_SIZE`` elements for int8 (a smaller one keeps float32 state)."""
+    if problem.dtype != np.float32 or problem.master:
+        return f"{kind} state is benchmarked with float32 params (--dtype float32)"
+    if problem.spec.rule != "adam":
+        return f"{kind} state is for Adam/AdamW without amsgrad"
+    if len(problem.sizes) != 1:
+        return f"{kind} state runs in the size sweep (one tensor)"
+    if kind == "int8" and problem.n < MIN_SIZE:
+        return f"tensors under {MIN_SIZE} elements keep float32 state"
+    return None
 
 
 def device_of(backend: str) -> str:

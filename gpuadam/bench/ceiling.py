@@ -9,8 +9,19 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
-from gpuadam.bench.cases import BackendCase, Case, Implementation, device_of, to_backend
-from gpuadam.bench.problems import Problem, is_half
+from gpuadam import lean
+from gpuadam.bench.cases import (
+    BackendCase,
+    Case,
+    Implementation,
+    device_of,
+    lean_refusal,
+    lean_unavailable,
+    to_backend,
+)
+from gpuadam.bench.problems import Problem, is_half, lean_bytes_per_step
+from gpuadam.kernels.lean_cpu import BLOCKS_PER_CHUNK
+from gpuadam.kernels.lean_maps import BLOCK
 from gpuadam.kernels.numba_cpu import PARALLEL_MIN
 
 # (a) ceiling kernels: the same loads and stores as a step, and no math the compiler could elide
@@ -21,6 +32,11 @@ from gpuadam.kernels.numba_cpu import PARALLEL_MIN
 # w, m, v (and x) beside the half p and g, as our kernels take them: (w, g, m, v[, x], half_param):
 # Adam:    w, m, v, half_param = m, w, m + v, g            reads w g m v, writes w m v half_param
 # AMSGrad: w, m, v, x, half_param = m, w, m + v, x + v, g  reads w g m v x, writes w m v x half_param
+# Lean state (float32 p and g), the moments in the layout's own storage, arrays in our kernels' order
+# (p cannot move into a moment of another type, so it is read by one float32 add):
+# int8:     p, mq, vq = p + g, vq, mq + vq per element (uint8, wrapping) and ma, va = va, ma + va
+#           per block of BLOCK (float32 absmax): reads p g mq vq ma va, writes p mq vq ma va
+# bfloat16: p, m, v = p + g, v, m + v (uint16 bits, wrapping): reads p g m v, writes p m v
 
 
 @njit(parallel=True, cache=True)
@@ -71,6 +87,45 @@ def _ceiling_amsgrad_master_serial(w, g, m, v, x, half_param):
         w[i], m[i], v[i], x[i], half_param[i] = m[i], w[i], m[i] + v[i], x[i] + v[i], g[i]
 
 
+@njit(parallel=True, cache=True)
+def _ceiling_int8_parallel(p, g, mq, ma, vq, va):
+    # whole blocks per parallel chunk, as kernels.lean_cpu's int8 loop takes them; the elements
+    # through slices counted from 0, which LLVM vectorises (a loop over computed bounds it did not:
+    # 5x slower than the memory)
+    per_chunk = BLOCKS_PER_CHUNK * BLOCK
+    for chunk in prange((ma.size + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK):
+        lo = chunk * per_chunk
+        hi = min(p.size, lo + per_chunk)
+        _move_codes(p[lo:hi], g[lo:hi], mq[lo:hi], vq[lo:hi])
+        for b in range(chunk * BLOCKS_PER_CHUNK, min(ma.size, (chunk + 1) * BLOCKS_PER_CHUNK)):
+            ma[b], va[b] = va[b], ma[b] + va[b]
+
+
+@njit(cache=True)
+def _move_codes(p, g, mq, vq):
+    for i in range(p.size):
+        p[i], mq[i], vq[i] = p[i] + g[i], vq[i], mq[i] + vq[i]
+
+
+@njit(cache=True)
+def _ceiling_int8_serial(p, g, mq, ma, vq, va):
+    _move_codes(p, g, mq, vq)
+    for b in range(ma.size):
+        ma[b], va[b] = va[b], ma[b] + va[b]
+
+
+@njit(parallel=True, cache=True)
+def _ceiling_bf16state_parallel(p, g, m, v):
+    for i in prange(p.size):
+        p[i], m[i], v[i] = p[i] + g[i], v[i], m[i] + v[i]
+
+
+@njit(cache=True)
+def _ceiling_bf16state_serial(p, g, m, v):
+    for i in range(p.size):
+        p[i], m[i], v[i] = p[i] + g[i], v[i], m[i] + v[i]
+
+
 def _threaded(parallel: Callable, serial: Callable) -> Callable:
     """The threading (and threshold) of ``kernels.numba_cpu``."""
 
@@ -87,6 +142,8 @@ def _cpu_ceiling() -> dict[str, Callable]:
         "amsgrad": _threaded(_ceiling_amsgrad_parallel, _ceiling_amsgrad_serial),
         "adam/master": _threaded(_ceiling_adam_master_parallel, _ceiling_adam_master_serial),
         "amsgrad/master": _threaded(_ceiling_amsgrad_master_parallel, _ceiling_amsgrad_master_serial),
+        lean.KERNEL["int8"]: _threaded(_ceiling_int8_parallel, _ceiling_int8_serial),
+        lean.KERNEL["bfloat16"]: _threaded(_ceiling_bf16state_parallel, _ceiling_bf16state_serial),
     }
 
 
@@ -118,6 +175,19 @@ CUPY_CEILING = {
                        "const unsigned short g = raw_g[i]; const float w = raw_w[i]; const float m = raw_m[i];\n"
                        "const float v = raw_v[i]; const float s = m + v; const float x = raw_x[i] + v;\n"
                        "raw_w[i] = m; raw_m[i] = w; raw_v[i] = s; raw_x[i] = x; raw_half_param[i] = g;"),
+    # lean layouts, in the order of gpuadam.lean.NAMES after p: the absmax of block b moves with its
+    # first element
+    "adam/int8": ("raw float32 raw_g",
+                  "raw float32 raw_p, raw uint8 raw_mq, raw float32 raw_ma, raw uint8 raw_vq, raw float32 raw_va",
+                  "const float p = raw_p[i] + raw_g[i]; const unsigned char mq = raw_mq[i];\n"
+                  "const unsigned char vq = raw_vq[i];\n"
+                  "raw_p[i] = p; raw_mq[i] = vq; raw_vq[i] = (unsigned char)(mq + vq);\n"
+                  f"if (i % {BLOCK} == 0) {{ const ptrdiff_t b = i / {BLOCK}; const float ma = raw_ma[b];\n"
+                  "  const float va = raw_va[b]; raw_ma[b] = va; raw_va[b] = ma + va; }"),
+    "adam/bf16state": ("raw float32 raw_g", "raw float32 raw_p, raw uint16 raw_m, raw uint16 raw_v",
+                       "const float p = raw_p[i] + raw_g[i]; const unsigned short m = raw_m[i];\n"
+                       "const unsigned short v = raw_v[i];\n"
+                       "raw_p[i] = p; raw_m[i] = v; raw_v[i] = (unsigned short)(m + v);"),
 }
 
 
@@ -135,7 +205,8 @@ def _cupy_ceiling() -> dict[str, Callable]:
 
 def ceiling_kernel(backend: str, rule: str, master: bool = False) -> Callable:
     """The ceiling kernel of ``backend`` for ``rule``: ``kernel(p, g, m, v[, vmax])`` (any dtype,
-    16-bit patterns for half state), or with ``master`` ``kernel(w, g, m, v[, vmax], half_param)``."""
+    16-bit patterns for half state), or with ``master`` ``kernel(w, g, m, v[, vmax], half_param)``;
+    for a lean layout (``rule`` a ``lean.KERNEL`` name) ``kernel(p, g, *moments)`` in ``lean.NAMES``' order."""
     table = {"numba-cpu": _cpu_ceiling, "numba-cuda": _numba_cuda_ceiling, "cupy": _cupy_ceiling}
     return table[backend]()[f"{rule}/master" if master else rule]
 
@@ -224,4 +295,86 @@ class _CeilingCase(BackendCase):
         out = {"p": self._host(self.params[0], bits)}
         for name in self.names:
             out[name] = self._host(self.arrays[0][name])
+        return out
+
+
+#: The arrays a lean layout's ceiling moves beside p and g, in ``lean.NAMES``' order, and their storage.
+_LEAN_CEILING_ARRAYS = {
+    "int8": (("mq", np.uint8), ("ma", np.float32), ("vq", np.uint8), ("va", np.float32)),
+    "bfloat16": (("m", np.uint16), ("v", np.uint16)),
+}
+
+
+class LeanCeiling(Ceiling):
+    """The same-bytes kernel of a lean state layout (see (a)): float32 p and g beside the moments as
+    the layout stores them (int8: codes and one absmax per block; bfloat16: 16-bit patterns)."""
+
+    def __init__(self, backend: str, kind: str) -> None:
+        super().__init__(backend)
+        self.state_dtype = kind
+        self.name = f"ceiling {backend} {kind} state (same bytes, no math)"
+
+    def unavailable(self, problem: Problem) -> str | None:
+        # the ceiling of a layout runs where our step with that layout runs: the optimizer decides
+        return lean_unavailable(problem, self.state_dtype) or lean_refusal(self.backend, self.state_dtype)
+
+    def bytes_per_step(self, problem: Problem) -> int:
+        return lean_bytes_per_step(self.state_dtype, problem.sizes)
+
+    def setup(self, problem: Problem, sets: int) -> Case:
+        return _LeanCeilingCase(self.backend, problem, sets, self.state_dtype)
+
+    def initial(self, problem: Problem, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: x[idx].astype(np.float64) for name, x in _lean_ceiling_start(problem, self.state_dtype).items()}
+
+    def expected_step(self, problem: Problem, before: dict[str, np.ndarray], g: np.ndarray,
+                      t: int) -> dict[str, np.ndarray]:
+        stored = {name: before[name].astype(dtype) for name, dtype in _LEAN_CEILING_ARRAYS[self.state_dtype]}
+        out = {"p": before["p"].astype(np.float32) + g.astype(np.float32)}
+        if self.state_dtype == "int8":
+            out.update(mq=stored["vq"], vq=stored["mq"] + stored["vq"], ma=stored["va"], va=stored["ma"] + stored["va"])
+        else:
+            out.update(m=stored["v"], v=stored["m"] + stored["v"])
+        return {k: x.astype(np.float64) for k, x in out.items()}
+
+
+def _per_element(name: str, x: np.ndarray, n: int) -> np.ndarray:
+    """An absmax (one per block) as one value per element, so verification samples it by element."""
+    return np.repeat(x, BLOCK)[:n] if name in ("ma", "va") else x
+
+
+def _lean_ceiling_start(problem: Problem, kind: str) -> dict[str, np.ndarray]:
+    """p0 and random moments in their storage (per element: an absmax repeated over its block)."""
+    rng = np.random.default_rng(1)
+    n = problem.n
+    out = {"p": problem.p0}
+    for name, dtype in _LEAN_CEILING_ARRAYS[kind]:
+        if dtype == np.float32:
+            x = rng.random(lean.n_blocks(n), dtype=np.float32)
+        else:
+            x = rng.integers(0, np.iinfo(dtype).max + 1, n).astype(dtype)
+        out[name] = _per_element(name, x, n)
+    return out
+
+
+class _LeanCeilingCase(BackendCase):
+    def __init__(self, backend: str, problem: Problem, sets: int, kind: str) -> None:
+        super().__init__(backend, problem, sets)
+        self.kernel = ceiling_kernel(backend, lean.KERNEL[kind])
+        start = _lean_ceiling_start(problem, kind)
+        self.names = [name for name, _ in _LEAN_CEILING_ARRAYS[kind]]
+        # the stored arrays (an absmax: one per block) from the per-element start
+        stored = {name: start[name][::BLOCK] if name in ("ma", "va") else start[name] for name in self.names}
+        self.arrays = [{name: to_backend(self.be, stored[name]) for name in self.names} for _ in range(sets)]
+        self.args = [(self.be.flat(params[0]), self.be.flat(grads[0]), *(arrays[name] for name in self.names))
+                     for params, grads, arrays in zip(self.params, self.grads, self.arrays)]
+
+    def step(self, k: int) -> None:
+        self.kernel(*self.args[k])
+
+    def state(self) -> dict[str, np.ndarray]:
+        n = self.problem.n
+        out = {"p": self._host(self.params[0])}
+        for name in self.names:
+            out[name] = _per_element(name, self.be.to_host(self.arrays[0][name]), n)
         return out

@@ -17,6 +17,7 @@ def config_from_args(args: Any) -> Config:
     split = (lambda s: tuple(x.strip() for x in s.split(",") if x.strip()))  # noqa: E731
     kw: dict[str, Any] = dict(
         optimizers=split(args.optimizers), dtype=args.dtype, master_weights=args.master_weights,
+        state_dtypes=split(args.state_dtype),
         many=args.many, peers=args.peers,
         overhead=not args.no_overhead, progress=not args.no_progress,
         sweep=args.sizes is not None or not args.many,

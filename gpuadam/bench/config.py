@@ -11,11 +11,13 @@ from gpuadam import backends
 from gpuadam.bench.problems import (
     DEFAULT_SIZES,
     DTYPES,
+    LEAN_STATE,
     LOW_PRECISION,
     MANY_COUNT,
     MANY_RANGE,
     OPTIMIZERS,
     QUICK_SIZES,
+    STATE_DTYPES,
     numpy_dtype,
 )
 
@@ -32,6 +34,9 @@ class Config:
     optimizers: tuple[str, ...] = ("adam",)
     dtype: str = "float32"
     master_weights: bool = False  # half params with float32 master weights and state
+    #: the state layouts of the size sweep: "float32" the params' own state (the usual rows), the
+    #: lean ones each with our Adam(state_dtype=...).step and the layout's ceiling
+    state_dtypes: tuple[str, ...] = ("float32",)
     peers: bool = True
     repeat: int = 5  # timed samples per implementation and round
     rounds: int = 3  # fresh allocations, each in a rotated order (see timing.run_entries)
@@ -66,6 +71,20 @@ class Config:
         if unknown or not self.optimizers:
             raise ValueError(f"--optimizers: got {','.join(unknown) or 'nothing'}; expected some of "
                              f"{', '.join(OPTIMIZERS)}")
+        bad = [s for s in self.state_dtypes if s not in STATE_DTYPES]
+        if bad or not self.state_dtypes:
+            raise ValueError(f"--state-dtype: got {','.join(bad) or 'nothing'}; expected some of "
+                             f"{', '.join(STATE_DTYPES)}")
+        lean = [s for s in self.state_dtypes if s in LEAN_STATE]
+        if lean and (self.dtype != "float32" or self.master_weights):
+            raise ValueError(f"--state-dtype {','.join(lean)}: lean state is benchmarked with float32 params; "
+                             f"got --dtype {self.dtype}{' --master-weights' if self.master_weights else ''}")
+        if lean and not any(OPTIMIZERS[o].rule == "adam" for o in self.optimizers):
+            raise ValueError(f"--state-dtype {','.join(lean)}: lean state is for adam/adamw (no amsgrad); got "
+                             f"--optimizers {','.join(self.optimizers)}")
+        if lean and not self.sweep:
+            raise ValueError(f"--state-dtype {','.join(lean)}: lean state runs in the size sweep; give --sizes "
+                             "with --many")
         if self.backends is not None:
             bad = [b for b in self.backends if b not in backends.NAMES]
             if bad or not self.backends:

@@ -45,6 +45,8 @@ def _optimizer_class(spec: OptimizerSpec) -> type:
 
 
 class _OptimizerCase(BackendCase):
+    state_dtype: str | None = None  # gpuadam.Adam's state_dtype (None: the params' own)
+
     def __init__(self, backend: str, problem: Problem, sets: int) -> None:
         super().__init__(backend, problem, sets)
         self.opts = [self.optimizer(params) for params in self.params]
@@ -53,7 +55,7 @@ class _OptimizerCase(BackendCase):
         problem = self.problem
         return _optimizer_class(problem.spec)(
             params, backend=self.backend, master_weights=problem.master, half_format=self.half_format,
-            **adam_kwargs(problem.spec.hyper),
+            state_dtype=self.state_dtype, **adam_kwargs(problem.spec.hyper),
         )
 
     def step(self, k: int) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuadam import lean
 from gpuadam.hyper import AdamHyper
 
 SCHEMA = "gpuadam-bench/1"
@@ -20,6 +21,10 @@ QUICK_SIZES = (2**12, 2**16)
 #: weights and state beside the half params.
 LOW_PRECISION = ("float16", "bfloat16")
 DTYPES = ("float32", "float64", *LOW_PRECISION)
+#: ``--state-dtype``: the optimizer state's layouts. ``float32`` is the params' own state (the usual
+#: rows); the lean ones (``gpuadam.lean``) take float32 params and Adam/AdamW without amsgrad.
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+LEAN_STATE = ("bfloat16", "int8")
 
 L2_DEFAULT_BYTES = 50 * 2**20  # H100's L2, when the device does not say
 VERIFY_STEPS = 2  # step 1 from zero state hides beta2 and the bias corrections: p1 = p0 - lr*sign(g)
@@ -41,6 +46,18 @@ STATE_NAMES = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax", "mas
 def is_half(dtype: Any) -> bool:
     """float16 or bfloat16 (``ml_dtypes``): stored in 16 bits, computed in float32."""
     return np.dtype(dtype).name in LOW_PRECISION
+
+
+#: (mantissa bits, exponent of the smallest normal) of the half formats
+HALF_FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
+
+
+def ulp(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """The unit in the last place of half-precision ``dtype`` (or its name) at each value of ``x`` (float64)."""
+    bits, emin = HALF_FORMATS[dtype if isinstance(dtype, str) else np.dtype(dtype).name]
+    _, e = np.frexp(np.abs(x))  # |x| = f * 2**e, 0.5 <= f < 1
+    exponent = np.where(x == 0, emin, np.maximum(e - 1, emin))
+    return np.ldexp(1.0, exponent - bits)
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -175,10 +192,43 @@ def make_problem(spec: OptimizerSpec, dtype: Any, sizes: Sequence[int], seed: in
     p0, g1, g2 = (rng.standard_normal(n, dtype=draw).astype(dtype) for _ in range(3))
     if n <= VERIFY_SAMPLE:
         sample = np.arange(n)
-    else:  # both ends (tails and remainders live there), and a random spread in between
-        ends = np.r_[0:1024, n - 1024 : n]
-        sample = np.unique(np.r_[ends, rng.integers(0, n, VERIFY_SAMPLE - ends.size)])
+    else:  # both ends (tails and remainders live there), and a random spread in between, in whole
+        # quantisation blocks: int8 state's reference needs each block's every element (its absmax)
+        blocks = lean.n_blocks(n)
+        ends = np.r_[0:4, blocks - 4 : blocks]
+        chosen = np.unique(np.r_[ends, rng.integers(0, blocks, VERIFY_SAMPLE // lean.BLOCK - ends.size)])
+        sample = (chosen[:, None] * lean.BLOCK + np.arange(lean.BLOCK)).reshape(-1)
+        sample = sample[sample < n]
     return Problem(spec, dtype, tuple(int(s) for s in sizes), p0, g1, g2, sample, master)
+
+
+def lean_bytes_per_step(kind: str, sizes: Sequence[int]) -> int:
+    """Bytes one Adam step with ``kind`` state must move over tensors of ``sizes``: float32 p read
+    and written and g read (12 B/element), each moment read and written as bfloat16 bits (2 B each
+    way) or, for int8, as a uint8 code (1 B each way) plus one float32 absmax per block of
+    ``lean.BLOCK`` elements of each tensor (4 B each way)."""
+    n = int(sum(sizes))
+    if kind == "bfloat16":
+        return n * (12 + 2 * 2 * 2)
+    if kind == "int8":
+        return n * (12 + 2 * 2 * 1) + sum(lean.n_blocks(s) for s in sizes) * 2 * 2 * 4
+    raise ValueError(f"no lean state layout {kind!r}; expected one of {', '.join(LEAN_STATE)}")
+
+
+def lean_accounting(kind: str) -> dict:
+    """The JSON's account of a lean layout's bytes (``lean_bytes_per_step``), per element at one
+    large tensor (the absmax's share: 16 B per block of ``lean.BLOCK``)."""
+    if kind == "bfloat16":
+        moments = "m and v as bfloat16 bits, 2 B read and 2 B written each"
+    else:
+        moments = (f"m and v as uint8 codes, 1 B read and 1 B written each, plus one float32 absmax per "
+                   f"{lean.BLOCK} elements per moment, read and written ({16 / lean.BLOCK:g} B/element)")
+    per_element = lean_bytes_per_step(kind, (lean.BLOCK,)) / lean.BLOCK
+    return {
+        "bytes_per_element": per_element,
+        "definition": f"float32 p read and written and g read (12 B), {moments} = {per_element:g} B/element "
+                      f"(blocks of {lean.BLOCK} follow each tensor); the layout's ceiling moves the same arrays",
+    }
 
 
 def many_sizes(count: int, low: int, high: int, seed: int) -> tuple[int, ...]:

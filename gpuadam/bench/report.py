@@ -13,6 +13,7 @@ from gpuadam import backends
 from gpuadam.bench.config import Config
 from gpuadam.bench.problems import (
     CPU,
+    LEAN_STATE,
     OPTIMIZERS,
     SCHEMA,
     TINY,
@@ -20,6 +21,7 @@ from gpuadam.bench.problems import (
     VERIFY_STEPS,
     VERIFY_STORAGE_ULPS,
     VERIFY_ULPS,
+    lean_accounting,
     numpy_dtype,
     size_label,
 )
@@ -27,10 +29,11 @@ from gpuadam.bench.timing import Entry
 
 
 def _ceiling_for(entry: Entry, entries: list[Entry]) -> Entry | None:
-    """The ceiling this entry is compared with: its own backend's, else the best on its device."""
+    """The ceiling this entry is compared with (of its state layout): its own backend's, else the
+    best on its device."""
     ceilings = [c for c in entries if c.impl.group == "ceiling" and c.status == "ok"
                 and c.impl.device == entry.impl.device and c.problem.spec is entry.problem.spec
-                and c.problem.n == entry.problem.n]
+                and c.problem.n == entry.problem.n and c.impl.state_dtype == entry.impl.state_dtype]
     same = [c for c in ceilings if c.impl.backend == entry.impl.backend]
     if same:
         return same[0]
@@ -40,7 +43,7 @@ def _ceiling_for(entry: Entry, entries: list[Entry]) -> Entry | None:
 def _row(e: Entry, entries: list[Entry]) -> dict:
     row = {
         "suite": e.suite, "optimizer": e.problem.spec.name, "dtype": str(e.problem.dtype),
-        "master_weights": e.problem.master,
+        "master_weights": e.problem.master, "state_dtype": e.impl.state_dtype,
         "size": e.problem.n, "tensors": len(e.problem.sizes), "layout": e.layout,
         "implementation": e.impl.name, "group": e.impl.group, "backend": e.impl.backend, "device": e.impl.device,
         "launches": e.impl.launches, "status": e.status, "reason": e.reason, "note": e.impl.note_for(e.problem) or None,
@@ -48,15 +51,16 @@ def _row(e: Entry, entries: list[Entry]) -> dict:
         "verify_storage_ulps": e.impl.storage_ulps if e.problem.half else None,
         "timer": e.timer, "event_timing": e.event_timing,
         "buffer_sets": e.sets, "steps_per_sample": e.steps_per_sample, "samples_s": e.samples,
-        "bytes_per_step": e.problem.bytes_per_step,
+        "bytes_per_step": e.impl.bytes_per_step(e.problem),
         "median_s": None, "min_s": None, "max_s": None, "bandwidth_gbs": None, "bandwidth_gbs_best": None,
         "ceiling_fraction": None, "round_medians_s": e.round_medians, "spread": None,
         "allocated_first_in_rounds": e.first_in_round,
     }
     if e.samples:
         med, lo, hi = e.median(), min(e.samples), max(e.samples)
-        row.update(median_s=med, min_s=lo, max_s=hi, bandwidth_gbs=e.problem.bytes_per_step / med / 1e9,
-                   bandwidth_gbs_best=e.problem.bytes_per_step / lo / 1e9)
+        moved = row["bytes_per_step"]
+        row.update(median_s=med, min_s=lo, max_s=hi, bandwidth_gbs=moved / med / 1e9,
+                   bandwidth_gbs_best=moved / lo / 1e9)
         if len(e.round_medians) > 1:
             row["spread"] = max(e.round_medians) / min(e.round_medians) - 1
         ceiling = _ceiling_for(e, entries) if e.suite != "overhead" else None
@@ -66,16 +70,18 @@ def _row(e: Entry, entries: list[Entry]) -> dict:
 
 
 def _ratios(rows: list[dict]) -> list[dict]:
-    """Per (suite, optimizer, size): ours against the ceiling and against every peer (median times)."""
+    """Per (suite, optimizer, size): ours (each state layout's Adam.step) against its ceiling and against
+    every peer (median times)."""
     out = []
     keys = sorted({(r["suite"], r["optimizer"], r["size"], r["device"]) for r in rows if r["suite"] == "sizes"})
     for suite, opt, size, device in keys:
         same = [r for r in rows if (r["suite"], r["optimizer"], r["size"], r["device"]) == (suite, opt, size, device)
                 and r["median_s"]]
-        ours = [r for r in same if r["group"] == "ours" and r["implementation"].endswith("Adam.step")]
+        ours = [r for r in same if r["group"] == "ours" and r["implementation"].endswith(".step")]
         for o in ours:
             peers = [r for r in same if r["group"] == "peer"]
             entry = {"optimizer": opt, "size": size, "device": device, "ours": o["implementation"],
+                     "state_dtype": o["state_dtype"],
                      "ours_over_ceiling": o["ceiling_fraction"],
                      "peer_time_over_ours": {r["implementation"]: r["median_s"] / o["median_s"] for r in peers},
                      # the same ratio within each round (same allocations' fate), when there are several
@@ -161,7 +167,7 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
             "sizes": list(config.sizes) if config.sweep else [], "many": config.many, "overhead": config.overhead,
             "backends": sorted({e.impl.backend for e in entries if e.impl.group == "ours"}),
             "backends_unavailable": skipped, "optimizers": list(config.optimizers), "dtype": config.dtype,
-            "master_weights": config.master_weights,
+            "master_weights": config.master_weights, "state_dtypes": list(config.state_dtypes),
             "peers": config.peers, "repeat": config.repeat, "rounds": config.rounds, "min_time_s": config.min_time,
             "max_buffer_sets": config.max_sets, "quick": config.quick, "seed": config.seed,
             "many_tensors": config.many_count if config.many else 0, "many_range": list(config.many_range),
@@ -171,7 +177,11 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
                 "definition": "each step from the implementation's own previous values, against "
                               "gpuadam.reference.adam_reference in float64: |x - ref| <= tolerance_eps * "
                               "eps(compute dtype) * (max|ref| + max|ref - x_before|) [+ storage_ulps * "
-                              "ulp(ref) per element for half storage], for p, m, v (vmax, master)",
+                              "ulp(ref) per element for half storage], for p, m, v (vmax, master); lean "
+                              "state: the reference steps from the dequantised moments, p at that budget, int8 "
+                              "moments within one code of the reference's nearest-code quantisation and each "
+                              "block's absmax at that budget, bfloat16 moments within one bfloat16 ulp "
+                              "(gpuadam.bench.lean_state)",
             },
             "timing": {
                 "cpu": "perf_counter around a sample of back-to-back steps, implementations interleaved "
@@ -186,6 +196,7 @@ def report(config: Config, entries: list[Entry], skipped: dict[str, str], second
         },
         "accounting": {name: OPTIMIZERS[name].accounting(dtype, config.master_weights)
                        for name in config.optimizers},
+        "state_layouts": {kind: lean_accounting(kind) for kind in config.state_dtypes if kind in LEAN_STATE},
         "results": rows,
         "ratios": _ratios(rows),
         "seconds": round(seconds, 2),
@@ -235,12 +246,13 @@ def format_table(doc: dict) -> str:
         return (f"{label:>{width}s}  {r['implementation']:42s} {_ms(r['median_s']):>10s} {_ms(r['min_s']):>9s} "
                 f"{_ms(r['max_s']):>9s} {r['bandwidth_gbs']:7.1f} {frac:>8s} {spread:>7s}")
 
-    sweep = [r for r in rows if r["suite"] == "sizes"]
+    sweep = [r for r in rows if r["suite"] == "sizes" and not r.get("state_dtype")]
     for opt in dict.fromkeys(r["optimizer"] for r in sweep):
         lines += ["", f"== {opt}, {_storage(doc)}: time per step, bandwidth at "
                       f"{doc['accounting'][opt]['bytes_per_element']} B/element, fraction of the ceiling", head]
         for r in (r for r in sweep if r["optimizer"] == opt):
             lines.append(line(r, size_label(r["size"])))
+    lines += _lean_table(doc)
     many = [r for r in rows if r["suite"] == "many"]
     if many:
         width = max(len(r["layout"]) for r in many)
@@ -284,6 +296,46 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _lean_table(doc: dict) -> list[str]:
+    """Per optimizer and size with lean state: torch fused (float32 state, the reference) and each
+    layout's rows, at that layout's bytes, with the fraction of the layout's ceiling and torch fused's
+    time over the row's."""
+    layouts = doc.get("state_layouts") or {}
+    rows = [r for r in doc["results"] if r["suite"] == "sizes"]
+    lean = [r for r in rows if r.get("state_dtype")]
+    if not lean:
+        return []
+    def fused(r: dict) -> bool:
+        return r["implementation"].startswith("torch fused")
+
+    def shown(r: dict) -> bool:  # the reference, our float32 step, and every lean row
+        ours = r["group"] == "ours" and r["implementation"].endswith(".step")
+        return bool(r.get("state_dtype")) or fused(r) or ours
+
+    width = max(len(r["implementation"]) for r in rows if shown(r))
+    lines = ["", "== lean optimizer state (--state-dtype), float32 params: bandwidth at each layout's bytes "
+                 "(" + "; ".join(f"{k} {v['bytes_per_element']:g} B/element" for k, v in layouts.items()) +
+             "), fraction of that layout's ceiling, torch fused (float32 state) time / this time (> 1: faster)",
+             f"{'size':>10s}  {'implementation':{width}s} {'state':>8s} {'median ms':>10s} {'min ms':>9s} "
+             f"{'GB/s':>7s} {'ceiling':>8s} {'vs torch fused':>14s}"]
+    for opt in dict.fromkeys(r["optimizer"] for r in lean):
+        lines.append(f"-- {opt}")
+        for size in dict.fromkeys(r["size"] for r in lean if r["optimizer"] == opt):
+            here = [r for r in rows if r["optimizer"] == opt and r["size"] == size]
+            for r in sorted((r for r in here if shown(r)), key=lambda r: (not fused(r), bool(r.get("state_dtype")))):
+                label, state = size_label(size), r.get("state_dtype") or "float32"
+                if r["status"] != "ok":
+                    lines.append(f"{label:>10s}  {r['implementation']:{width}s} {state:>8s} {r['status'].upper()}: "
+                                 f"{r['reason']}")
+                    continue
+                ref = next((f for f in here if f["status"] == "ok" and f["device"] == r["device"] and fused(f)), None)
+                frac = "-" if r["ceiling_fraction"] is None else f"{100 * r['ceiling_fraction']:.0f}%"
+                vs = "-" if ref is None else f"{ref['median_s'] / r['median_s']:.2f}x"
+                lines.append(f"{label:>10s}  {r['implementation']:{width}s} {state:>8s} {_ms(r['median_s']):>10s} "
+                             f"{_ms(r['min_s']):>9s} {r['bandwidth_gbs']:7.1f} {frac:>8s} {vs:>14s}")
+    return lines
+
+
 def plot(doc: dict, path: str) -> None:
     """Bandwidth against size, a line per implementation, the ceiling as a bold dashed line."""
     import matplotlib
@@ -291,7 +343,7 @@ def plot(doc: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in doc["results"] if r["suite"] == "sizes" and r["median_s"]]
+    rows = [r for r in doc["results"] if r["suite"] == "sizes" and r["median_s"] and not r.get("state_dtype")]
     panels = list(dict.fromkeys((r["optimizer"], r["device"]) for r in rows)) or [("adam", CPU)]
     fig, axes = plt.subplots(1, len(panels), figsize=(10 * len(panels), 5), squeeze=False)
     for ax, (opt, device) in zip(axes[0], panels):

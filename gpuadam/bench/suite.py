@@ -14,6 +14,7 @@ from gpuadam import backends
 from gpuadam.bench.cases import Implementation, device_of
 from gpuadam.bench.ceiling import Ceiling
 from gpuadam.bench.config import Config
+from gpuadam.bench.lean_state import lean_implementations
 from gpuadam.bench.ours import (
     OursFlatBuffer,
     OursFunctional,
@@ -69,7 +70,10 @@ def build_batches(config: Config, use: list[str], extra: Sequence[Implementation
         if config.sweep:
             for n in config.sizes:
                 make = functools.partial(make_problem, spec, dtype, (n,), config.seed, master)
-                impls = [i for b in use for i in our_implementations(b)] + others
+                impls = [i for b in use for i in our_implementations(b)] if "float32" in config.state_dtypes else []
+                if spec.rule == "adam":  # lean state is for Adam/AdamW (Config.check: float32 params)
+                    impls += lean_implementations(config.state_dtypes, use, devices, config.peers)
+                impls += others
                 batches.append(Batch("sizes", {"one": make}, [(i, "one", "one tensor") for i in impls]))
         if config.many:
             sizes = many_sizes(config.many_count, *config.many_range, config.seed)
