@@ -154,8 +154,8 @@ def test_the_every_float_check_finds_a_wrong_grid():
     then trusted to the same margin) gives wrong codes that it reports."""
     rows, ties, zero = L.SIGNED_ESTIMATE
     d = 5
-    boundary, alpha, inv_step, first, last = rows[d]
-    shifted = (boundary, np.float32(alpha + np.float32(0.1) / inv_step), inv_step, first, last)
+    boundary, inv_step, offset, top = rows[d]
+    shifted = (boundary, inv_step, np.float32(offset - np.float32(0.1)), top)
     bad_rows = rows[:d] + (shifted,) + rows[d + 1:]
     lo = int(np.float32(rows[d][0]).view(np.uint32))
     hi = int(np.float32(rows[d + 1][0]).view(np.uint32))

@@ -135,21 +135,22 @@ UNSIGNED_BUCKETS = bucket_table(UNSIGNED_THRESHOLDS)
 # data sampling fix; LLVM does not emit them there) two table lookups per element cost more than
 # the rest of the step, and a loop of them does not vectorise. The map is decades times a linear
 # grid, so the code of ``y = |x|`` is: the number of decade boundaries below ``y`` (exact
-# comparisons with the float32 midpoints), then the grid cell within the decade, ``(y - alpha) *
-# inv_step`` rounded up. The cell's estimate is trusted only away from the grid lines: within
+# comparisons with the float32 midpoints), then the grid cell within the decade, ``y * inv_step +
+# offset`` rounded up. The cell's estimate is trusted only away from the grid lines: within
 # ``ESTIMATE_MARGIN`` of a grid step the element is marked for ``nearest_code``. The midpoints
 # differ from the fitted grid by under 1e-5 of a step and float32 rounding of the estimate by
-# under 3e-5, and ``tests/test_lean_maps.py`` checks every float32 in the range against
+# under 5e-5, and ``tests/test_lean_maps.py`` checks every float32 in the range against
 # ``nearest_code``. A negative ``x`` takes the mirrored code, whose tie goes the other way: ties
 # are exactly on a threshold, so they are always marked (exact boundaries by ``ties``).
 ESTIMATE_MARGIN = 1e-4
 
 
 def estimate_tables(codes: np.ndarray) -> tuple[tuple, tuple, np.float32]:
-    """The constants of ``estimate_code`` for a map: per decade boundary (in increasing order)
-    ``(boundary, alpha, inv_step, first, last)`` for the decade above it (``first``: the count of
-    midpoints below the decade; ``last``: its grid cells - 1), the boundaries that are exact float32
-    values, and the code of 0, all float32."""
+    """The constants of ``estimate_code`` for a map, all float32: per decade boundary (in increasing
+    order) ``(boundary, inv_step, offset, top)`` for the decade above it, such that the count of
+    midpoints below ``y`` is ``min(ceil(y * inv_step + offset), top)`` (its grid lines fall on the
+    integers; a decade with no midpoint inside has ``inv_step`` 0 and ``offset`` half below its
+    count); the boundaries that are exact float32 values; and the code of 0."""
     c = codes.astype(np.float64)
     zero = int(np.searchsorted(codes, 0.0))
     pos = c[zero:]                                   # 0, the decades' codes, 1
@@ -164,7 +165,7 @@ def estimate_tables(codes: np.ndarray) -> tuple[tuple, tuple, np.float32]:
         if float(bound32) == boundary:
             ties.append(bound32)
         interior = mids[first:end - 1] if end is not None else mids[:0]
-        alpha = inv_step = 0.0
+        inv_step, offset = 0.0, first - 0.5
         if interior.size:
             # the grid step: from the end midpoints, or the codes' spacing for a single midpoint
             if interior.size > 1:
@@ -176,7 +177,8 @@ def estimate_tables(codes: np.ndarray) -> tuple[tuple, tuple, np.float32]:
             off = np.abs((interior - alpha) * inv_step - np.arange(1, interior.size + 1)).max()
             if off > ESTIMATE_MARGIN / 10:
                 raise ValueError(f"the midpoints above code {zero + first} are not a linear grid ({off:.2g} steps off)")
-        rows.append(tuple(np.float32(v) for v in (bound32, alpha, inv_step, first, interior.size)))
+            offset = first - 1 - alpha * inv_step
+        rows.append(tuple(np.float32(v) for v in (bound32, inv_step, offset, first + interior.size)))
     return tuple(rows), tuple(ties), np.float32(zero)
 
 
@@ -187,23 +189,23 @@ UNSIGNED_ESTIMATE = estimate_tables(UNSIGNED)
 @register_jitable
 def estimate_code(x, rows, ties, zero):
     """``(code, unsure)``: the code nearest ``x`` by arithmetic, and 1 where it must be found by
-    ``nearest_code`` instead (near a midpoint, on an exact one, NaN or infinite). Branch-free, so a loop of it
-    vectorises; every name here is float32 until the code."""
+    ``nearest_code`` instead (near a midpoint, on an exact one, NaN or infinite). Branch-free, so a
+    loop of it vectorises; every name here is float32 until the code."""
     y = abs(x)
     nil = np.float32(0)
-    alpha = inv_step = first = last = nil
+    inv_step = top = nil
+    offset = np.float32(-0.5)  # below the first boundary: no midpoint below, away from a grid line
     for row in rows:
         above = y > row[0]
-        alpha = row[1] if above else alpha
-        inv_step = row[2] if above else inv_step
-        first = row[3] if above else first
-        last = row[4] if above else last
+        inv_step = row[1] if above else inv_step
+        offset = row[2] if above else offset
+        top = row[3] if above else top
     unsure = not y < np.float32(np.inf)  # NaN or inf
     for t in ties:
         unsure |= y == t
-    u = (y - alpha) * inv_step
-    unsure |= (abs(u - np.floor(u + np.float32(0.5))) < np.float32(ESTIMATE_MARGIN)) & (last > nil)
-    count = first + min(max(np.ceil(u) - np.float32(1), nil), last)
+    u = y * inv_step + offset
+    unsure |= abs(u - np.floor(u + np.float32(0.5))) < np.float32(ESTIMATE_MARGIN)
+    count = min(np.ceil(u), top)
     code = zero - min(count, zero) if x < nil else zero + count
     return np.int32(code), np.int32(unsure)
 

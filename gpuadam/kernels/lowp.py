@@ -222,7 +222,6 @@ def _mul32_compiled(x, k):
     return lambda x, k: _mul32_wrapping(x, k)
 
 
-@register_jitable
 def random16(seed, step, index):
     """16 random bits for element ``index`` at ``step``: the lowbias32 hash of a mixed counter."""
     x = (np.int64(seed) ^ _mul32(np.int64(step) & 0xFFFFFFFF, 0x9E3779B9)
@@ -233,6 +232,28 @@ def random16(seed, step, index):
     x = _mul32(x, 0x846CA68B)
     x ^= x >> 16
     return x & 0xFFFF
+
+
+@intrinsic
+def _random16_i32(typingctx, seed, step, index):
+    # random16 in 32-bit lanes: written through _mul32 in Python, LLVM folds each multiply back to
+    # 64 bits (and 4 lanes where 8 fit).
+    def codegen(context, builder, signature, args):
+        s, t, i = (builder.trunc(v, _I32) if v.type.width > 32 else builder.zext(v, _I32) for v in args)
+        x = builder.xor(builder.xor(s, builder.mul(t, _k(0x9E3779B9))), builder.mul(i, _k(0x85EBCA6B)))
+        x = builder.xor(x, builder.lshr(x, _k(16)))
+        x = builder.mul(x, _k(0x7FEB352D))
+        x = builder.xor(x, builder.lshr(x, _k(15)))
+        x = builder.mul(x, _k(0x846CA68B))
+        x = builder.xor(x, builder.lshr(x, _k(16)))
+        return builder.zext(builder.and_(x, _k(0xFFFF)), _I64)
+
+    return types.int64(seed, step, index), codegen
+
+
+@overload(random16)
+def _random16_compiled(seed, step, index):
+    return lambda seed, step, index: _random16_i32(seed, step, index)
 
 
 @register_jitable
