@@ -2,7 +2,7 @@
 
 ``from gpuadam.torch import AdamW`` in place of ``from torch.optim import AdamW``: the classes are
 ``torch.optim.Optimizer`` subclasses with torch's signatures and defaults (plus our keyword-only
-extras: ``eps_root``, ``bias_correction``, ``ema_momentum`` where they apply, ``max_grad_norm``,
+extras: ``eps_root``, ``bias_correction``, ``ema_momentum``, ``state_dtype`` where they apply, ``max_grad_norm``,
 ``skip_nonfinite``, ``master_weights``, ``stochastic_rounding``, ``seed`` and ``backend``), so
 ``param_groups``, ``zero_grad``, ``add_param_group``, step hooks, ``lr_scheduler`` and
 ``state_dict``/``load_state_dict`` are torch's own. ``opt.state[p]`` is in torch's layout (``step``
@@ -18,6 +18,10 @@ first launch, so a refused step changes nothing. ``torch.amp.GradScaler`` sees
 ``found_inf`` changes nothing, step counts included. ``max_grad_norm`` (a group option) clips by the
 norm of every gradient of every group, as ``torch.nn.utils.clip_grad_norm_`` over them all would,
 inside the same kernel; ``last_grad_norm`` is that norm.
+
+``state_dtype="int8"``/``"bfloat16"`` (Adam, AdamW) keeps the moments in ``gpuadam.lean``'s formats
+(``gpuadam.torch.lean_state``): ``opt.state[p]`` holds the codes and absmax, or the bfloat16 moments,
+that the lean kernels update; ``state_dict()`` records the format and a load of another is refused.
 
 Devices and dtypes: float32, float64, float16 and bfloat16 tensors (the half ones computed in
 float32; ``master_weights`` keeps a float32 copy of each half param, ``stochastic_rounding`` rounds
@@ -42,19 +46,19 @@ import torch
 from torch.autograd.graph import increment_version
 
 import gpuadam
+from gpuadam import lean
 from gpuadam.hyper import check_count, check_flag
 from gpuadam.kernels.lowp import BFLOAT16
 from gpuadam.kernels.rules import RULES, grad_factor
 from gpuadam.kernels.rules.nadam import nadam_log_mu_product
 from gpuadam.optim import padding_stays_zero
 from gpuadam.precision import widen_half
-from gpuadam.torch import flatten
+from gpuadam.torch import flatten, lean_state
 from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of
 from gpuadam.torch.flatten import FlatParams, flatten_parameters
 
-#: ``gpuadam`` options not taken here (torch tensors carry their dtype; capturable is torch's; lean state
-#: is not wired to torch tensors yet).
-_NOT_HERE = {"half_format", "capturable", "state_dtype"}
+#: ``gpuadam`` options not taken here (torch tensors carry their dtype; capturable is torch's).
+_NOT_HERE = {"half_format", "capturable"}
 #: torch's options without a meaning for our kernels: accepted, kept in the groups, ignored or refused.
 _TORCH_ONLY = ("foreach", "capturable", "differentiable", "fused")
 
@@ -130,6 +134,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = check_flag("skip_nonfinite", defaults.pop("skip_nonfinite", False))
         self.master_weights = check_flag("master_weights", defaults.pop("master_weights", False))
         self.stochastic_rounding = check_flag("stochastic_rounding", defaults.pop("stochastic_rounding", False))
+        try:
+            self.state_format = lean.check_state_dtype(defaults.pop("state_dtype", None))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         seed = defaults.pop("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"{name}: seed: expected an integer in [0, 2**32), got {seed!r}")
@@ -154,6 +162,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         # the backend of the params' device (chosen again by a step if the params have moved)
         self._backend_device = self._device_of()
         self._backend = backend_for(self._backend_device, self._requested)
+        if self.state_format is not None:
+            for gi, group in enumerate(self.param_groups):
+                self._check_lean_rule(gi, self._rule(self._hyper(group, f"param group {gi}")))
+            for gi, group in enumerate(self.param_groups):
+                for j, p in enumerate(group["params"]):
+                    self._check_lean_param(f"param {j} of group {gi}", p)
 
     # --- values ------------------------------------------------------------------------------
     def _hyper(self, group: dict, where: str) -> Any:
@@ -172,11 +186,42 @@ class FusedOptimizer(torch.optim.Optimizer):
         # the gpuadam class's choice of rule reads only the record
         return self.ours.rule(self, hyper)
 
-    def _names(self, rule: str, dtype: torch.dtype) -> tuple[str, ...]:
-        """The state buffer names of a param of ``dtype`` (the rule's, then ``master`` for half params
-        with master weights)."""
-        names = _state_names(rule)
-        return (*names, "master") if self.master_weights and dtype in HALF else names
+    def _names(self, rule: str, p: torch.Tensor) -> tuple[str, ...]:
+        """The state buffer names of ``p`` (the rule's or its lean format's, then ``master`` for half
+        params with master weights)."""
+        kind = self._lean_kind(p)
+        names = lean.NAMES[kind] if kind else _state_names(rule)
+        return (*names, "master") if self.master_weights and p.dtype in HALF else names
+
+    def _lean_kind(self, p: torch.Tensor) -> str | None:
+        """The format ``p``'s moments are kept in (``state_dtype``; int8 from ``lean.MIN_SIZE`` elements)."""
+        return lean.kind_for(self.state_format, p.numel()) if self.state_format else None
+
+    def _spec(self, p: torch.Tensor, name: str) -> tuple[torch.dtype, tuple]:
+        """``(dtype, shape)`` of ``p``'s state buffer ``name``."""
+        kind = lean_state.FORMAT_OF.get(name)
+        if kind is not None:
+            return lean_state.spec(kind, name, tuple(p.shape))
+        return self._state_dtype(p), tuple(p.shape)
+
+    def _check_lean_rule(self, gi: int, rule: str) -> None:
+        if self.state_format is not None and rule != "adam":
+            raise ValueError(f"{type(self).__name__}: param group {gi}: state_dtype={self.state_format!r} is for "
+                             f"Adam/AdamW without amsgrad, this group's rule is {rule!r}; nothing was updated")
+
+    def _check_lean_param(self, label: str, p: torch.Tensor) -> None:
+        """Refuse a param that lean state cannot step (as ``gpuadam.Adam(state_dtype=...)`` does)."""
+        fmt = self.state_format
+        where = f"{type(self).__name__}: {label}: state_dtype={fmt!r}"
+        if self._backend.name not in ("numba-cpu", "numba-cuda"):
+            raise ValueError(f"{where}: the lean-state kernels run on numba-cpu and numba-cuda so far, got "
+                             f"backend {self._backend.name}")
+        if p.dtype in HALF and not self.master_weights or p.dtype not in HALF and p.dtype != torch.float32:
+            raise ValueError(f"{where} is for float32 params, or half params with master_weights=True, "
+                             f"got {p.dtype}")
+        if p.dtype in HALF and p.device.type != "cpu" and self._lean_kind(p):
+            raise ValueError(f"{where} with half params (master weights) runs on the CPU only so far; on CUDA "
+                             "it takes float32 params")
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float32 if self.master_weights and p.dtype in HALF else p.dtype
@@ -205,11 +250,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
         start = self.ours.state_init(self, hyper)
         dtype = self._state_dtype(p)
+        kind = lean_state.kind_of(names)
+        if kind:
+            self._backend.ready(lean.KERNEL[kind])  # e.g. the int8 maps copied to the GPU, once
         for n in names:
             if n not in state:
-                state[n] = self._buffer(p, n, dtype, start.get(n, 0.0))
+                if n in lean_state.FORMAT_OF:  # blocked per tensor: never a view of a flattened buffer
+                    state[n] = self._lean_buffer(p, n)
+                else:
+                    state[n] = self._buffer(p, n, dtype, start.get(n, 0.0))
                 if n == "master":
                     state[n].copy_(_widened(p))
+
+    def _lean_buffer(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        dtype, shape = self._spec(p, name)
+        return flatten.zeros(math.prod(shape), dtype, p.device).view(shape)
 
     def _after_step(self, state: dict, hyper: Any, step: int) -> None:
         state["step"].fill_(step)
@@ -220,18 +275,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         a half param's ``master`` made from it when the checkpoint has none (torch's)."""
         self._views = {}
         self._flat_state = {}
+        raw = getattr(self, "_loading", None) or {}
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
                 dtype = self._state_dtype(p)
+                saved = raw.get(p, {})
                 for n, value in list(state.items()):
                     if n == "step" or (isinstance(value, torch.Tensor) and value.dim() == 0 and p.dim() != 0):
                         state[n] = torch.tensor(float(_plain(value)), dtype=_scalar_dtype())
                     elif isinstance(value, torch.Tensor):
-                        buf = self._buffer(p, n, dtype, 0.0)
-                        buf.copy_(value.detach().reshape(p.shape))
+                        # the saved tensor, not torch's cast of it to the param's dtype (a float32 master
+                        # of a bfloat16 param, uint8 codes)
+                        value = saved.get(n, value)
+                        if n in lean_state.FORMAT_OF:
+                            buf = self._lean_buffer(p, n)
+                            buf.copy_(value.detach().reshape(buf.shape))
+                        else:
+                            buf = self._buffer(p, n, dtype, 0.0)
+                            buf.copy_(value.detach().reshape(p.shape))
                         state[n] = buf
                 if self.master_weights and p.dtype in HALF and "master" not in state:
                     state["master"] = self._buffer(p, "master", torch.float32, 0.0)
@@ -248,15 +312,63 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's state dict, plus ``"gpuadam"``: the stochastic rounding counter and the skipped steps
         (torch.optim ignores the key, so the dict still loads there)."""
         sd = super().state_dict()
-        sd["gpuadam"] = {"rounding_counter": self._calls, "steps_skipped": self.steps_skipped}
+        sd["gpuadam"] = {"rounding_counter": self._calls, "steps_skipped": self.steps_skipped,
+                         "state_dtype": self.state_format}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load (the state cast to each param's device), then every buffer our own; a state of
+        another ``state_dtype`` is refused before anything changes."""
         extra = state_dict.get("gpuadam", {}) if isinstance(state_dict, dict) else {}
         calls = check_count("rounding_counter", extra.get("rounding_counter", 0))
         skipped = check_count("steps_skipped", extra.get("steps_skipped", 0))
-        super().load_state_dict(state_dict)
+        raw = self._saved_by_param(state_dict)
+        try:
+            self._loading = raw
+            super().load_state_dict(state_dict)
+        finally:
+            self._loading = None
         self._calls, self.steps_skipped = calls, skipped
+
+    def _saved_by_param(self, state_dict: dict) -> dict:
+        """Each param's saved state as saved (torch's load casts floating tensors to the param's dtype),
+        after checking its lean format and layout against this optimizer's."""
+        name = type(self).__name__
+        try:
+            saved = lean_state.saved_format(state_dict)
+        except ValueError as exc:
+            raise ValueError(f"{name}.load_state_dict: {exc}") from None
+        if saved != self.state_format:
+            raise ValueError(f"{name}.load_state_dict: the state was saved with state_dtype={saved!r}, this "
+                             f"optimizer keeps state_dtype={self.state_format!r} (it cannot change mid-run); "
+                             "nothing was loaded")
+        states = state_dict.get("state") if isinstance(state_dict, dict) else None
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(states, dict) or not isinstance(groups, list):
+            return {}  # torch's load says what is wrong
+        ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", ())]
+        params = [p for g in self.param_groups for p in g["params"]]
+        raw = {}
+        for i, p in zip(ids, params):
+            state = states.get(i)
+            if not isinstance(state, dict):
+                continue
+            raw[p] = {n: v for n, v in state.items() if isinstance(v, torch.Tensor)}
+            kind = self._lean_kind(p)
+            want = set(lean.NAMES[kind]) if kind else set()
+            have = {n for n in state if n in lean_state.FORMAT_OF}
+            if have != want:
+                raise ValueError(f"{name}.load_state_dict: param {i}: saved lean state {sorted(have)}, expected "
+                                 f"{sorted(want)} for its {p.numel()} elements with state_dtype="
+                                 f"{self.state_format!r}; nothing was loaded")
+            for n in want:
+                dtype, shape = self._spec(p, n)
+                v = state[n]
+                if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.numel() != math.prod(shape):
+                    got = f"a {v.dtype} tensor of {v.numel()} elements" if isinstance(v, torch.Tensor) else repr(v)
+                    raise ValueError(f"{name}.load_state_dict: param {i}: state {n!r}: expected a {dtype} tensor "
+                                     f"of {math.prod(shape)} elements, got {got}; nothing was loaded")
+        return raw
 
     # --- the step ----------------------------------------------------------------------------
     def _describe(self, k: int, gi: int, j: int, group: dict) -> str:
@@ -287,13 +399,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"{type(self).__name__}.step: {label}: the hyperparameters now need state "
                              f"{missing} it does not have (e.g. amsgrad switched on mid-run)")
-        dtype = self._state_dtype(p)
         for n in names:
             t = state.get(n)
+            dtype, shape = self._spec(p, n)
             if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == dtype
-                                      and t.shape == p.shape and t.is_contiguous() and t.device == p.device):
+                                      and tuple(t.shape) == shape and t.is_contiguous() and t.device == p.device):
                 raise ValueError(f"{type(self).__name__}.step: {label}: state {n!r} is not a contiguous "
-                                 f"{dtype} tensor of shape {tuple(p.shape)} on {p.device}")
+                                 f"{dtype} tensor of shape {shape} on {p.device}")
 
     def _grad_view(self, k: int, gi: int, j: int, group: dict, p: torch.Tensor, g: torch.Tensor,
                    e: _Views) -> Any:
@@ -332,6 +444,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             hyper = self._hyper(group, f"param group {gi}")
             _check_max_norm(group.get("max_grad_norm"), f"{type(self).__name__}: param group {gi}: max_grad_norm")
             rule = self._rule(hyper)
+            self._check_lean_rule(gi, rule)
             plain = _state_names(rule)
             items = []
             for j, p in enumerate(group["params"]):
@@ -339,7 +452,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                names = self._names(rule, p.dtype) if self.master_weights else plain
+                names = self._names(rule, p) if self.master_weights or self.state_format else plain
                 e = cache.get(p)
                 if e is not None and e.valid(p, self.state.get(p), names, device):
                     view = self._grad_view(k, gi, j, group, p, g, e)
@@ -351,6 +464,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"{device}: one optimizer steps the params of one device; nothing was updated")
                 g = g.detach()
                 self._check(label, p, g)
+                if self.state_format is not None:
+                    self._check_lean_param(label, p)
                 state = self.state.get(p)
                 if state:
                     self._check_state(label, p, state, names)
@@ -473,7 +588,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A param's first views: its state made (torch's layout), its step count before this step."""
         state = self.state[p]
         step = self._next_step(state)  # before the state is made: SGD counts its buffer
-        names = self._names(rule, p.dtype)
+        names = self._names(rule, p)
         self._init_state(p, state, hyper, names)
         e = self._views[p] = _Views(p, state, names, step - 1, self._backend, self._flat_state)
         return e, step
@@ -500,7 +615,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             c = constants.get(key)
             if c is None:
                 c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
-            if e.fmt is None:
+            if e.fmt is None and e.kernel is None:
                 launch(rule, (e.arrays[0], g, *e.state_arrays), c)
             else:
                 kname, args, extra = self._kernel_args(rule, e, e.arrays, g, e.arrays[0])
@@ -541,14 +656,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         return len(runs)
 
     def _kernel_args(self, rule: str, e: _Views, arrays: tuple, g: Any, half_param: Any) -> tuple:
-        """The kernel name, its arrays and its extra arguments (half formats: rounding, half param)."""
+        """The kernel name, its arrays and its extra arguments (bfloat16 moments: their rounding; half
+        formats: the param's rounding and the half param)."""
+        # bfloat16 moments round stochastically, from (1, seed, counter), as gpuadam.Adam's
+        extra = ((1, self.seed, self._calls),) if e.kernel == lean.KERNEL["bfloat16"] else ()
         if e.fmt is None:
-            return rule, (arrays[0], g, *arrays[1:]), ()
+            return e.kernel or rule, (arrays[0], g, *arrays[1:]), extra
         # (format, stochastic, seed, counter, index of the array's first element: 0, not sharded)
         rounding = (e.fmt, int(self.stochastic_rounding and e.fmt == BFLOAT16), self.seed, self._calls, 0)
+        kname = e.kernel or f"{rule}/half"
         if e.master:  # the kernel steps the float32 master (the last state buffer) and writes the half param
-            return f"{rule}/half", (arrays[-1], g, *arrays[1:-1]), (rounding, half_param)
-        return f"{rule}/half", (arrays[0], g, *arrays[1:]), (rounding, half_param)
+            return kname, (arrays[-1], g, *arrays[1:-1]), (*extra, rounding, half_param)
+        return kname, (arrays[0], g, *arrays[1:]), (*extra, rounding, half_param)
 
 
 def _check_max_norm(value: Any, where: str) -> None:
@@ -597,8 +716,8 @@ class _Views:
     param's memory, dtype and shape, its state dict, buffer tensors and ``step`` are the ones seen;
     ``flat``: this optimizer's whole state buffers when the param and its state are views of them."""
 
-    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu", "cpu_float", "fmt", "master", "state", "names",
-                 "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
+    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu", "cpu_float", "fmt", "master", "kernel", "state",
+                 "names", "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
                  "flat_arrays", "flat_grad", "entry", "grad_ptr", "state_arrays")
 
     def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...], step: int, backend: Any,
@@ -609,6 +728,8 @@ class _Views:
         self.cpu_float = self.cpu and data.dtype not in HALF
         self.fmt = HALF.get(data.dtype)
         self.master = "master" in names
+        kind = lean_state.kind_of(names)
+        self.kernel = lean.KERNEL[kind] if kind else None  # a lean format's kernel in place of the rule's
         self.state, self.names = state, names
         self.buffers = tuple(state[n] for n in names)
         self.ptrs = tuple(t.data_ptr() for t in self.buffers)
@@ -690,7 +811,7 @@ class _AdagradState(FusedOptimizer):
             hyper = self._hyper(group, f"param group {gi}")
             rule = self._rule(hyper)
             for p in group["params"]:
-                self._init_state(p, self.state[p], hyper, self._names(rule, p.dtype))
+                self._init_state(p, self.state[p], hyper, self._names(rule, p))
 
 
 def _make(name: str, base: type = FusedOptimizer, fixed: dict | None = None) -> type:
