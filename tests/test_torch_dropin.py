@@ -262,8 +262,9 @@ def test_refusals():
     model = make_model()
     with pytest.raises(ValueError, match="differentiable=True"):
         gt.Adam(model.parameters(), differentiable=True)
-    with pytest.raises(ValueError, match="capturable=True.*not supported"):
-        gt.AdamW(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="capturable=True with stochastic rounding"):
+        gt.AdamW(model.parameters(), capturable=True, state_dtype="bfloat16")
+    capturable = gt.AdamW(model.parameters(), capturable=True)  # CUDA params: the step refuses CPU ones
     with pytest.raises(ValueError, match="lr"):
         gt.Adam(model.parameters(), lr=-1.0)
     with pytest.raises(TypeError):
@@ -272,6 +273,9 @@ def test_refusals():
     x, y = batches(torch.float64, steps=1)[0]
     torch.nn.functional.mse_loss(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="capturable=True keeps the step counts on the GPU: it takes CUDA params"):
+        capturable.step()
+    assert not capturable.state
     model[2].weight.grad = model[2].weight.grad.t().contiguous().t()  # the third param's grad: strided
     with pytest.raises(ValueError, match=r"param 2 \(group 0, index 2\): its gradient is not contiguous"):
         opt.step()

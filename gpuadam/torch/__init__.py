@@ -40,6 +40,7 @@ import functools
 import inspect
 import math
 from dataclasses import fields
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -47,14 +48,16 @@ from torch.autograd.graph import increment_version
 
 import gpuadam
 from gpuadam import lean
+from gpuadam.arrays import HOST
 from gpuadam.hyper import check_count, check_flag
 from gpuadam.kernels.lowp import BFLOAT16
 from gpuadam.kernels.rules import RULES, grad_factor
 from gpuadam.kernels.rules.nadam import nadam_log_mu_product
+from gpuadam.on_device import DeviceSteps
 from gpuadam.optim import padding_stays_zero
 from gpuadam.precision import widen_half
 from gpuadam.torch import flatten, lean_state
-from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of
+from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of, torch_view
 from gpuadam.torch.flatten import FlatParams, flatten_parameters
 
 #: ``gpuadam`` options not taken here (torch tensors carry their dtype; capturable is torch's).
@@ -126,10 +129,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if defaults.get("differentiable"):
             raise ValueError(f"{name}: differentiable=True is not supported: the fused kernel updates the "
                              "params outside autograd; use torch.optim for a differentiable step")
-        if defaults.get("capturable"):
-            raise ValueError(f"{name}: capturable=True (step counts and constants kept on the GPU for CUDA "
-                             "graphs) is not supported by gpuadam.torch yet; use capturable=False, or "
-                             "gpuadam.Optimizer(capturable=True) on the tensors' device arrays")
+        capturable = check_flag("capturable", bool(defaults.get("capturable")))
         self._requested = defaults.pop("backend", "auto")
         self.skip_nonfinite = check_flag("skip_nonfinite", defaults.pop("skip_nonfinite", False))
         self.master_weights = check_flag("master_weights", defaults.pop("master_weights", False))
@@ -142,6 +142,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"{name}: seed: expected an integer in [0, 2**32), got {seed!r}")
         self.seed = seed
+        if capturable and (self.stochastic_rounding or self.state_format == "bfloat16"):
+            raise ValueError(f"{name}: capturable=True with stochastic rounding (stochastic_rounding, or "
+                             "state_dtype='bfloat16'): a captured CUDA graph would replay the same random bits "
+                             "every step")
         if self.stochastic_rounding and self.master_weights:
             raise ValueError(f"{name}: stochastic_rounding is for bfloat16 params without master weights; "
                              "master_weights=True keeps a float32 copy instead")
@@ -154,7 +158,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._flat_state: dict = {}  # FlatParams -> {state name: whole 1-D buffer} of this optimizer
         self._padding_cache: dict = {}
         self._calls = 0  # steps that reached the kernels: the stochastic rounding counter
-        self.steps_skipped = 0
+        self._skipped_host = 0  # skipped steps counted on the host (the device counts its own)
+        # the GPU step's bookkeeping on the device (``_device_steps``): made at the first CUDA step
+        self._dev: DeviceSteps | None = None
+        self._dev_t: Any = None  # torch views of its arrays, and the float32 ``step`` tensors
+        self._dev_params: tuple = ()
+        self._dev_index: dict = {}  # param -> its slot (its index among all params)
+        self._dev_sig: dict = {}  # param -> which steps it took part in (equal: the same count)
+        self._dev_lr: list[bool] = []  # per group: lr read from a tensor on the device
+        self._dev_valid: dict = {}  # FlatParams -> its padding mask on the device
         self.last_step_launches = 0
         self.last_grad_norm: float | None = None
         self._hyper(defaults, "defaults")  # refuse bad defaults even when every group overrides them
@@ -173,7 +185,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _hyper(self, group: dict, where: str) -> Any:
         """The group's validated ``gpuadam.hyper`` record (cached by value)."""
         try:
-            kw = {k: _plain(group.get(k, default)) for k, default in self._hyper_defaults.items()}
+            on_device = getattr(self, "_backend", None) is not None and self._backend.kind != HOST
+            kw = {}
+            for k, default in self._hyper_defaults.items():
+                value = group.get(k, default)
+                if k == "lr" and on_device and isinstance(value, torch.Tensor):
+                    value = 0.0  # the GPU step reads the tensor on the device (``_sync_lrs``)
+                kw[k] = _plain(value)
             key = tuple(kw.items())
             hyper = self._hyper_cache.get(key)
             if hyper is None:
@@ -247,7 +265,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's state for ``p`` at step 0: ``step`` and the rule's buffers (zero, or the start value),
         and the float32 ``master`` copy of a half param."""
         if self.keeps_step and "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = self._new_step(p)
         start = self.ours.state_init(self, hyper)
         dtype = self._state_dtype(p)
         kind = lean_state.kind_of(names)
@@ -266,6 +284,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         dtype, shape = self._spec(p, name)
         return flatten.zeros(math.prod(shape), dtype, p.device).view(shape)
 
+    def _new_step(self, p: torch.Tensor) -> torch.Tensor:
+        """A new param's ``step`` (0): on a GPU, its view of the float32 copy of the device's counts
+        (torch's layout with ``fused``/``capturable``), else a 0-d tensor on the CPU."""
+        k = self._dev_index.get(p) if self._dev is not None else None
+        if k is not None and self._dev_t.mirror is not None:
+            return self._dev_t.mirror[k]
+        return torch.tensor(0.0, dtype=_scalar_dtype())
+
     def _after_step(self, state: dict, hyper: Any, step: int) -> None:
         state["step"].fill_(step)
 
@@ -275,6 +301,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         a half param's ``master`` made from it when the checkpoint has none (torch's)."""
         self._views = {}
         self._flat_state = {}
+        self._dev = None  # the device's counts are the loaded ones now (made again at the next GPU step)
         raw = getattr(self, "_loading", None) or {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -328,7 +355,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
         finally:
             self._loading = None
-        self._calls, self.steps_skipped = calls, skipped
+        self._calls, self._skipped_host = calls, skipped
+
+    @property
+    def steps_skipped(self) -> int:
+        """Steps that changed nothing because a gradient was inf/NaN (``skip_nonfinite``, or GradScaler's
+        ``found_inf``). On a GPU the device counts them: reading this synchronises."""
+        return self._skipped_host + (self._dev.read_skipped() if self._dev is not None else 0)
 
     def _saved_by_param(self, state_dict: dict) -> dict:
         """Each param's saved state as saved (torch's load casts floating tensors to the param's dtype),
@@ -437,6 +470,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._backend = backend_for(device, self._requested)
             self._backend_device = device
             self._views.clear()
+            if self._dev is not None:  # the counts move with the params: from their step tensors
+                self._skipped_host = self.steps_skipped
+                self._dev = None
         work = []
         cache = self._views
         k = -1
@@ -545,25 +581,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._plan()
+        if self._backend.kind != HOST:
+            self._step_device(work)
+            return loss
+        if any(group.get("capturable") for group in self.param_groups):
+            raise ValueError(f"{type(self).__name__}.step: capturable=True keeps the step counts on the GPU: "
+                             f"it takes CUDA params, got params on {self._backend_device}; nothing was updated")
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
+            self._skipped_host += 1
             self.last_step_launches = 0
             return loss  # GradScaler found inf/NaN: nothing changes, step counts included
         grad_scale = getattr(self, "grad_scale", None)
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         max_norms = [_plain(self.param_groups[gi].get("max_grad_norm")) or 0.0 for gi, *_ in work]
         reduce = self.skip_nonfinite or any(max_norms)
-        if reduce and self._backend.kind != "host":
-            raise ValueError(f"{type(self).__name__}.step: max_grad_norm and skip_nonfinite reduce the "
-                             "gradients on the host: CUDA tensors are not supported with them yet; nothing "
-                             "was updated")
         self._calls += 1
         sumsq = bad = 0.0
         if reduce:
             sumsq, bad = self._grad_sums(work, inv_scale)
             self.last_grad_norm = math.sqrt(sumsq)
             if self.skip_nonfinite and bad:
-                self.steps_skipped += 1
+                self._skipped_host += 1
                 self.last_step_launches = 0
                 return loss
         launch = self._backend.launch
@@ -583,6 +622,144 @@ class FusedOptimizer(torch.optim.Optimizer):
         if stepped:
             increment_version(stepped)  # as torch's in-place update: autograd sees the params changed
         return loss
+
+    # --- the GPU step: every count and constant on the device --------------------------------
+    def _step_device(self, work: list) -> None:
+        """The step of CUDA params, launched on torch's current stream without a host synchronisation:
+        each launch's step count, constants, clip factor and skip decision are made on the device
+        (``DeviceSteps``) from the gradients' norm, GradScaler's ``found_inf`` (a skip) and ``grad_scale``
+        (folded into the gradient factor), and tensor ``lr``s; ``state["step"]`` are float32 views of
+        those counts. Capturable in a CUDA graph (a float ``lr`` is captured as it was)."""
+        be = self._backend
+        stream = stream_of(self._backend_device)
+        dev, t = self._device_steps()
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        max_norm = {gi: _plain(self.param_groups[gi].get("max_grad_norm")) or 0.0 for gi, *_ in work}
+        reduce = self.skip_nonfinite or any(max_norm.values())
+        self._calls += 1
+        self._sync_lrs(t)
+        units = []  # (group, hyper, rule, first param's views, arrays, grad, padding mask, params)
+        for gi, hyper, rule, items in work:
+            for n, (p, g, e, entry) in enumerate(items):
+                if e is None:
+                    items[n] = (p, g, self._device_views_of(p, rule, hyper), entry)
+            for start, stop, buf in self._runs(items, [self._dev_sig[p] for p, *_ in items], hyper, rule):
+                e = items[start][2]
+                if buf is None:
+                    arrays, g, valid = e.arrays, _viewed(items[start][1], be), None
+                else:
+                    arrays, g, valid = e.flat_arrays, e.flat_grad, self._dev_valid[buf]
+                units.append((gi, hyper, rule, e, arrays, g, valid, [item[0] for item in items[start:stop]]))
+        if reduce:
+            for _gi, _hyper, _rule, e, _arrays, g, valid, _ps in units:
+                dev.sumsq(g, e.fmt, 1.0, valid, stream=stream)
+            if grad_scale is not None:  # the sum of the scaled gradients' squares, unscaled
+                t.sums[:1].div_(grad_scale.reshape(1).double().square())
+        if found_inf is not None:  # GradScaler's verdict joins (or, without skip_nonfinite, is) the skip count
+            if self.skip_nonfinite:
+                t.sums[1:].add_(found_inf.reshape(1))
+            else:
+                t.sums[1:].copy_(found_inf.reshape(1))
+        skip = self.skip_nonfinite or found_inf is not None
+        for u, (gi, hyper, _rule, _e, _arrays, _g, _valid, ps) in enumerate(units):
+            ks = [self._dev_index[p] for p in ps]
+            dev.prepare(ks[0], gi, hyper, 1.0, max_norm[gi], skip, 0, u == len(units) - 1, stream=stream)
+            if len(ks) > 1:  # a flattened buffer's params: one launch, one count
+                if ks[-1] - ks[0] == len(ks) - 1:
+                    t.steps[ks[0] + 1 : ks[-1] + 1].copy_(t.steps[ks[0]].expand(len(ks) - 1))
+                else:
+                    for k in ks[1:]:
+                        t.steps[k].copy_(t.steps[ks[0]])
+        if grad_scale is not None:  # every rule's gradient factor is its slot 0: unscale there
+            scale = grad_scale.reshape(())
+            t.c32[:, 0].div_(scale)
+            t.c64[:, 0].div_(scale)
+        launch = be.launch if stream is None else functools.partial(be.launch, stream=stream)
+        stepped = []
+        for _gi, _hyper, rule, e, arrays, g, _valid, ps in units:
+            kname, args, extra = self._kernel_args(rule, e, arrays, g, arrays[0])
+            launch(kname, args, dev.constants(self._dev_index[ps[0]], compute_dtype(e.dtype)), *extra)
+            for p in ps:
+                self._dev_sig[p] = hash((self._dev_sig[p], self._calls))
+            stepped.extend(ps)
+        if t.mirror is not None:
+            t.mirror.copy_(t.steps)
+        if reduce:
+            self.last_grad_norm = t.norm[0]
+        self.last_step_launches = len(units)
+        if stepped:
+            increment_version(stepped)
+
+    def _sync_lrs(self, t: Any) -> None:
+        """A group's tensor ``lr`` copied into the device's lr (on the device: a schedule that writes the
+        tensor in place reaches a replayed graph); a float ``lr`` is passed with the constants."""
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                t.lr[gi : gi + 1].copy_(lr.detach().reshape(1))
+                self._dev_lr[gi] = True
+            elif self._dev_lr[gi]:
+                t.lr[gi : gi + 1].fill_(-1.0)  # the host's lr again
+                self._dev_lr[gi] = False
+
+    def _device_steps(self) -> tuple[DeviceSteps, Any]:
+        """The device bookkeeping of every param (a slot each), made at the first GPU step and again
+        when the params change: counts from the state (a device ``step`` copied on the device), the
+        skipped count carried over; each ``state["step"]`` becomes its view of the float32 counts."""
+        params = tuple(p for group in self.param_groups for p in group["params"])
+        if self._dev is not None and self._dev_params == params:
+            return self._dev, self._dev_t
+        be, device = self._backend, self._backend_device
+        counts = [0] * len(params)
+        on_device = []
+        mirror = self._dev_t.mirror if self._dev is not None else None
+        for k, p in enumerate(params):
+            state = self.state.get(p)
+            if not state:
+                continue
+            st = state.get("step")
+            if self.keeps_step and isinstance(st, torch.Tensor) and (
+                    not st.is_cpu or (mirror is not None and st._base is mirror)):
+                on_device.append((k, st))
+            else:
+                counts[k] = self._next_step(state) - 1
+                self._dev_sig[p] = hash(("count", counts[k]))
+        old = self._dev
+        dev = DeviceSteps(len(self.param_groups), None, be)
+        dev.set_slots(counts)
+        if old is not None:
+            dev.skipped = old.skipped
+        t = SimpleNamespace(sums=torch_view(dev.sums, device), steps=torch_view(dev.steps, device),
+                            c32=torch_view(dev.consts32, device), c64=torch_view(dev.consts64, device),
+                            lr=torch_view(dev.lr, device), norm=torch_view(dev.norm, device), mirror=None)
+        for k, st in on_device:
+            t.steps[k].copy_(st)
+        if self.keeps_step:
+            t.mirror = flatten.zeros(len(params), torch.float32, device)
+            t.mirror.copy_(t.steps)
+            for k, p in enumerate(params):
+                state = self.state.get(p)
+                if state and "step" in state:
+                    state["step"] = t.mirror[k]
+        for p in params:
+            self._dev_sig.setdefault(p, hash(("count", 0)))
+            entry = flatten.owner(p)
+            if entry is not None and entry[0] not in self._dev_valid:
+                self._dev_valid[entry[0]] = dev.upload(entry[0].valid)
+        self._dev, self._dev_t, self._dev_params = dev, t, params
+        self._dev_index = {p: k for k, p in enumerate(params)}
+        self._dev_lr = [False] * len(self.param_groups)
+        self._views.clear()
+        return dev, t
+
+    def _device_views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> _Views:
+        """A CUDA param's first views, its state made (its count is the device's)."""
+        state = self.state[p]
+        names = self._names(rule, p)
+        self._init_state(p, state, hyper, names)
+        e = self._views[p] = _Views(p, state, names, 0, self._backend, self._flat_state)
+        return e
 
     def _views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> tuple[_Views, int]:
         """A param's first views: its state made (torch's layout), its step count before this step."""
@@ -696,8 +873,11 @@ def _whole_grads(items: list, i: int, buf: Any) -> bool:
 
 
 def _widened(p: torch.Tensor) -> torch.Tensor:
-    """The float32 values of half param ``p`` exactly as the kernels widen them (``widen_half``)."""
-    bits = kernel_view(p.detach().cpu(), None)
+    """The float32 values of half param ``p`` exactly as the kernels widen them (``widen_half``; on a
+    GPU torch's conversion, exact as well, on the device: no copy to the host)."""
+    if not p.is_cpu:
+        return p.detach().to(torch.float32)
+    bits = kernel_view(p.detach(), None)
     return torch.from_numpy(widen_half(bits, HALF[p.dtype]).reshape(p.shape)).to(p.device)
 
 
@@ -725,7 +905,8 @@ class _Views:
         data = p.detach()
         self.p, self.ptr, self.shape, self.dtype, self.device = p, data.data_ptr(), data.shape, data.dtype, data.device
         self.cpu = data.is_cpu
-        self.cpu_float = self.cpu and data.dtype not in HALF
+        on_host = backend.kind == HOST  # else the device keeps the counts: never read here
+        self.cpu_float = self.cpu and on_host and data.dtype not in HALF
         self.fmt = HALF.get(data.dtype)
         self.master = "master" in names
         kind = lean_state.kind_of(names)
@@ -738,11 +919,12 @@ class _Views:
         st = state.get("step")
         self.step_tensor = st if isinstance(st, torch.Tensor) and st.dim() == 0 else None
         # written through NumPy, which leaves ``_version`` alone: a change by torch still shows
-        self.step_array = None if self.step_tensor is None else st.numpy()
-        self.step_version = None if self.step_tensor is None else st._version
+        self.step_array = st.numpy() if self.step_tensor is not None and on_host else None
+        self.step_version = st._version if self.step_tensor is not None and on_host else None
         # the count, where the tensor holds it exactly (else it is read back at each step)
         self.step = None
-        if self.step_tensor is not None and float(st.item()) == step and step < _EXACT[st.dtype]:
+        if (on_host and self.step_tensor is not None and float(st.item()) == step
+                and step < _EXACT[st.dtype]):
             self.step = step
         self.flat = self.flat_arrays = self.flat_grad = self.grad_ptr = None
         entry = self.entry = flatten.owner(p)
@@ -766,7 +948,8 @@ class _Views:
             if state.get(n) is not t or t.data_ptr() != ptr:
                 return False
         st = self.step_tensor
-        return st is None or (state.get("step") is st and st._version == self.step_version)
+        return st is None or (state.get("step") is st
+                              and (self.step_version is None or st._version == self.step_version))
 
 
 class _SGDState(FusedOptimizer):
@@ -790,16 +973,30 @@ class _NAdamState(FusedOptimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict, hyper: Any, names: tuple[str, ...]) -> None:
         if not state:  # in torch's order: step, mu_product, the buffers
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = self._new_step(p)
             state["mu_product"] = torch.tensor(1.0, dtype=_scalar_dtype())
         super()._init_state(p, state, hyper, names)
 
     def _after_step(self, state: dict, hyper: Any, step: int) -> None:
         super()._after_step(state, hyper, step)
+        self._set_mu_product(state, hyper, step)
+
+    @staticmethod
+    def _set_mu_product(state: dict, hyper: Any, step: int) -> None:
         product = 0.0
         if hyper.beta1 > 0.0:
             product = math.exp(nadam_log_mu_product(float(step), hyper.beta1, hyper.momentum_decay))
         state["mu_product"].fill_(product)
+
+    def state_dict(self) -> dict:
+        if self._dev is not None:  # a GPU step counts on the device: mu_product from the counts (a read)
+            for gi, group in enumerate(self.param_groups):
+                hyper = self._hyper(group, f"param group {gi}")
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and "mu_product" in state:
+                        self._set_mu_product(state, hyper, int(state["step"].item()))
+        return super().state_dict()
 
 
 class _AdagradState(FusedOptimizer):
