@@ -26,12 +26,16 @@ that the lean kernels update; ``state_dict()`` records the format and a load of 
 Devices and dtypes: float32, float64, float16 and bfloat16 tensors (the half ones computed in
 float32; ``master_weights`` keeps a float32 copy of each half param, ``stochastic_rounding`` rounds
 bfloat16 params stochastically, from ``seed``), on the CPU (Numba loops over NumPy views) or on a
-CUDA device (``gpuadam.torch.devices``: launched on torch's current stream, never synchronising but
-for GradScaler's ``found_inf``/``grad_scale``, which the step reads, and the master copy of a half
-param, made on the host at its first step). The CUDA path has not run on a GPU yet. Not here: ``capturable=True``
-and ``differentiable=True`` (refused), ``max_grad_norm``/``skip_nonfinite`` with CUDA tensors
-(refused: the reduction runs on the host), sparse or complex gradients. ``foreach`` and ``fused``
-are accepted and ignored.
+CUDA device (``gpuadam.torch.devices``: launched on torch's current stream). A CUDA step never
+synchronises: each launch's step count and constants are made on the device (``_step_device``, with
+``gpuadam.on_device``), where GradScaler's ``grad_scale`` and ``found_inf``, ``max_grad_norm``,
+``skip_nonfinite`` and a tensor ``lr`` are read; ``state["step"]`` is then a float32 0-d tensor on
+the device (torch's layout with ``fused``/``capturable``), ``last_grad_norm`` a device tensor, and
+``steps_skipped`` a read of the device's count. ``capturable=True`` is accepted (CUDA params; not
+with stochastic rounding): the step can be captured in a CUDA graph, a float ``lr`` captured as it
+was, a tensor ``lr`` read at each replay. The CUDA path has run in Numba's CUDA simulator only (on
+stand-ins for CUDA tensors); tests/gpu has the GPU checks. Not here: ``differentiable=True``
+(refused), sparse or complex gradients. ``foreach`` and ``fused`` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -278,7 +282,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else:
                     state[n] = self._buffer(p, n, dtype, start.get(n, 0.0))
                 if n == "master":
-                    state[n].copy_(_widened(p))
+                    _widen_into(state[n], p)
 
     def _lean_buffer(self, p: torch.Tensor, name: str) -> torch.Tensor:
         dtype, shape = self._spec(p, name)
@@ -326,7 +330,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         state[n] = buf
                 if self.master_weights and p.dtype in HALF and "master" not in state:
                     state["master"] = self._buffer(p, "master", torch.float32, 0.0)
-                    state["master"].copy_(_widened(p))
+                    _widen_into(state["master"], p)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -872,13 +876,15 @@ def _whole_grads(items: list, i: int, buf: Any) -> bool:
     return i + len(buf) <= len(items) and all(items[i + k][3] == (buf, k) for k in range(len(buf)))
 
 
-def _widened(p: torch.Tensor) -> torch.Tensor:
-    """The float32 values of half param ``p`` exactly as the kernels widen them (``widen_half``; on a
-    GPU torch's conversion, exact as well, on the device: no copy to the host)."""
+def _widen_into(master: torch.Tensor, p: torch.Tensor) -> None:
+    """Write half param ``p``'s float32 values into ``master`` exactly as the kernels widen them
+    (``widen_half``; on a GPU torch's conversion, exact as well, in place on the device: no copy to
+    the host, no temporary)."""
     if not p.is_cpu:
-        return p.detach().to(torch.float32)
+        master.copy_(p.detach())
+        return
     bits = kernel_view(p.detach(), None)
-    return torch.from_numpy(widen_half(bits, HALF[p.dtype]).reshape(p.shape)).to(p.device)
+    master.copy_(torch.from_numpy(widen_half(bits, HALF[p.dtype]).reshape(p.shape)))
 
 
 @functools.cache
