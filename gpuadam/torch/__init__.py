@@ -592,6 +592,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}.step: capturable=True keeps the step counts on the GPU: "
                              f"it takes CUDA params, got params on {self._backend_device}; nothing was updated")
         found_inf = getattr(self, "found_inf", None)
+        self._calls += 1  # every step that reached here draws new random bits, skipped or not (as on a GPU)
         if found_inf is not None and float(found_inf) != 0.0:
             self._skipped_host += 1
             self.last_step_launches = 0
@@ -600,7 +601,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         max_norms = [_plain(self.param_groups[gi].get("max_grad_norm")) or 0.0 for gi, *_ in work]
         reduce = self.skip_nonfinite or any(max_norms)
-        self._calls += 1
         sumsq = bad = 0.0
         if reduce:
             sumsq, bad = self._grad_sums(work, inv_scale)

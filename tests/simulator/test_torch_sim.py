@@ -90,6 +90,7 @@ CASES = {
     "adamw-bf16-master": (gt.AdamW, {"lr": 1e-2, "master_weights": True}, torch.bfloat16, False),
     "sgd-momentum": (gt.SGD, {"lr": 1e-1, "momentum": 0.9}, torch.float32, False),
     "nadam": (gt.NAdam, {"lr": 1e-2}, torch.float32, False),
+    "adam-bfloat16-state": (gt.Adam, {"lr": 1e-2, "state_dtype": "bfloat16"}, torch.float32, False),
 }
 
 
