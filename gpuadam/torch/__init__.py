@@ -666,15 +666,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 t.sums[1:].copy_(found_inf.reshape(1))
         skip = self.skip_nonfinite or found_inf is not None
-        for u, (gi, hyper, _rule, _e, _arrays, _g, _valid, ps) in enumerate(units):
-            ks = [self._dev_index[p] for p in ps]
-            dev.prepare(ks[0], gi, hyper, 1.0, max_norm[gi], skip, 0, u == len(units) - 1, stream=stream)
-            if len(ks) > 1:  # a flattened buffer's params: one launch, one count
+        # the params of a group that took part in the same steps share one count: one slot (the first's
+        # index), prepared once, its count copied to the others on the device
+        slots: dict = {}
+        for gi, hyper, *_rest, ps in units:
+            slots.setdefault((gi, self._dev_sig[ps[0]]), (hyper, []))[1].extend(self._dev_index[p] for p in ps)
+        slot_of = {}
+        for n, ((gi, _sig), (hyper, ks)) in enumerate(slots.items()):
+            dev.prepare(ks[0], gi, hyper, 1.0, max_norm[gi], skip, 0, n == len(slots) - 1, stream=stream)
+            if len(ks) > 1:
                 if ks[-1] - ks[0] == len(ks) - 1:
                     t.steps[ks[0] + 1 : ks[-1] + 1].copy_(t.steps[ks[0]].expand(len(ks) - 1))
                 else:
                     for k in ks[1:]:
                         t.steps[k].copy_(t.steps[ks[0]])
+            slot_of.update((k, ks[0]) for k in ks)
         if grad_scale is not None:  # every rule's gradient factor is its slot 0: unscale there
             scale = grad_scale.reshape(())
             t.c32[:, 0].div_(scale)
@@ -683,7 +689,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         stepped = []
         for _gi, _hyper, rule, e, arrays, g, _valid, ps in units:
             kname, args, extra = self._kernel_args(rule, e, arrays, g, arrays[0])
-            launch(kname, args, dev.constants(self._dev_index[ps[0]], compute_dtype(e.dtype)), *extra)
+            launch(kname, args, dev.constants(slot_of[self._dev_index[ps[0]]], compute_dtype(e.dtype)), *extra)
             for p in ps:
                 self._dev_sig[p] = hash((self._dev_sig[p], self._calls))
             stepped.extend(ps)

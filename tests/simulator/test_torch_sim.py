@@ -175,3 +175,25 @@ def test_capturable_tensor_lr_and_a_new_group_mid_run(on_device, monkeypatch):
     with pytest.raises(ValueError, match="capturable=True keeps the step counts on the GPU: it takes CUDA params"):
         gt.Adam([p], capturable=True).step()
     assert torch.equal(p.detach(), torch.ones(2))
+
+
+def test_a_param_without_a_gradient_keeps_its_count_on_the_device(on_device, monkeypatch):
+    """torch's rule: a param whose grad is None does not step. Its count then differs from the others'
+    (two slots in one group), and a later step gives each its own bias correction."""
+    make, step, _ = on_device
+    models = [make_model(), make_model()]
+    dev = make(gt.Adam, models[0].parameters(), lr=1e-2)
+    host = gt.Adam(models[1].parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(5, 6, generator=gen), torch.randn(5, 3, generator=gen)) for _ in range(4)]
+    for t, (x, y) in enumerate(data):
+        for m, o, st in ((models[0], dev, step), (models[1], host, lambda o: o.step())):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            if t == 1:
+                m[0].bias.grad = None
+            st(o)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert dev.state[p]["step"].item() == host.state[q]["step"].item()
+        assert torch.equal(p.detach(), q.detach())
+    assert dev.state[models[0][0].bias]["step"].item() == 3
