@@ -86,6 +86,10 @@ def test_lean_state_steps_bitwise_as_gpuadams_optimizer(fmt, flat):
     train(model, opt, batches(steps=1))
     assert codes.data_ptr() == ptr and not torch.equal(codes, before)
     assert opt.last_step_launches == 4  # lean state is blocked per tensor: one launch per param
+    small = sum(p.numel() for p in model.parameters()) - w.numel()
+    lean_bytes = 2 * w.numel() + 2 * 20 * 4 if fmt == "int8" else 4 * w.numel()
+    small_bytes = 8 * small if fmt == "int8" else 4 * small
+    assert opt.state_nbytes == ref.state_nbytes == lean_bytes + small_bytes  # flattened too: per tensor
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bfloat16"])

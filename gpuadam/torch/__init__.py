@@ -254,8 +254,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _buffer(self, p: torch.Tensor, name: str, dtype: torch.dtype, start: float) -> torch.Tensor:
         """A new state buffer for ``p``: its view of this optimizer's whole buffer ``name`` when ``p``
-        is flattened (so the buffer's params step in one launch), else a tensor of its own."""
-        entry = flatten.owner(p)
+        is flattened (so the buffer's params step in one launch), else a tensor of its own (also with
+        lean state, which steps param by param: a whole buffer would hold the lean params' moments too)."""
+        entry = flatten.owner(p) if self.state_format is None else None
         if entry is None:
             return torch.full(p.shape, start, dtype=dtype, device=p.device)
         buf, k = entry
@@ -360,6 +361,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         finally:
             self._loading = None
         self._calls, self._skipped_host = calls, skipped
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of every state buffer (moments, codes and absmax, masters; a flattened buffer's whole
+        allocation, padding included, once), as ``gpuadam.Optimizer.state_nbytes``: no step counts."""
+        seen = set()
+        total = 0
+        for state in self.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        total += storage.nbytes()
+        return total
 
     @property
     def steps_skipped(self) -> int:
