@@ -197,3 +197,30 @@ def test_a_param_without_a_gradient_keeps_its_count_on_the_device(on_device, mon
         assert dev.state[p]["step"].item() == host.state[q]["step"].item()
         assert torch.equal(p.detach(), q.detach())
     assert dev.state[models[0][0].bias]["step"].item() == 3
+
+
+def test_int8_state_under_a_scaler_on_the_device(on_device, monkeypatch):
+    """Lean int8 moments on the device path: codes and absmax as the CPU path's, bit for bit (the
+    4096-element floor lowered to one block of 256: the simulator runs every thread in Python)."""
+    from gpuadam import lean
+
+    monkeypatch.setattr(lean, "MIN_SIZE", 256)
+    make, step, _ = on_device
+    gen = torch.Generator().manual_seed(5)
+    w0, b0 = torch.randn(300, generator=gen), torch.randn(7, generator=gen)
+    params = [[torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())] for _ in range(2)]
+    dev = make(gt.Adam, params[0], lr=1e-2, state_dtype="int8")
+    host = gt.Adam(params[1], lr=1e-2, state_dtype="int8")
+    for t in range(3):
+        grads = [64 * torch.randn(300, generator=gen), 64 * torch.randn(7, generator=gen)]
+        for ps, o, st in ((params[0], dev, step), (params[1], host, lambda o: o.step())):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.grad_scale, o.found_inf = torch.tensor(64.0), torch.tensor(1.0 if t == 1 else 0.0)
+            st(o)
+    for p, q in zip(*params):
+        assert torch.equal(p.detach(), q.detach())
+        assert list(dev.state[p]) == list(host.state[q])
+        for n, v in host.state[q].items():
+            assert torch.equal(dev.state[p][n], v), n
+    assert "exp_avg_codes" in dev.state[params[0][0]] and dev.state[params[0][0]]["step"].item() == 2
