@@ -27,8 +27,8 @@ Devices and dtypes: float32, float64, float16 and bfloat16 tensors (the half one
 float32; ``master_weights`` keeps a float32 copy of each half param, ``stochastic_rounding`` rounds
 bfloat16 params stochastically, from ``seed``), on the CPU (Numba loops over NumPy views) or on a
 CUDA device (``gpuadam.torch.devices``: launched on torch's current stream). A CUDA step never
-synchronises: each launch's step count and constants are made on the device (``_step_device``, with
-``gpuadam.on_device``), where GradScaler's ``grad_scale`` and ``found_inf``, ``max_grad_norm``,
+synchronises: each launch's step count and constants are made on the device
+(``gpuadam.torch.device_step``), where GradScaler's ``grad_scale`` and ``found_inf``, ``max_grad_norm``,
 ``skip_nonfinite`` and a tensor ``lr`` are read; ``state["step"]`` is then a float32 0-d tensor on
 the device (torch's layout with ``fused``/``capturable``), ``last_grad_norm`` a device tensor, and
 ``steps_skipped`` a read of the device's count. ``capturable=True`` is accepted (CUDA params; not
@@ -44,7 +44,6 @@ import functools
 import inspect
 import math
 from dataclasses import fields
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -61,8 +60,10 @@ from gpuadam.on_device import DeviceSteps
 from gpuadam.optim import padding_stays_zero
 from gpuadam.precision import widen_half
 from gpuadam.torch import flatten, lean_state
-from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of, torch_view
+from gpuadam.torch.device_step import DeviceStepping
+from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of
 from gpuadam.torch.flatten import FlatParams, flatten_parameters
+from gpuadam.torch.views import EXACT, Views, viewed
 
 #: ``gpuadam`` options not taken here (torch tensors carry their dtype; capturable is torch's).
 _NOT_HERE = {"half_format", "capturable"}
@@ -114,7 +115,7 @@ def _hyper_keys(hyper_class: type) -> tuple[str, ...]:
     return tuple(keys)
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
     """Base of the drop-in classes: ``ours`` names the ``gpuadam`` optimizer whose hyperparameter
     record, rule choice and state start values are used; ``__signature__`` is torch's (plus ours)."""
 
@@ -158,7 +159,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         our_defaults = {k: p.default for k, p in inspect.signature(self.ours).parameters.items()}
         self._hyper_defaults = {k: our_defaults[k] for k in _hyper_keys(self.ours.hyper_class)}
         self._hyper_cache: dict = {}
-        self._views: dict = {}  # param -> _Views, its kernel views and step count between steps
+        self._views: dict = {}  # param -> Views, its kernel views and step count between steps
         self._flat_state: dict = {}  # FlatParams -> {state name: whole 1-D buffer} of this optimizer
         self._padding_cache: dict = {}
         self._calls = 0  # steps that reached the kernels: the stochastic rounding counter
@@ -461,7 +462,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"{dtype} tensor of shape {shape} on {p.device}")
 
     def _grad_view(self, k: int, gi: int, j: int, group: dict, p: torch.Tensor, g: torch.Tensor,
-                   e: _Views) -> Any:
+                   e: Views) -> Any:
         """The gradient's flat kernel view, once checked against the cached param (``_check``'s rules);
         for a flattened param's gradient view, the checked tensor (its buffer is launched whole)."""
         if g.requires_grad:
@@ -585,7 +586,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     s, b = be.grad_sumsq(kernel_view(buf.grad, be), HALF.get(buf.dtype), inv_scale, buf.valid)
                     i += len(buf)
                 else:
-                    s, b = be.grad_sumsq(_viewed(g, be), HALF.get(p.dtype), inv_scale)
+                    s, b = be.grad_sumsq(viewed(g, be), HALF.get(p.dtype), inv_scale)
                     i += 1
                 sumsq += s
                 bad += b
@@ -602,7 +603,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work = self._plan()
         if self._backend.kind != HOST:
-            self._step_device(work)
+            self._step_device(work, {gi: _plain(self.param_groups[gi].get("max_grad_norm")) or 0.0
+                                     for gi, *_ in work})
             return loss
         if any(group.get("capturable") for group in self.param_groups):
             raise ValueError(f"{type(self).__name__}.step: capturable=True keeps the step counts on the GPU: "
@@ -643,167 +645,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             increment_version(stepped)  # as torch's in-place update: autograd sees the params changed
         return loss
 
-    # --- the GPU step: every count and constant on the device --------------------------------
-    def _step_device(self, work: list) -> None:
-        """The step of CUDA params, launched on torch's current stream without a host synchronisation:
-        each launch's step count, constants, clip factor and skip decision are made on the device
-        (``DeviceSteps``) from the gradients' norm, GradScaler's ``found_inf`` (a skip) and ``grad_scale``
-        (folded into the gradient factor), and tensor ``lr``s; ``state["step"]`` are float32 views of
-        those counts. Capturable in a CUDA graph (a float ``lr`` is captured as it was)."""
-        be = self._backend
-        stream = stream_of(self._backend_device)
-        dev, t = self._device_steps()
-        found_inf = getattr(self, "found_inf", None)
-        grad_scale = getattr(self, "grad_scale", None)
-        max_norm = {gi: _plain(self.param_groups[gi].get("max_grad_norm")) or 0.0 for gi, *_ in work}
-        reduce = self.skip_nonfinite or any(max_norm.values())
-        self._calls += 1
-        self._sync_lrs(t)
-        units = []  # (group, hyper, rule, first param's views, arrays, grad, padding mask, params)
-        for gi, hyper, rule, items in work:
-            for n, (p, g, e, entry) in enumerate(items):
-                if e is None:
-                    items[n] = (p, g, self._device_views_of(p, rule, hyper), entry)
-            for start, stop, buf in self._runs(items, [self._dev_sig[p] for p, *_ in items], hyper, rule):
-                e = items[start][2]
-                if buf is None:
-                    arrays, g, valid = e.arrays, _viewed(items[start][1], be), None
-                else:
-                    arrays, g, valid = e.flat_arrays, e.flat_grad, self._dev_valid[buf]
-                units.append((gi, hyper, rule, e, arrays, g, valid, [item[0] for item in items[start:stop]]))
-        if reduce:
-            for _gi, _hyper, _rule, e, _arrays, g, valid, _ps in units:
-                dev.sumsq(g, e.fmt, 1.0, valid, stream=stream)
-            if grad_scale is not None:  # the sum of the scaled gradients' squares, unscaled
-                t.sums[:1].div_(grad_scale.reshape(1).double().square())
-        if found_inf is not None:  # GradScaler's verdict joins (or, without skip_nonfinite, is) the skip count
-            if self.skip_nonfinite:
-                t.sums[1:].add_(found_inf.reshape(1))
-            else:
-                t.sums[1:].copy_(found_inf.reshape(1))
-        skip = self.skip_nonfinite or found_inf is not None
-        # the params of a group that took part in the same steps share one count: one slot (the first's
-        # index), prepared once, its count copied to the others on the device
-        slots: dict = {}
-        for gi, hyper, *_rest, ps in units:
-            slots.setdefault((gi, self._dev_sig[ps[0]]), (hyper, []))[1].extend(self._dev_index[p] for p in ps)
-        slot_of = {}
-        for n, ((gi, _sig), (hyper, ks)) in enumerate(slots.items()):
-            dev.prepare(ks[0], gi, hyper, 1.0, max_norm[gi], skip, 0, n == len(slots) - 1, stream=stream)
-            if len(ks) > 1:
-                if ks[-1] - ks[0] == len(ks) - 1:
-                    t.steps[ks[0] + 1 : ks[-1] + 1].copy_(t.steps[ks[0]].expand(len(ks) - 1))
-                else:
-                    for k in ks[1:]:
-                        t.steps[k].copy_(t.steps[ks[0]])
-            slot_of.update((k, ks[0]) for k in ks)
-        if grad_scale is not None:  # every rule's gradient factor is its slot 0: unscale there
-            scale = grad_scale.reshape(())
-            t.c32[:, 0].div_(scale)
-            t.c64[:, 0].div_(scale)
-        launch = be.launch if stream is None else functools.partial(be.launch, stream=stream)
-        stepped = []
-        for _gi, _hyper, rule, e, arrays, g, _valid, ps in units:
-            kname, args, extra = self._kernel_args(rule, e, arrays, g, arrays[0])
-            launch(kname, args, dev.constants(slot_of[self._dev_index[ps[0]]], compute_dtype(e.dtype)), *extra)
-            for p in ps:
-                self._dev_sig[p] = hash((self._dev_sig[p], self._calls))
-            stepped.extend(ps)
-        if t.mirror is not None:
-            t.mirror.copy_(t.steps)
-        if reduce:
-            self.last_grad_norm = t.norm[0]
-        self.last_step_launches = len(units)
-        if stepped:
-            increment_version(stepped)
-
-    def _sync_lrs(self, t: Any) -> None:
-        """A group's tensor ``lr`` copied into the device's lr (on the device: a schedule that writes the
-        tensor in place reaches a replayed graph); a float ``lr`` is passed with the constants."""
-        for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                t.lr[gi : gi + 1].copy_(lr.detach().reshape(1))
-                self._dev_lr[gi] = True
-            elif self._dev_lr[gi]:
-                t.lr[gi : gi + 1].fill_(-1.0)  # the host's lr again
-                self._dev_lr[gi] = False
-
-    def _device_steps(self) -> tuple[DeviceSteps, Any]:
-        """The device bookkeeping of every param (a slot each), made at the first GPU step and again
-        when the params change: counts from the state (a device ``step`` copied on the device), the
-        skipped count carried over; each ``state["step"]`` becomes its view of the float32 counts."""
-        params = tuple(p for group in self.param_groups for p in group["params"])
-        if self._dev is not None and self._dev_params == params:
-            return self._dev, self._dev_t
-        be, device = self._backend, self._backend_device
-        counts = [0] * len(params)
-        on_device = []
-        mirror = self._dev_t.mirror if self._dev is not None else None
-        for k, p in enumerate(params):
-            state = self.state.get(p)
-            if not state:
-                continue
-            st = state.get("step")
-            if self.keeps_step and isinstance(st, torch.Tensor) and (
-                    not st.is_cpu or (mirror is not None and st._base is mirror)):
-                on_device.append((k, st))
-            else:
-                counts[k] = self._next_step(state) - 1
-                self._dev_sig[p] = hash(("count", counts[k]))
-        old = self._dev
-        dev = DeviceSteps(len(self.param_groups), None, be)
-        dev.set_slots(counts)
-        if old is not None:
-            dev.skipped = old.skipped
-        t = SimpleNamespace(sums=torch_view(dev.sums, device), steps=torch_view(dev.steps, device),
-                            c32=torch_view(dev.consts32, device), c64=torch_view(dev.consts64, device),
-                            lr=torch_view(dev.lr, device), norm=torch_view(dev.norm, device), mirror=None)
-        for k, st in on_device:
-            t.steps[k].copy_(st)
-        if self.keeps_step:
-            t.mirror = flatten.zeros(len(params), torch.float32, device)
-            t.mirror.copy_(t.steps)
-            for k, p in enumerate(params):
-                state = self.state.get(p)
-                if state and "step" in state:
-                    state["step"] = t.mirror[k]
-        for p in params:
-            self._dev_sig.setdefault(p, hash(("count", 0)))
-            entry = flatten.owner(p)
-            if entry is not None and entry[0] not in self._dev_valid:
-                self._dev_valid[entry[0]] = dev.upload(entry[0].valid)
-        self._dev, self._dev_t, self._dev_params = dev, t, params
-        self._dev_index = {p: k for k, p in enumerate(params)}
-        self._dev_lr = [False] * len(self.param_groups)
-        self._views.clear()
-        return dev, t
-
-    def _device_views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> _Views:
-        """A CUDA param's first views, its state made (its count is the device's)."""
-        state = self.state[p]
-        names = self._names(rule, p)
-        self._init_state(p, state, hyper, names)
-        e = self._views[p] = _Views(p, state, names, 0, self._backend, self._flat_state)
-        return e
-
-    def _views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> tuple[_Views, int]:
+    def _views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> tuple[Views, int]:
         """A param's first views: its state made (torch's layout), its step count before this step."""
         state = self.state[p]
         step = self._next_step(state)  # before the state is made: SGD counts its buffer
         names = self._names(rule, p)
         self._init_state(p, state, hyper, names)
-        e = self._views[p] = _Views(p, state, names, step - 1, self._backend, self._flat_state)
+        e = self._views[p] = Views(p, state, names, step - 1, self._backend, self._flat_state)
         return e, step
 
-    def _counted(self, e: _Views, hyper: Any, step: int, counted: bool) -> None:
+    def _counted(self, e: Views, hyper: Any, step: int, counted: bool) -> None:
         """Record ``step`` as ``e``'s param's count (torch's ``state["step"]``)."""
         if counted and e.step_array is not None:
             e.step_array.fill(step)  # state["step"].fill_(step) through its NumPy view
         else:
             self._after_step(e.state, hyper, step)
             e.step_version = None if e.step_tensor is None else e.step_tensor._version
-        e.step = step if e.step_tensor is not None and step < _EXACT[e.step_tensor.dtype] else None
+        e.step = step if e.step_tensor is not None and step < EXACT[e.step_tensor.dtype] else None
 
     def _step_each(self, items: list, hyper: Any, rule: str, grad_mul: float, launch: Any, counted: bool,
                    stepped: list) -> int:
@@ -848,7 +706,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if c is None:
                 c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
             if buf is None:
-                arrays, g = e.arrays, _viewed(items[start][1], self._backend)
+                arrays, g = e.arrays, viewed(items[start][1], self._backend)
             else:
                 arrays, g = e.flat_arrays, e.flat_grad
             kname, args, extra = self._kernel_args(rule, e, arrays, g, arrays[0])
@@ -858,7 +716,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 stepped.append(items[n][0])
         return len(runs)
 
-    def _kernel_args(self, rule: str, e: _Views, arrays: tuple, g: Any, half_param: Any) -> tuple:
+    def _kernel_args(self, rule: str, e: Views, arrays: tuple, g: Any, half_param: Any) -> tuple:
         """The kernel name, its arrays and its extra arguments (bfloat16 moments: their rounding; half
         formats: the param's rounding and the half param)."""
         # bfloat16 moments round stochastically, from (1, seed, counter), as gpuadam.Adam's
@@ -889,11 +747,6 @@ def _flat_entry(p: torch.Tensor, g: torch.Tensor) -> tuple | None:
     return entry
 
 
-def _viewed(g: Any, backend: Any) -> Any:
-    """A gradient's kernel view (a flattened param's gradient is kept as its tensor until needed)."""
-    return kernel_view(g, backend) if isinstance(g, torch.Tensor) else g
-
-
 def _whole_grads(items: list, i: int, buf: Any) -> bool:
     return i + len(buf) <= len(items) and all(items[i + k][3] == (buf, k) for k in range(len(buf)))
 
@@ -913,71 +766,6 @@ def _widen_into(master: torch.Tensor, p: torch.Tensor) -> None:
 def _state_names(rule: str) -> tuple[str, ...]:
     """The rule's state buffer names (one tuple per rule: ``RULES[rule].state_names`` builds it anew)."""
     return RULES[rule].state_names
-
-
-#: The counts a float holds exactly: 2**24 (float32), 2**53 (float64); past them ``step`` is read back.
-_EXACT = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}
-
-
-class _Views:
-    """A param's flat kernel views (param, then its state buffers) and its step count, valid while the
-    param's memory, dtype and shape, its state dict, buffer tensors and ``step`` are the ones seen;
-    ``flat``: this optimizer's whole state buffers when the param and its state are views of them."""
-
-    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu", "cpu_float", "fmt", "master", "kernel", "state",
-                 "names", "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
-                 "flat_arrays", "flat_grad", "entry", "grad_ptr", "state_arrays")
-
-    def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...], step: int, backend: Any,
-                 flat_state: dict) -> None:
-        data = p.detach()
-        self.p, self.ptr, self.shape, self.dtype, self.device = p, data.data_ptr(), data.shape, data.dtype, data.device
-        self.cpu = data.is_cpu
-        on_host = backend.kind == HOST  # else the device keeps the counts: never read here
-        self.cpu_float = self.cpu and on_host and data.dtype not in HALF
-        self.fmt = HALF.get(data.dtype)
-        self.master = "master" in names
-        kind = lean_state.kind_of(names)
-        self.kernel = lean.KERNEL[kind] if kind else None  # a lean format's kernel in place of the rule's
-        self.state, self.names = state, names
-        self.buffers = tuple(state[n] for n in names)
-        self.ptrs = tuple(t.data_ptr() for t in self.buffers)
-        self.arrays = (kernel_view(data, backend), *(kernel_view(t, backend) for t in self.buffers))
-        self.state_arrays = self.arrays[1:]
-        st = state.get("step")
-        self.step_tensor = st if isinstance(st, torch.Tensor) and st.dim() == 0 else None
-        # written through NumPy, which leaves ``_version`` alone: a change by torch still shows
-        self.step_array = st.numpy() if self.step_tensor is not None and on_host else None
-        self.step_version = st._version if self.step_tensor is not None and on_host else None
-        # the count, where the tensor holds it exactly (else it is read back at each step)
-        self.step = None
-        if (on_host and self.step_tensor is not None and float(st.item()) == step
-                and step < _EXACT[st.dtype]):
-            self.step = step
-        self.flat = self.flat_arrays = self.flat_grad = self.grad_ptr = None
-        entry = self.entry = flatten.owner(p)
-        if entry is not None:
-            self.grad_ptr = entry[0].grad.data_ptr() + entry[0].offsets[entry[1]] * entry[0].grad.element_size()
-        whole = flat_state.setdefault(entry[0], {}) if entry is not None else None
-        if whole is not None and all(n in whole and t.data_ptr() == whole[n].data_ptr()
-                                     + entry[0].offsets[entry[1]] * whole[n].element_size()
-                                     for n, t in zip(names, self.buffers)):
-            buf = entry[0]
-            self.flat = whole
-            self.flat_arrays = (kernel_view(buf.data, backend), *(kernel_view(whole[n], backend) for n in names))
-            self.flat_grad = kernel_view(buf.grad, backend)
-
-    def valid(self, p: torch.Tensor, state: Any, names: tuple[str, ...], device: torch.device) -> bool:
-        if (p.data_ptr() != self.ptr or state is not self.state or names != self.names
-                or p.dtype is not self.dtype or p.shape != self.shape or not p.is_contiguous()
-                or p.is_cpu is not self.cpu or (not self.cpu and p.device != device)):
-            return False
-        for n, t, ptr in zip(names, self.buffers, self.ptrs):
-            if state.get(n) is not t or t.data_ptr() != ptr:
-                return False
-        st = self.step_tensor
-        return st is None or (state.get("step") is st
-                              and (self.step_version is None or st._version == self.step_version))
 
 
 class _SGDState(FusedOptimizer):

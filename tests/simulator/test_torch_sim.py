@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed: pip install
 
 import gpuadam.torch as gt  # noqa: E402
 from gpuadam import backends  # noqa: E402
-from gpuadam.torch import devices  # noqa: E402
+from gpuadam.torch import device_step, devices, views  # noqa: E402
 
 STREAM = 0x5EED
 
@@ -27,12 +27,16 @@ def on_device(monkeypatch):
     def backend_for(device, requested):
         return be if optimizers else backends.get("numba-cpu")
 
+    def kernel_view(t, backend):
+        host = devices.kernel_view(t, None)
+        return host if backend is None or backend.kind == "host" else FakeCUDAArray(host)
+
     monkeypatch.setattr(gt, "backend_for", backend_for)
-    monkeypatch.setattr(gt, "kernel_view", lambda t, backend: (
-        devices.kernel_view(t, None) if backend is None or backend.kind == "host"
-        else FakeCUDAArray(devices.kernel_view(t, None))))
-    monkeypatch.setattr(gt, "torch_view", lambda a, device: torch.from_numpy(a._ary))
-    monkeypatch.setattr(gt, "stream_of", lambda device: STREAM if optimizers else None)
+    for module in (gt, views):
+        monkeypatch.setattr(module, "kernel_view", kernel_view)
+    monkeypatch.setattr(device_step, "torch_view", lambda a, device: torch.from_numpy(a._ary))
+    for module in (gt, device_step):
+        monkeypatch.setattr(module, "stream_of", lambda device: STREAM if optimizers else None)
     monkeypatch.setattr(be, "external_stream", lambda handle: streams.append(handle) or 0)
 
     def make(cls, *args, **kw):
