@@ -7,6 +7,7 @@ only inside probes and backend objects, so the package imports and runs on a mac
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -261,17 +262,11 @@ class CuPy:
 
     def device_sumsq(self, g: Any, sums: Any, fmt: int | None, inv_scale: float, valid: Any,
                      stream: int | None = None) -> None:
-        if not stream:
-            self._bookkeeping.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid)
-            return
-        with self._external_stream(stream):
+        with self._external_stream(stream) if stream else contextlib.nullcontext():
             self._bookkeeping.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid)
 
     def device_prepare(self, constants_fn: Any, *args: Any, stream: int | None = None) -> None:
-        if not stream:
-            self._bookkeeping.prepare(constants_fn, *args)
-            return
-        with self._external_stream(stream):
+        with self._external_stream(stream) if stream else contextlib.nullcontext():
             self._bookkeeping.prepare(constants_fn, *args)
 
 

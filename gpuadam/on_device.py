@@ -55,10 +55,7 @@ class DeviceSteps:
     def sumsq(self, g: Any, fmt: int | None, inv_scale: float, valid: Any = None, stream: int | None = None) -> None:
         """Add ``g``'s sum of squares and inf/NaN count to ``sums``, on ``stream`` (a CUDA stream handle;
         None: the backend's own, where its updates run)."""
-        if stream:
-            self._be.device_sumsq(g, self.sums, fmt, inv_scale, valid, stream=stream)
-        else:
-            self._be.device_sumsq(g, self.sums, fmt, inv_scale, valid)
+        self._be.device_sumsq(g, self.sums, fmt, inv_scale, valid, stream=stream)
 
     def sync_lr(self, group: int, lr: float) -> None:
         """Upload a changed lr (capturable). A copy from host memory, which a graph being captured
@@ -70,12 +67,10 @@ class DeviceSteps:
     def prepare(self, slot: int, group: int, hyper: Any, inv_scale: float, max_norm: float,
                 skip_nonfinite: bool, host_step: int, last: bool, stream: int | None = None) -> None:
         c32, c64 = self._consts[slot]
-        args = (type(hyper).constants_fn, self.sums, hyper.scalars(), inv_scale, max_norm, skip_nonfinite, self.lr,
-                group, self.steps, slot, c32, c64, self.norm, self.skipped, last, host_step)
-        if stream:
-            self._be.device_prepare(*args, stream=stream)
-        else:
-            self._be.device_prepare(*args)
+        self._be.device_prepare(
+            type(hyper).constants_fn, self.sums, hyper.scalars(), inv_scale, max_norm, skip_nonfinite, self.lr,
+            group, self.steps, slot, c32, c64, self.norm, self.skipped, last, host_step, stream=stream,
+        )
 
     def constants(self, slot: int, dtype: np.dtype) -> Any:
         return self._consts[slot][0 if dtype == np.float32 else 1]
