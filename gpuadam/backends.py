@@ -7,6 +7,7 @@ only inside probes and backend objects, so the package imports and runs on a mac
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -169,16 +170,21 @@ class NumbaCUDA:
     def write_device(self, dst: Any, index: int, value: float) -> None:
         dst[index : index + 1].copy_to_device(np.array([value], dst.dtype), stream=self.numba_stream())
 
-    def device_sumsq(self, g: Any, sums: Any, fmt: int | None, inv_scale: float, valid: Any) -> None:
-        self._kernels.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid, stream=self.numba_stream())
+    def _bookkeeping_stream(self, stream: int | None) -> Any:
+        # the updates' stream: Numba's default, or the handle they are launched on (torch's current stream)
+        return self.numba_stream() if not stream else self.external_stream(stream)
+
+    def device_sumsq(self, g: Any, sums: Any, fmt: int | None, inv_scale: float, valid: Any,
+                     stream: int | None = None) -> None:
+        self._kernels.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid, stream=self._bookkeeping_stream(stream))
 
     def device_prepare(self, constants_fn: Any, sums: Any, hyper: tuple, inv_scale: float, max_norm: float,
                        skip_nonfinite: bool, lr: Any, group: int, steps: Any, slot: int, c32: Any, c64: Any,
-                       norm: Any, skipped: Any, last: bool, host_step: int) -> None:
+                       norm: Any, skipped: Any, last: bool, host_step: int, stream: int | None = None) -> None:
         f64, i64 = np.float64, np.int64
         self._kernels.prepare(
             constants_fn, sums, hyper, f64(inv_scale), f64(max_norm), f64(skip_nonfinite), lr, i64(group), steps,
-            i64(slot), c32, c64, norm, skipped, i64(last), i64(host_step), stream=self.numba_stream(),
+            i64(slot), c32, c64, norm, skipped, i64(last), i64(host_step), stream=self._bookkeeping_stream(stream),
         )
 
 
@@ -229,10 +235,7 @@ class CuPy:
         if not stream:
             self._launch_here(rule, arrays, c, *extra)
             return
-        external = self._external.get(stream)
-        if external is None:
-            external = self._external[stream] = self._cupy.cuda.ExternalStream(stream)
-        with external:
+        with self._external_stream(stream):
             self._launch_here(rule, arrays, c, *extra)
 
     def _launch_here(self, rule: str, arrays: tuple, c: tuple, *extra) -> None:
@@ -241,6 +244,13 @@ class CuPy:
             lean(arrays, c, *extra)
         else:
             self._launch(rule, arrays, c, *extra)
+
+    def _external_stream(self, handle: int) -> Any:
+        """CuPy's stream object for the CUDA stream ``handle`` (made once per handle)."""
+        external = self._external.get(handle)
+        if external is None:
+            external = self._external[handle] = self._cupy.cuda.ExternalStream(handle)
+        return external
 
     def zeros(self, size: int, dtype: Any) -> Any:
         return self._cupy.zeros(size, dtype)
@@ -261,11 +271,14 @@ class CuPy:
     def write_device(self, dst: Any, index: int, value: float) -> None:
         dst[index : index + 1].set(np.array([value], dst.dtype))
 
-    def device_sumsq(self, g: Any, sums: Any, fmt: int | None, inv_scale: float, valid: Any) -> None:
-        self._bookkeeping.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid)
+    def device_sumsq(self, g: Any, sums: Any, fmt: int | None, inv_scale: float, valid: Any,
+                     stream: int | None = None) -> None:
+        with self._external_stream(stream) if stream else contextlib.nullcontext():
+            self._bookkeeping.grad_sumsq(self.flat(g), sums, fmt, inv_scale, valid)
 
-    def device_prepare(self, constants_fn: Any, *args: Any) -> None:
-        self._bookkeeping.prepare(constants_fn, *args)
+    def device_prepare(self, constants_fn: Any, *args: Any, stream: int | None = None) -> None:
+        with self._external_stream(stream) if stream else contextlib.nullcontext():
+            self._bookkeeping.prepare(constants_fn, *args)
 
 
 _FACTORIES = {"numba-cpu": NumbaCPU, "numba-cuda": NumbaCUDA, "cupy": CuPy}

@@ -45,14 +45,17 @@ class DeviceSteps:
         self.steps = be.device_array(np.array(steps, np.int64))
         c32 = be.device_array(np.zeros((len(steps), N_CONSTANTS), np.float32))
         c64 = be.device_array(np.zeros((len(steps), N_CONSTANTS), np.float64))
+        self.consts32, self.consts64 = c32, c64  # every slot's row (gpuadam.torch scales them on the device)
         self._consts = [(c32[s], c64[s]) for s in range(len(steps))]
 
     def upload(self, host: np.ndarray) -> Any:
         """A device copy of a small host array (a FlatBuffer's valid counts), made outside ``step()``."""
         return self._be.device_array(host)
 
-    def sumsq(self, g: Any, fmt: int | None, inv_scale: float, valid: Any = None) -> None:
-        self._be.device_sumsq(g, self.sums, fmt, inv_scale, valid)
+    def sumsq(self, g: Any, fmt: int | None, inv_scale: float, valid: Any = None, stream: int | None = None) -> None:
+        """Add ``g``'s sum of squares and inf/NaN count to ``sums``, on ``stream`` (a CUDA stream handle;
+        None: the backend's own, where its updates run)."""
+        self._be.device_sumsq(g, self.sums, fmt, inv_scale, valid, stream=stream)
 
     def sync_lr(self, group: int, lr: float) -> None:
         """Upload a changed lr (capturable). A copy from host memory, which a graph being captured
@@ -62,11 +65,11 @@ class DeviceSteps:
             self._lr_host[group] = lr
 
     def prepare(self, slot: int, group: int, hyper: Any, inv_scale: float, max_norm: float,
-                skip_nonfinite: bool, host_step: int, last: bool) -> None:
+                skip_nonfinite: bool, host_step: int, last: bool, stream: int | None = None) -> None:
         c32, c64 = self._consts[slot]
         self._be.device_prepare(
             type(hyper).constants_fn, self.sums, hyper.scalars(), inv_scale, max_norm, skip_nonfinite, self.lr,
-            group, self.steps, slot, c32, c64, self.norm, self.skipped, last, host_step,
+            group, self.steps, slot, c32, c64, self.norm, self.skipped, last, host_step, stream=stream,
         )
 
     def constants(self, slot: int, dtype: np.dtype) -> Any:

@@ -92,6 +92,18 @@ def test_the_backends_launch_on_the_given_stream():
     assert launched == [(("adam", ("p", "g"), "c"), [9]), (("adam", ("p", "g"), "c"), [9, "exit"]),
                         (("adam/int8", ("p", "g"), "c"), [9, "exit", 9])]
 
+    # the device bookkeeping of a torch step (norm, constants) goes to the same stream
+    entered.clear()
+    launched.clear()
+    be.flat = lambda x: x
+    be._bookkeeping = types.SimpleNamespace(
+        grad_sumsq=lambda *args: launched.append(("sumsq", list(entered))),
+        prepare=lambda *args: launched.append(("prepare", list(entered))))
+    be.device_sumsq("g", "sums", None, 1.0, None, stream=9)
+    be.device_prepare("fn", "args", stream=9)
+    be.device_prepare("fn", "args")
+    assert launched == [("sumsq", [9]), ("prepare", [9, "exit", 9]), ("prepare", [9, "exit", 9, "exit"])]
+
 
 def test_a_step_launches_on_the_stream_it_is_given_and_never_synchronises(monkeypatch):
     """The step with a device's stream (faked on CPU tensors): every launch gets torch's current

@@ -262,8 +262,9 @@ def test_refusals():
     model = make_model()
     with pytest.raises(ValueError, match="differentiable=True"):
         gt.Adam(model.parameters(), differentiable=True)
-    with pytest.raises(ValueError, match="capturable=True.*not supported"):
-        gt.AdamW(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="capturable=True with stochastic rounding"):
+        gt.AdamW(model.parameters(), capturable=True, state_dtype="bfloat16")
+    capturable = gt.AdamW(model.parameters(), capturable=True)  # CUDA params: the step refuses CPU ones
     with pytest.raises(ValueError, match="lr"):
         gt.Adam(model.parameters(), lr=-1.0)
     with pytest.raises(TypeError):
@@ -272,6 +273,9 @@ def test_refusals():
     x, y = batches(torch.float64, steps=1)[0]
     torch.nn.functional.mse_loss(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="capturable=True keeps the step counts on the GPU: it takes CUDA params"):
+        capturable.step()
+    assert not capturable.state
     model[2].weight.grad = model[2].weight.grad.t().contiguous().t()  # the third param's grad: strided
     with pytest.raises(ValueError, match=r"param 2 \(group 0, index 2\): its gradient is not contiguous"):
         opt.step()
@@ -336,7 +340,8 @@ def test_signature_is_torchs_plus_our_keywords(name):
         assert ours[key].default == param.default and ours[key].kind == param.kind, key
     extra = set(ours) - set(theirs)
     options = {"backend", "max_grad_norm", "skip_nonfinite", "master_weights", "stochastic_rounding", "seed"}
-    assert options <= extra <= options | {"eps_root", "bias_correction", "ema_momentum"}
+    assert options <= extra <= options | {"eps_root", "bias_correction", "ema_momentum", "state_dtype"}
+    assert ("state_dtype" in extra) == (name in ("Adam", "AdamW"))
     assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in extra)
     model = make_model()
     positional = [k for k, p in theirs.items() if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]

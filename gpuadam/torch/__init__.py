@@ -2,7 +2,7 @@
 
 ``from gpuadam.torch import AdamW`` in place of ``from torch.optim import AdamW``: the classes are
 ``torch.optim.Optimizer`` subclasses with torch's signatures and defaults (plus our keyword-only
-extras: ``eps_root``, ``bias_correction``, ``ema_momentum`` where they apply, ``max_grad_norm``,
+extras: ``eps_root``, ``bias_correction``, ``ema_momentum``, ``state_dtype`` where they apply, ``max_grad_norm``,
 ``skip_nonfinite``, ``master_weights``, ``stochastic_rounding``, ``seed`` and ``backend``), so
 ``param_groups``, ``zero_grad``, ``add_param_group``, step hooks, ``lr_scheduler`` and
 ``state_dict``/``load_state_dict`` are torch's own. ``opt.state[p]`` is in torch's layout (``step``
@@ -19,15 +19,23 @@ first launch, so a refused step changes nothing. ``torch.amp.GradScaler`` sees
 norm of every gradient of every group, as ``torch.nn.utils.clip_grad_norm_`` over them all would,
 inside the same kernel; ``last_grad_norm`` is that norm.
 
+``state_dtype="int8"``/``"bfloat16"`` (Adam, AdamW) keeps the moments in ``gpuadam.lean``'s formats
+(``gpuadam.torch.lean_state``): ``opt.state[p]`` holds the codes and absmax, or the bfloat16 moments,
+that the lean kernels update; ``state_dict()`` records the format and a load of another is refused.
+
 Devices and dtypes: float32, float64, float16 and bfloat16 tensors (the half ones computed in
 float32; ``master_weights`` keeps a float32 copy of each half param, ``stochastic_rounding`` rounds
 bfloat16 params stochastically, from ``seed``), on the CPU (Numba loops over NumPy views) or on a
-CUDA device (``gpuadam.torch.devices``: launched on torch's current stream, never synchronising but
-for GradScaler's ``found_inf``/``grad_scale``, which the step reads, and the master copy of a half
-param, made on the host at its first step). The CUDA path has not run on a GPU yet. Not here: ``capturable=True``
-and ``differentiable=True`` (refused), ``max_grad_norm``/``skip_nonfinite`` with CUDA tensors
-(refused: the reduction runs on the host), sparse or complex gradients. ``foreach`` and ``fused``
-are accepted and ignored.
+CUDA device (``gpuadam.torch.devices``: launched on torch's current stream). A CUDA step never
+synchronises: each launch's step count and constants are made on the device
+(``gpuadam.torch.device_step``), where GradScaler's ``grad_scale`` and ``found_inf``, ``max_grad_norm``,
+``skip_nonfinite`` and a tensor ``lr`` are read; ``state["step"]`` is then a float32 0-d tensor on
+the device (torch's layout with ``fused``/``capturable``), ``last_grad_norm`` a device tensor, and
+``steps_skipped`` a read of the device's count. ``capturable=True`` is accepted (CUDA params; not
+with stochastic rounding): the step can be captured in a CUDA graph, a float ``lr`` captured as it
+was, a tensor ``lr`` read at each replay. The CUDA path has run in Numba's CUDA simulator only (on
+stand-ins for CUDA tensors); tests/gpu has the GPU checks. Not here: ``differentiable=True``
+(refused), sparse or complex gradients. ``foreach`` and ``fused`` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -42,19 +50,23 @@ import torch
 from torch.autograd.graph import increment_version
 
 import gpuadam
+from gpuadam import lean
+from gpuadam.arrays import HOST
 from gpuadam.hyper import check_count, check_flag
 from gpuadam.kernels.lowp import BFLOAT16
 from gpuadam.kernels.rules import RULES, grad_factor
 from gpuadam.kernels.rules.nadam import nadam_log_mu_product
+from gpuadam.on_device import DeviceSteps
 from gpuadam.optim import padding_stays_zero
 from gpuadam.precision import widen_half
-from gpuadam.torch import flatten
+from gpuadam.torch import flatten, lean_state
+from gpuadam.torch.device_step import DeviceStepping
 from gpuadam.torch.devices import FLOATS, HALF, backend_for, compute_dtype, kernel_view, stream_of
 from gpuadam.torch.flatten import FlatParams, flatten_parameters
+from gpuadam.torch.views import EXACT, Views, viewed
 
-#: ``gpuadam`` options not taken here (torch tensors carry their dtype; capturable is torch's; lean state
-#: is not wired to torch tensors yet).
-_NOT_HERE = {"half_format", "capturable", "state_dtype"}
+#: ``gpuadam`` options not taken here (torch tensors carry their dtype; capturable is torch's).
+_NOT_HERE = {"half_format", "capturable"}
 #: torch's options without a meaning for our kernels: accepted, kept in the groups, ignored or refused.
 _TORCH_ONLY = ("foreach", "capturable", "differentiable", "fused")
 
@@ -103,7 +115,7 @@ def _hyper_keys(hyper_class: type) -> tuple[str, ...]:
     return tuple(keys)
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
     """Base of the drop-in classes: ``ours`` names the ``gpuadam`` optimizer whose hyperparameter
     record, rule choice and state start values are used; ``__signature__`` is torch's (plus ours)."""
 
@@ -122,18 +134,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         if defaults.get("differentiable"):
             raise ValueError(f"{name}: differentiable=True is not supported: the fused kernel updates the "
                              "params outside autograd; use torch.optim for a differentiable step")
-        if defaults.get("capturable"):
-            raise ValueError(f"{name}: capturable=True (step counts and constants kept on the GPU for CUDA "
-                             "graphs) is not supported by gpuadam.torch yet; use capturable=False, or "
-                             "gpuadam.Optimizer(capturable=True) on the tensors' device arrays")
+        capturable = check_flag("capturable", bool(defaults.get("capturable")))
         self._requested = defaults.pop("backend", "auto")
         self.skip_nonfinite = check_flag("skip_nonfinite", defaults.pop("skip_nonfinite", False))
         self.master_weights = check_flag("master_weights", defaults.pop("master_weights", False))
         self.stochastic_rounding = check_flag("stochastic_rounding", defaults.pop("stochastic_rounding", False))
+        try:
+            self.state_format = lean.check_state_dtype(defaults.pop("state_dtype", None))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         seed = defaults.pop("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"{name}: seed: expected an integer in [0, 2**32), got {seed!r}")
         self.seed = seed
+        if capturable and (self.stochastic_rounding or self.state_format == "bfloat16"):
+            raise ValueError(f"{name}: capturable=True with stochastic rounding (stochastic_rounding, or "
+                             "state_dtype='bfloat16'): a captured CUDA graph would replay the same random bits "
+                             "every step")
         if self.stochastic_rounding and self.master_weights:
             raise ValueError(f"{name}: stochastic_rounding is for bfloat16 params without master weights; "
                              "master_weights=True keeps a float32 copy instead")
@@ -142,11 +159,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         our_defaults = {k: p.default for k, p in inspect.signature(self.ours).parameters.items()}
         self._hyper_defaults = {k: our_defaults[k] for k in _hyper_keys(self.ours.hyper_class)}
         self._hyper_cache: dict = {}
-        self._views: dict = {}  # param -> _Views, its kernel views and step count between steps
+        self._views: dict = {}  # param -> Views, its kernel views and step count between steps
         self._flat_state: dict = {}  # FlatParams -> {state name: whole 1-D buffer} of this optimizer
         self._padding_cache: dict = {}
         self._calls = 0  # steps that reached the kernels: the stochastic rounding counter
-        self.steps_skipped = 0
+        self._skipped_host = 0  # skipped steps counted on the host (the device counts its own)
+        # the GPU step's bookkeeping on the device (``_device_steps``): made at the first CUDA step
+        self._dev: DeviceSteps | None = None
+        self._dev_t: Any = None  # torch views of its arrays, and the float32 ``step`` tensors
+        self._dev_params: tuple = ()
+        self._dev_index: dict = {}  # param -> its slot (its index among all params)
+        self._dev_sig: dict = {}  # param -> which steps it took part in (equal: the same count)
+        self._dev_lr: list[bool] = []  # per group: lr read from a tensor on the device
+        self._dev_valid: dict = {}  # FlatParams -> its padding mask on the device
         self.last_step_launches = 0
         self.last_grad_norm: float | None = None
         self._hyper(defaults, "defaults")  # refuse bad defaults even when every group overrides them
@@ -154,12 +179,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         # the backend of the params' device (chosen again by a step if the params have moved)
         self._backend_device = self._device_of()
         self._backend = backend_for(self._backend_device, self._requested)
+        if self.state_format is not None:
+            for gi, group in enumerate(self.param_groups):
+                self._check_lean_rule(gi, self._rule(self._hyper(group, f"param group {gi}")))
+            for gi, group in enumerate(self.param_groups):
+                for j, p in enumerate(group["params"]):
+                    self._check_lean_param(f"param {j} of group {gi}", p)
 
     # --- values ------------------------------------------------------------------------------
     def _hyper(self, group: dict, where: str) -> Any:
         """The group's validated ``gpuadam.hyper`` record (cached by value)."""
         try:
-            kw = {k: _plain(group.get(k, default)) for k, default in self._hyper_defaults.items()}
+            on_device = getattr(self, "_backend", None) is not None and self._backend.kind != HOST
+            kw = {}
+            for k, default in self._hyper_defaults.items():
+                value = group.get(k, default)
+                if k == "lr" and on_device and isinstance(value, torch.Tensor):
+                    value = 0.0  # the GPU step reads the tensor on the device (``_sync_lrs``)
+                kw[k] = _plain(value)
             key = tuple(kw.items())
             hyper = self._hyper_cache.get(key)
             if hyper is None:
@@ -172,11 +209,42 @@ class FusedOptimizer(torch.optim.Optimizer):
         # the gpuadam class's choice of rule reads only the record
         return self.ours.rule(self, hyper)
 
-    def _names(self, rule: str, dtype: torch.dtype) -> tuple[str, ...]:
-        """The state buffer names of a param of ``dtype`` (the rule's, then ``master`` for half params
-        with master weights)."""
-        names = _state_names(rule)
-        return (*names, "master") if self.master_weights and dtype in HALF else names
+    def _names(self, rule: str, p: torch.Tensor) -> tuple[str, ...]:
+        """The state buffer names of ``p`` (the rule's or its lean format's, then ``master`` for half
+        params with master weights)."""
+        kind = self._lean_kind(p)
+        names = lean.NAMES[kind] if kind else _state_names(rule)
+        return (*names, "master") if self.master_weights and p.dtype in HALF else names
+
+    def _lean_kind(self, p: torch.Tensor) -> str | None:
+        """The format ``p``'s moments are kept in (``state_dtype``; int8 from ``lean.MIN_SIZE`` elements)."""
+        return lean.kind_for(self.state_format, p.numel()) if self.state_format else None
+
+    def _spec(self, p: torch.Tensor, name: str) -> tuple[torch.dtype, tuple]:
+        """``(dtype, shape)`` of ``p``'s state buffer ``name``."""
+        kind = lean_state.FORMAT_OF.get(name)
+        if kind is not None:
+            return lean_state.spec(kind, name, tuple(p.shape))
+        return self._state_dtype(p), tuple(p.shape)
+
+    def _check_lean_rule(self, gi: int, rule: str) -> None:
+        if self.state_format is not None and rule != "adam":
+            raise ValueError(f"{type(self).__name__}: param group {gi}: state_dtype={self.state_format!r} is for "
+                             f"Adam/AdamW without amsgrad, this group's rule is {rule!r}; nothing was updated")
+
+    def _check_lean_param(self, label: str, p: torch.Tensor) -> None:
+        """Refuse a param that lean state cannot step (as ``gpuadam.Adam(state_dtype=...)`` does)."""
+        fmt = self.state_format
+        where = f"{type(self).__name__}: {label}: state_dtype={fmt!r}"
+        if self._backend.name not in ("numba-cpu", "numba-cuda"):
+            raise ValueError(f"{where}: the lean-state kernels run on numba-cpu and numba-cuda so far, got "
+                             f"backend {self._backend.name}")
+        if p.dtype in HALF and not self.master_weights or p.dtype not in HALF and p.dtype != torch.float32:
+            raise ValueError(f"{where} is for float32 params, or half params with master_weights=True, "
+                             f"got {p.dtype}")
+        if p.dtype in HALF and p.device.type != "cpu" and self._lean_kind(p):
+            raise ValueError(f"{where} with half params (master weights) runs on the CPU only so far; on CUDA "
+                             "it takes float32 params")
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float32 if self.master_weights and p.dtype in HALF else p.dtype
@@ -187,8 +255,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _buffer(self, p: torch.Tensor, name: str, dtype: torch.dtype, start: float) -> torch.Tensor:
         """A new state buffer for ``p``: its view of this optimizer's whole buffer ``name`` when ``p``
-        is flattened (so the buffer's params step in one launch), else a tensor of its own."""
-        entry = flatten.owner(p)
+        is flattened (so the buffer's params step in one launch), else a tensor of its own (also with
+        lean state, which steps param by param: a whole buffer would hold the lean params' moments too)."""
+        entry = flatten.owner(p) if self.state_format is None else None
         if entry is None:
             return torch.full(p.shape, start, dtype=dtype, device=p.device)
         buf, k = entry
@@ -202,14 +271,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's state for ``p`` at step 0: ``step`` and the rule's buffers (zero, or the start value),
         and the float32 ``master`` copy of a half param."""
         if self.keeps_step and "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = self._new_step(p)
         start = self.ours.state_init(self, hyper)
         dtype = self._state_dtype(p)
+        kind = lean_state.kind_of(names)
+        if kind:
+            self._backend.ready(lean.KERNEL[kind])  # e.g. the int8 maps copied to the GPU, once
         for n in names:
             if n not in state:
-                state[n] = self._buffer(p, n, dtype, start.get(n, 0.0))
+                if n in lean_state.FORMAT_OF:  # blocked per tensor: never a view of a flattened buffer
+                    state[n] = self._lean_buffer(p, n)
+                else:
+                    state[n] = self._buffer(p, n, dtype, start.get(n, 0.0))
                 if n == "master":
-                    state[n].copy_(_widened(p))
+                    _widen_into(state[n], p)
+
+    def _lean_buffer(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        dtype, shape = self._spec(p, name)
+        return flatten.zeros(math.prod(shape), dtype, p.device).view(shape)
+
+    def _new_step(self, p: torch.Tensor) -> torch.Tensor:
+        """A new param's ``step`` (0): on a GPU, its view of the float32 copy of the device's counts
+        (torch's layout with ``fused``/``capturable``), else a 0-d tensor on the CPU."""
+        k = self._dev_index.get(p) if self._dev is not None else None
+        if k is not None and self._dev_t.mirror is not None:
+            return self._dev_t.mirror[k]
+        return torch.tensor(0.0, dtype=_scalar_dtype())
 
     def _after_step(self, state: dict, hyper: Any, step: int) -> None:
         state["step"].fill_(step)
@@ -220,22 +307,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         a half param's ``master`` made from it when the checkpoint has none (torch's)."""
         self._views = {}
         self._flat_state = {}
+        self._dev = None  # the device's counts are the loaded ones now (made again at the next GPU step)
+        raw = getattr(self, "_loading", None) or {}
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
                 dtype = self._state_dtype(p)
+                saved = raw.get(p, {})
                 for n, value in list(state.items()):
                     if n == "step" or (isinstance(value, torch.Tensor) and value.dim() == 0 and p.dim() != 0):
                         state[n] = torch.tensor(float(_plain(value)), dtype=_scalar_dtype())
                     elif isinstance(value, torch.Tensor):
-                        buf = self._buffer(p, n, dtype, 0.0)
-                        buf.copy_(value.detach().reshape(p.shape))
+                        # the saved tensor, not torch's cast of it to the param's dtype (a float32 master
+                        # of a bfloat16 param, uint8 codes)
+                        value = saved.get(n, value)
+                        if n in lean_state.FORMAT_OF:
+                            buf = self._lean_buffer(p, n)
+                            buf.copy_(value.detach().reshape(buf.shape))
+                        else:
+                            buf = self._buffer(p, n, dtype, 0.0)
+                            buf.copy_(value.detach().reshape(p.shape))
                         state[n] = buf
                 if self.master_weights and p.dtype in HALF and "master" not in state:
                     state["master"] = self._buffer(p, "master", torch.float32, 0.0)
-                    state["master"].copy_(_widened(p))
+                    _widen_into(state["master"], p)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -248,15 +345,84 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's state dict, plus ``"gpuadam"``: the stochastic rounding counter and the skipped steps
         (torch.optim ignores the key, so the dict still loads there)."""
         sd = super().state_dict()
-        sd["gpuadam"] = {"rounding_counter": self._calls, "steps_skipped": self.steps_skipped}
+        sd["gpuadam"] = {"rounding_counter": self._calls, "steps_skipped": self.steps_skipped,
+                         "state_dtype": self.state_format}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load (the state cast to each param's device), then every buffer our own; a state of
+        another ``state_dtype`` is refused before anything changes."""
         extra = state_dict.get("gpuadam", {}) if isinstance(state_dict, dict) else {}
         calls = check_count("rounding_counter", extra.get("rounding_counter", 0))
         skipped = check_count("steps_skipped", extra.get("steps_skipped", 0))
-        super().load_state_dict(state_dict)
-        self._calls, self.steps_skipped = calls, skipped
+        raw = self._saved_by_param(state_dict)
+        try:
+            self._loading = raw
+            super().load_state_dict(state_dict)
+        finally:
+            self._loading = None
+        self._calls, self._skipped_host = calls, skipped
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of every state buffer (moments, codes and absmax, masters; a flattened buffer's whole
+        allocation, padding included, once), as ``gpuadam.Optimizer.state_nbytes``: no step counts."""
+        seen = set()
+        total = 0
+        for state in self.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        total += storage.nbytes()
+        return total
+
+    @property
+    def steps_skipped(self) -> int:
+        """Steps that changed nothing because a gradient was inf/NaN (``skip_nonfinite``, or GradScaler's
+        ``found_inf``). On a GPU the device counts them: reading this synchronises."""
+        return self._skipped_host + (self._dev.read_skipped() if self._dev is not None else 0)
+
+    def _saved_by_param(self, state_dict: dict) -> dict:
+        """Each param's saved state as saved (torch's load casts floating tensors to the param's dtype),
+        after checking its lean format and layout against this optimizer's."""
+        name = type(self).__name__
+        try:
+            saved = lean_state.saved_format(state_dict)
+        except ValueError as exc:
+            raise ValueError(f"{name}.load_state_dict: {exc}") from None
+        if saved != self.state_format:
+            raise ValueError(f"{name}.load_state_dict: the state was saved with state_dtype={saved!r}, this "
+                             f"optimizer keeps state_dtype={self.state_format!r} (it cannot change mid-run); "
+                             "nothing was loaded")
+        states = state_dict.get("state") if isinstance(state_dict, dict) else None
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(states, dict) or not isinstance(groups, list):
+            return {}  # torch's load says what is wrong
+        ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", ())]
+        params = [p for g in self.param_groups for p in g["params"]]
+        raw = {}
+        for i, p in zip(ids, params):
+            state = states.get(i)
+            if not isinstance(state, dict):
+                continue
+            raw[p] = {n: v for n, v in state.items() if isinstance(v, torch.Tensor)}
+            kind = self._lean_kind(p)
+            want = set(lean.NAMES[kind]) if kind else set()
+            have = {n for n in state if n in lean_state.FORMAT_OF}
+            if have != want:
+                raise ValueError(f"{name}.load_state_dict: param {i}: saved lean state {sorted(have)}, expected "
+                                 f"{sorted(want)} for its {p.numel()} elements with state_dtype="
+                                 f"{self.state_format!r}; nothing was loaded")
+            for n in want:
+                dtype, shape = self._spec(p, n)
+                v = state[n]
+                if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.numel() != math.prod(shape):
+                    got = f"a {v.dtype} tensor of {v.numel()} elements" if isinstance(v, torch.Tensor) else repr(v)
+                    raise ValueError(f"{name}.load_state_dict: param {i}: state {n!r}: expected a {dtype} tensor "
+                                     f"of {math.prod(shape)} elements, got {got}; nothing was loaded")
+        return raw
 
     # --- the step ----------------------------------------------------------------------------
     def _describe(self, k: int, gi: int, j: int, group: dict) -> str:
@@ -287,16 +453,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"{type(self).__name__}.step: {label}: the hyperparameters now need state "
                              f"{missing} it does not have (e.g. amsgrad switched on mid-run)")
-        dtype = self._state_dtype(p)
         for n in names:
             t = state.get(n)
+            dtype, shape = self._spec(p, n)
             if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == dtype
-                                      and t.shape == p.shape and t.is_contiguous() and t.device == p.device):
+                                      and tuple(t.shape) == shape and t.is_contiguous() and t.device == p.device):
                 raise ValueError(f"{type(self).__name__}.step: {label}: state {n!r} is not a contiguous "
-                                 f"{dtype} tensor of shape {tuple(p.shape)} on {p.device}")
+                                 f"{dtype} tensor of shape {shape} on {p.device}")
 
     def _grad_view(self, k: int, gi: int, j: int, group: dict, p: torch.Tensor, g: torch.Tensor,
-                   e: _Views) -> Any:
+                   e: Views) -> Any:
         """The gradient's flat kernel view, once checked against the cached param (``_check``'s rules);
         for a flattened param's gradient view, the checked tensor (its buffer is launched whole)."""
         if g.requires_grad:
@@ -325,6 +491,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._backend = backend_for(device, self._requested)
             self._backend_device = device
             self._views.clear()
+            if self._dev is not None:  # the counts move with the params: from their step tensors
+                self._skipped_host = self.steps_skipped
+                self._dev = None
         work = []
         cache = self._views
         k = -1
@@ -332,6 +501,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             hyper = self._hyper(group, f"param group {gi}")
             _check_max_norm(group.get("max_grad_norm"), f"{type(self).__name__}: param group {gi}: max_grad_norm")
             rule = self._rule(hyper)
+            self._check_lean_rule(gi, rule)
             plain = _state_names(rule)
             items = []
             for j, p in enumerate(group["params"]):
@@ -339,7 +509,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                names = self._names(rule, p.dtype) if self.master_weights else plain
+                names = self._names(rule, p) if self.master_weights or self.state_format else plain
                 e = cache.get(p)
                 if e is not None and e.valid(p, self.state.get(p), names, device):
                     view = self._grad_view(k, gi, j, group, p, g, e)
@@ -351,6 +521,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"{device}: one optimizer steps the params of one device; nothing was updated")
                 g = g.detach()
                 self._check(label, p, g)
+                if self.state_format is not None:
+                    self._check_lean_param(label, p)
                 state = self.state.get(p)
                 if state:
                     self._check_state(label, p, state, names)
@@ -414,7 +586,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     s, b = be.grad_sumsq(kernel_view(buf.grad, be), HALF.get(buf.dtype), inv_scale, buf.valid)
                     i += len(buf)
                 else:
-                    s, b = be.grad_sumsq(_viewed(g, be), HALF.get(p.dtype), inv_scale)
+                    s, b = be.grad_sumsq(viewed(g, be), HALF.get(p.dtype), inv_scale)
                     i += 1
                 sumsq += s
                 bad += b
@@ -430,25 +602,29 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._plan()
+        if self._backend.kind != HOST:
+            self._step_device(work, {gi: _plain(self.param_groups[gi].get("max_grad_norm")) or 0.0
+                                     for gi, *_ in work})
+            return loss
+        if any(group.get("capturable") for group in self.param_groups):
+            raise ValueError(f"{type(self).__name__}.step: capturable=True keeps the step counts on the GPU: "
+                             f"it takes CUDA params, got params on {self._backend_device}; nothing was updated")
         found_inf = getattr(self, "found_inf", None)
+        self._calls += 1  # every step that reached here draws new random bits, skipped or not (as on a GPU)
         if found_inf is not None and float(found_inf) != 0.0:
+            self._skipped_host += 1
             self.last_step_launches = 0
             return loss  # GradScaler found inf/NaN: nothing changes, step counts included
         grad_scale = getattr(self, "grad_scale", None)
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         max_norms = [_plain(self.param_groups[gi].get("max_grad_norm")) or 0.0 for gi, *_ in work]
         reduce = self.skip_nonfinite or any(max_norms)
-        if reduce and self._backend.kind != "host":
-            raise ValueError(f"{type(self).__name__}.step: max_grad_norm and skip_nonfinite reduce the "
-                             "gradients on the host: CUDA tensors are not supported with them yet; nothing "
-                             "was updated")
-        self._calls += 1
         sumsq = bad = 0.0
         if reduce:
             sumsq, bad = self._grad_sums(work, inv_scale)
             self.last_grad_norm = math.sqrt(sumsq)
             if self.skip_nonfinite and bad:
-                self.steps_skipped += 1
+                self._skipped_host += 1
                 self.last_step_launches = 0
                 return loss
         launch = self._backend.launch
@@ -469,23 +645,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             increment_version(stepped)  # as torch's in-place update: autograd sees the params changed
         return loss
 
-    def _views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> tuple[_Views, int]:
+    def _views_of(self, p: torch.Tensor, rule: str, hyper: Any) -> tuple[Views, int]:
         """A param's first views: its state made (torch's layout), its step count before this step."""
         state = self.state[p]
         step = self._next_step(state)  # before the state is made: SGD counts its buffer
-        names = self._names(rule, p.dtype)
+        names = self._names(rule, p)
         self._init_state(p, state, hyper, names)
-        e = self._views[p] = _Views(p, state, names, step - 1, self._backend, self._flat_state)
+        e = self._views[p] = Views(p, state, names, step - 1, self._backend, self._flat_state)
         return e, step
 
-    def _counted(self, e: _Views, hyper: Any, step: int, counted: bool) -> None:
+    def _counted(self, e: Views, hyper: Any, step: int, counted: bool) -> None:
         """Record ``step`` as ``e``'s param's count (torch's ``state["step"]``)."""
         if counted and e.step_array is not None:
             e.step_array.fill(step)  # state["step"].fill_(step) through its NumPy view
         else:
             self._after_step(e.state, hyper, step)
             e.step_version = None if e.step_tensor is None else e.step_tensor._version
-        e.step = step if e.step_tensor is not None and step < _EXACT[e.step_tensor.dtype] else None
+        e.step = step if e.step_tensor is not None and step < EXACT[e.step_tensor.dtype] else None
 
     def _step_each(self, items: list, hyper: Any, rule: str, grad_mul: float, launch: Any, counted: bool,
                    stepped: list) -> int:
@@ -500,7 +676,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             c = constants.get(key)
             if c is None:
                 c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
-            if e.fmt is None:
+            if e.fmt is None and e.kernel is None:
                 launch(rule, (e.arrays[0], g, *e.state_arrays), c)
             else:
                 kname, args, extra = self._kernel_args(rule, e, e.arrays, g, e.arrays[0])
@@ -530,7 +706,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if c is None:
                 c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
             if buf is None:
-                arrays, g = e.arrays, _viewed(items[start][1], self._backend)
+                arrays, g = e.arrays, viewed(items[start][1], self._backend)
             else:
                 arrays, g = e.flat_arrays, e.flat_grad
             kname, args, extra = self._kernel_args(rule, e, arrays, g, arrays[0])
@@ -540,15 +716,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 stepped.append(items[n][0])
         return len(runs)
 
-    def _kernel_args(self, rule: str, e: _Views, arrays: tuple, g: Any, half_param: Any) -> tuple:
-        """The kernel name, its arrays and its extra arguments (half formats: rounding, half param)."""
+    def _kernel_args(self, rule: str, e: Views, arrays: tuple, g: Any, half_param: Any) -> tuple:
+        """The kernel name, its arrays and its extra arguments (bfloat16 moments: their rounding; half
+        formats: the param's rounding and the half param)."""
+        # bfloat16 moments round stochastically, from (1, seed, counter), as gpuadam.Adam's
+        extra = ((1, self.seed, self._calls),) if e.kernel == lean.KERNEL["bfloat16"] else ()
         if e.fmt is None:
-            return rule, (arrays[0], g, *arrays[1:]), ()
+            return e.kernel or rule, (arrays[0], g, *arrays[1:]), extra
         # (format, stochastic, seed, counter, index of the array's first element: 0, not sharded)
         rounding = (e.fmt, int(self.stochastic_rounding and e.fmt == BFLOAT16), self.seed, self._calls, 0)
+        kname = e.kernel or f"{rule}/half"
         if e.master:  # the kernel steps the float32 master (the last state buffer) and writes the half param
-            return f"{rule}/half", (arrays[-1], g, *arrays[1:-1]), (rounding, half_param)
-        return f"{rule}/half", (arrays[0], g, *arrays[1:]), (rounding, half_param)
+            return kname, (arrays[-1], g, *arrays[1:-1]), (*extra, rounding, half_param)
+        return kname, (arrays[0], g, *arrays[1:]), (*extra, rounding, half_param)
 
 
 def _check_max_norm(value: Any, where: str) -> None:
@@ -567,85 +747,25 @@ def _flat_entry(p: torch.Tensor, g: torch.Tensor) -> tuple | None:
     return entry
 
 
-def _viewed(g: Any, backend: Any) -> Any:
-    """A gradient's kernel view (a flattened param's gradient is kept as its tensor until needed)."""
-    return kernel_view(g, backend) if isinstance(g, torch.Tensor) else g
-
-
 def _whole_grads(items: list, i: int, buf: Any) -> bool:
     return i + len(buf) <= len(items) and all(items[i + k][3] == (buf, k) for k in range(len(buf)))
 
 
-def _widened(p: torch.Tensor) -> torch.Tensor:
-    """The float32 values of half param ``p`` exactly as the kernels widen them (``widen_half``)."""
-    bits = kernel_view(p.detach().cpu(), None)
-    return torch.from_numpy(widen_half(bits, HALF[p.dtype]).reshape(p.shape)).to(p.device)
+def _widen_into(master: torch.Tensor, p: torch.Tensor) -> None:
+    """Write half param ``p``'s float32 values into ``master`` exactly as the kernels widen them
+    (``widen_half``; on a GPU torch's conversion, exact as well, in place on the device: no copy to
+    the host, no temporary)."""
+    if not p.is_cpu:
+        master.copy_(p.detach())
+        return
+    bits = kernel_view(p.detach(), None)
+    master.copy_(torch.from_numpy(widen_half(bits, HALF[p.dtype]).reshape(p.shape)))
 
 
 @functools.cache
 def _state_names(rule: str) -> tuple[str, ...]:
     """The rule's state buffer names (one tuple per rule: ``RULES[rule].state_names`` builds it anew)."""
     return RULES[rule].state_names
-
-
-#: The counts a float holds exactly: 2**24 (float32), 2**53 (float64); past them ``step`` is read back.
-_EXACT = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}
-
-
-class _Views:
-    """A param's flat kernel views (param, then its state buffers) and its step count, valid while the
-    param's memory, dtype and shape, its state dict, buffer tensors and ``step`` are the ones seen;
-    ``flat``: this optimizer's whole state buffers when the param and its state are views of them."""
-
-    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu", "cpu_float", "fmt", "master", "state", "names",
-                 "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
-                 "flat_arrays", "flat_grad", "entry", "grad_ptr", "state_arrays")
-
-    def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...], step: int, backend: Any,
-                 flat_state: dict) -> None:
-        data = p.detach()
-        self.p, self.ptr, self.shape, self.dtype, self.device = p, data.data_ptr(), data.shape, data.dtype, data.device
-        self.cpu = data.is_cpu
-        self.cpu_float = self.cpu and data.dtype not in HALF
-        self.fmt = HALF.get(data.dtype)
-        self.master = "master" in names
-        self.state, self.names = state, names
-        self.buffers = tuple(state[n] for n in names)
-        self.ptrs = tuple(t.data_ptr() for t in self.buffers)
-        self.arrays = (kernel_view(data, backend), *(kernel_view(t, backend) for t in self.buffers))
-        self.state_arrays = self.arrays[1:]
-        st = state.get("step")
-        self.step_tensor = st if isinstance(st, torch.Tensor) and st.dim() == 0 else None
-        # written through NumPy, which leaves ``_version`` alone: a change by torch still shows
-        self.step_array = None if self.step_tensor is None else st.numpy()
-        self.step_version = None if self.step_tensor is None else st._version
-        # the count, where the tensor holds it exactly (else it is read back at each step)
-        self.step = None
-        if self.step_tensor is not None and float(st.item()) == step and step < _EXACT[st.dtype]:
-            self.step = step
-        self.flat = self.flat_arrays = self.flat_grad = self.grad_ptr = None
-        entry = self.entry = flatten.owner(p)
-        if entry is not None:
-            self.grad_ptr = entry[0].grad.data_ptr() + entry[0].offsets[entry[1]] * entry[0].grad.element_size()
-        whole = flat_state.setdefault(entry[0], {}) if entry is not None else None
-        if whole is not None and all(n in whole and t.data_ptr() == whole[n].data_ptr()
-                                     + entry[0].offsets[entry[1]] * whole[n].element_size()
-                                     for n, t in zip(names, self.buffers)):
-            buf = entry[0]
-            self.flat = whole
-            self.flat_arrays = (kernel_view(buf.data, backend), *(kernel_view(whole[n], backend) for n in names))
-            self.flat_grad = kernel_view(buf.grad, backend)
-
-    def valid(self, p: torch.Tensor, state: Any, names: tuple[str, ...], device: torch.device) -> bool:
-        if (p.data_ptr() != self.ptr or state is not self.state or names != self.names
-                or p.dtype is not self.dtype or p.shape != self.shape or not p.is_contiguous()
-                or p.is_cpu is not self.cpu or (not self.cpu and p.device != device)):
-            return False
-        for n, t, ptr in zip(names, self.buffers, self.ptrs):
-            if state.get(n) is not t or t.data_ptr() != ptr:
-                return False
-        st = self.step_tensor
-        return st is None or (state.get("step") is st and st._version == self.step_version)
 
 
 class _SGDState(FusedOptimizer):
@@ -669,16 +789,30 @@ class _NAdamState(FusedOptimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict, hyper: Any, names: tuple[str, ...]) -> None:
         if not state:  # in torch's order: step, mu_product, the buffers
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = self._new_step(p)
             state["mu_product"] = torch.tensor(1.0, dtype=_scalar_dtype())
         super()._init_state(p, state, hyper, names)
 
     def _after_step(self, state: dict, hyper: Any, step: int) -> None:
         super()._after_step(state, hyper, step)
+        self._set_mu_product(state, hyper, step)
+
+    @staticmethod
+    def _set_mu_product(state: dict, hyper: Any, step: int) -> None:
         product = 0.0
         if hyper.beta1 > 0.0:
             product = math.exp(nadam_log_mu_product(float(step), hyper.beta1, hyper.momentum_decay))
         state["mu_product"].fill_(product)
+
+    def state_dict(self) -> dict:
+        if self._dev is not None:  # a GPU step counts on the device: mu_product from the counts (a read)
+            for gi, group in enumerate(self.param_groups):
+                hyper = self._hyper(group, f"param group {gi}")
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and "mu_product" in state:
+                        self._set_mu_product(state, hyper, int(state["step"].item()))
+        return super().state_dict()
 
 
 class _AdagradState(FusedOptimizer):
@@ -690,7 +824,7 @@ class _AdagradState(FusedOptimizer):
             hyper = self._hyper(group, f"param group {gi}")
             rule = self._rule(hyper)
             for p in group["params"]:
-                self._init_state(p, self.state[p], hyper, self._names(rule, p.dtype))
+                self._init_state(p, self.state[p], hyper, self._names(rule, p))
 
 
 def _make(name: str, base: type = FusedOptimizer, fixed: dict | None = None) -> type:

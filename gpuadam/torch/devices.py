@@ -52,6 +52,15 @@ def kernel_view(t: torch.Tensor, backend: Any) -> Any:
     return a.view(np.uint16) if half else a
 
 
+def torch_view(a: Any, device: torch.device) -> torch.Tensor:
+    """A torch tensor over device array ``a``'s memory (its ``__cuda_array_interface__``, no copy), so
+    torch ops on ``device``'s current stream can read and write the device bookkeeping."""
+    t = torch.as_tensor(a, device=device)
+    if t.data_ptr() != a.__cuda_array_interface__["data"][0]:  # a copy would be silently stale
+        raise RuntimeError(f"torch.as_tensor copied a {type(a).__name__} instead of viewing its memory")
+    return t
+
+
 def compute_dtype(dtype: torch.dtype) -> np.dtype:
     """The dtype the kernels compute ``dtype`` params in (float32 for the half formats)."""
     return _NP.get(dtype, np.dtype(np.float32))
