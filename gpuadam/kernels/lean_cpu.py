@@ -69,18 +69,17 @@ def update_block(p, g, m, v, c, fmt, half_param):
     largest magnitudes' bits of the new moments (an integer maximum: it vectorises)."""
     m_top = np.int32(0)
     v_top = np.int32(0)
-    master = half_param.size != 0
     for j in range(p.size):
         pj = p[j]
         mj, vj = adam_moments(pj, load(g, j, fmt), m[j], v[j], c)
-        x = adam_param(pj, mj, vj, c)
-        p[j] = x
-        if master:
-            store(half_param, j, x, fmt)
+        p[j] = adam_param(pj, mj, vj, c)
         m[j] = mj
         v[j] = vj
         m_top = max(m_top, np.int32(magnitude_bits(mj)))
         v_top = max(v_top, np.int32(magnitude_bits(vj)))
+    if half_param.size != 0:  # a loop of its own: LLVM does not unswitch a branch in the one above
+        for j in range(p.size):
+            store(half_param, j, p[j], fmt)
     return m_top, v_top
 
 
@@ -130,14 +129,13 @@ def _bf16_loop(stochastic):
     def adam_bf16_loop(p, g, m, v, c, rounding, fmt, half_param):
         seed = rounding[1]
         counter = rounding[2]
-        master = half_param.size != 0
         for i in prange(p.size):
             mk, vk = adam_moments(p[i], load(g, i, fmt), bf16_to_f32(m[i]), bf16_to_f32(v[i]), c)
-            x = adam_param(p[i], mk, vk, c)
-            p[i] = x
-            if master:
-                store(half_param, i, x, fmt)
+            p[i] = adam_param(p[i], mk, vk, c)
             m[i], v[i] = bf16_moments(mk, vk, stochastic, seed, counter, i)
+        if half_param.size != 0:  # a loop of its own: LLVM does not unswitch a branch in the one above
+            for i in prange(p.size):
+                store(half_param, i, p[i], fmt)
     return adam_bf16_loop
 
 

@@ -165,16 +165,32 @@ def _widen_f16(typingctx, h):
     return types.float32(h), codegen
 
 
+def _bf16_nearest(builder, x):
+    b = builder.bitcast(x, _I32)
+    high = builder.lshr(b, _k(16))
+    even = builder.lshr(builder.add(builder.add(b, _k(0x7FFF)), builder.and_(high, _k(1))), _k(16))
+    return builder.select(builder.fcmp_unordered("uno", x, x), builder.or_(high, _k(0x40)), even)
+
+
 @intrinsic
 def _narrow_bf16(typingctx, x):
     def codegen(context, builder, signature, args):
-        b = builder.bitcast(args[0], _I32)
-        high = builder.lshr(b, _k(16))
-        even = builder.lshr(builder.add(builder.add(b, _k(0x7FFF)), builder.and_(high, _k(1))), _k(16))
-        out = builder.select(builder.fcmp_unordered("uno", args[0], args[0]), builder.or_(high, _k(0x40)), even)
-        return builder.zext(_i16(builder, out), _I64)
+        return builder.zext(_i16(builder, _bf16_nearest(builder, args[0])), _I64)
 
     return types.int64(types.float32), codegen
+
+
+@intrinsic
+def _narrow_bf16_stochastic(typingctx, x, bits16):
+    # f32_to_bf16_stochastic in 32-bit lanes (the Python form's sum is 64-bit: half the lanes)
+    def codegen(context, builder, signature, args):
+        b = builder.bitcast(args[0], _I32)
+        r = builder.trunc(args[1], _I32) if args[1].type.width > 32 else builder.zext(args[1], _I32)
+        up = builder.lshr(builder.add(b, r), _k(16))
+        finite = builder.icmp_unsigned("<", builder.and_(b, _k(0x7FFFFFFF)), _k(0x7F800000))
+        return builder.zext(_i16(builder, builder.select(finite, up, _bf16_nearest(builder, args[0]))), _I64)
+
+    return types.int64(types.float32, bits16), codegen
 
 
 @intrinsic
@@ -256,13 +272,17 @@ def _random16_compiled(seed, step, index):
     return lambda seed, step, index: _random16_i32(seed, step, index)
 
 
-@register_jitable
 def f32_to_bf16_stochastic(x, bits16):
     """Round down or up with probability in proportion to the distance: unbiased on average."""
     b = f32_bits(x)
     if (b & 0x7FFFFFFF) >= 0x7F800000:
         return f32_to_bf16(x)
     return ((b + bits16) >> 16) & 0xFFFF
+
+
+@overload(f32_to_bf16_stochastic)
+def _f32_to_bf16_stochastic_compiled(x, bits16):
+    return lambda x, bits16: _narrow_bf16_stochastic(np.float32(x), bits16)
 
 
 @register_jitable

@@ -56,8 +56,9 @@ class DeviceStepping:
         if reduce:
             for _gi, _hyper, _rule, e, _arrays, g, valid, _ps in units:
                 dev.sumsq(g, e.fmt, 1.0, valid, stream=stream)
-            if grad_scale is not None:  # the sum of the scaled gradients' squares, unscaled
-                t.sums[:1].div_(grad_scale.reshape(1).double().square())
+            if grad_scale is not None:  # the sum of the scaled gradients' squares, unscaled in place
+                scale = grad_scale.reshape(1)
+                t.sums[:1].div_(scale).div_(scale)
         if found_inf is not None:  # GradScaler's verdict joins (or, without skip_nonfinite, is) the skip count
             if self.skip_nonfinite:
                 t.sums[1:].add_(found_inf.reshape(1))
