@@ -5,7 +5,7 @@ very argument tuples the cupy backend's launchers pass (``cupy_lean.int8_args``/
   lists (named scalar constants, or ``_dc``: a constants array), around a serial block reduction
   (the ``__global__`` kernel's shared-memory reduction is CUDA only): bit for bit the Numba host kernel;
 - bfloat16 state: the whole ``__global__`` kernels, behind a one-thread shim of CUDA's built-ins,
-  bit for bit the Numba host loop, stochastic (``lowp``'s hash at ``2 i``, ``2 i + 1``) and nearest;
+  bit for bit the Numba host loop, stochastic (``lowp.random32`` at ``i``, split between the moments) and nearest;
 - the argument tuples against the kernels' declared C parameters, type for type;
 - the whole chain, ``Adam(state_dtype=..., backend="cupy")`` through ``backends.CuPy`` to those host
   builds standing in for the RawKernels: the same bits as numba-cpu over several steps.

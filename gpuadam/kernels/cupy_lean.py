@@ -1,7 +1,7 @@
 """CUDA C of the lean-state Adam kernels for CuPy ``RawKernel``s, and their launchers: the int8
 kernel (an ``ElementwiseKernel`` cannot reduce a block's absmax), the same algorithm as
 ``lean_cuda.adam_int8``; and the bfloat16-state kernel, a grid-stride loop rounding as
-``lean_cpu``/``lean_cuda`` do (``lowp_random16`` at index ``2 i`` for ``exp_avg`` and ``2 i + 1`` for
+``lean_cpu``/``lean_cuda`` do (``lowp_random32`` at index ``i``: its low half for ``exp_avg``, its high half for
 ``exp_avg_sq`` when stochastic, else to nearest even).
 
 The element work is plain functions, so the host tests run them with g++
@@ -191,15 +191,15 @@ extern "C" __global__ void {bf16_name(stochastic, device_constants)}({bf16_param
 
 
 BF16_SOURCE = COMMON_SOURCE + INDEX_SOURCE + """
-/* element i's new moments rounded to bfloat16 bits: stochastically (lowp_random16 at 2 i and
-   2 i + 1, the index modulo 2**32 as lowp masks it) or to nearest even */
+/* element i's new moments rounded to bfloat16 bits: stochastically (lowp_random32 at i, the index
+   modulo 2**32 as lowp masks it: its low half for m, its high half for v) or to nearest even */
 template <bool STOCHASTIC>
 GPUADAM_FN void lean_bf16_store(long long i, float m, float v, unsigned short* m_bits, unsigned short* v_bits,
                                 unsigned int seed, unsigned int counter) {
   if (STOCHASTIC) {
-    const unsigned int k = static_cast<unsigned int>(i) * 2u;
-    m_bits[i] = lowp_f32_to_bf16_stochastic(m, lowp_random16(seed, counter, k));
-    v_bits[i] = lowp_f32_to_bf16_stochastic(v, lowp_random16(seed, counter, k + 1u));
+    const unsigned int bits = lowp_random32(seed, counter, static_cast<unsigned int>(i));
+    m_bits[i] = lowp_f32_to_bf16_stochastic(m, bits & 0xFFFFu);
+    v_bits[i] = lowp_f32_to_bf16_stochastic(v, bits >> 16);
   } else {
     m_bits[i] = lowp_f32_to_bf16(m);
     v_bits[i] = lowp_f32_to_bf16(v);

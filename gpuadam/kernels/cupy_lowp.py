@@ -93,15 +93,20 @@ GPUADAM_FN unsigned short lowp_f32_to_f16(float x) {
   return static_cast<unsigned short>(sign | result);
 }
 
-/* 16 random bits for element index at step: the lowbias32 hash of a mixed counter. */
-GPUADAM_FN unsigned int lowp_random16(unsigned int seed, unsigned int step, unsigned int index) {
+/* 32 random bits for element index at step: the lowbias32 hash of a mixed counter. */
+GPUADAM_FN unsigned int lowp_random32(unsigned int seed, unsigned int step, unsigned int index) {
   unsigned int x = seed ^ (step * 0x9E3779B9u) ^ (index * 0x85EBCA6Bu);
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
   x *= 0x846CA68Bu;
   x ^= x >> 16;
-  return x & 0xFFFFu;
+  return x;
+}
+
+/* 16 random bits for element index at step: the low half of lowp_random32. */
+GPUADAM_FN unsigned int lowp_random16(unsigned int seed, unsigned int step, unsigned int index) {
+  return lowp_random32(seed, step, index) & 0xFFFFu;
 }
 
 /* Round down or up with probability in proportion to the distance: unbiased on average. */

@@ -16,8 +16,8 @@ the float32 moments before quantisation, as bitsandbytes'.
 
 ``"adam/bf16state"`` takes ``(p, g, m_bits, v_bits, c, state_rounding)`` with the moments as
 bfloat16 bit patterns and ``state_rounding = (stochastic, seed, counter)``: stochastic rounding
-draws its bits from ``lowp.random16`` at index ``2 i`` for ``exp_avg`` and ``2 i + 1`` for
-``exp_avg_sq``.
+draws its bits from ``lowp.random32`` at index ``i``, the low 16 for ``exp_avg`` and the high 16
+for ``exp_avg_sq`` (one hash per element).
 
 With half params and master weights both take, last, the half kernels' ``rounding = (format,
 stochastic, seed, counter)`` and the half param: ``p`` is then the float32 master, ``g`` the half

@@ -1,6 +1,6 @@
 """Numba CUDA kernels for Adam with lean state: 8-bit blockwise (``lean_maps``), one thread block per
 quantisation block and one thread per element; and bfloat16 moments, a grid-stride loop rounding
-as ``lean_cpu``'s (the same ``lowp`` hash and index ``2 i``, ``2 i + 1``).
+as ``lean_cpu``'s (the same ``lowp.random32`` at index ``i``, halved between the two moments).
 
 Each thread dequantises its element's moments, updates them and the param in float32 (Adam's own
 ``adam_moments``/``adam_param``), and offers the magnitudes' bits to the block's maximum, a tree

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba.extending import register_jitable
 
-from gpuadam.kernels.lowp import f32_bits, f32_to_bf16, f32_to_bf16_stochastic, random16
+from gpuadam.kernels.lowp import f32_bits, f32_to_bf16, f32_to_bf16_stochastic, random32
 
 BLOCK = 256  #: elements per quantisation block (one absmax each)
 MIN_SIZE = 4096  #: tensors with fewer elements keep float32 state (as bitsandbytes)
@@ -233,9 +233,10 @@ def dequantize(q: np.ndarray, absmax: np.ndarray, codes: np.ndarray) -> np.ndarr
 
 @register_jitable
 def bf16_moments(m, v, stochastic, seed, counter, i):
-    """The bfloat16 bits of element ``i``'s new moments: rounded stochastically (``lowp.random16`` at
-    index ``2 i`` for ``exp_avg`` and ``2 i + 1`` for ``exp_avg_sq``) or to nearest even."""
+    """The bfloat16 bits of element ``i``'s new moments: rounded stochastically (``lowp.random32`` at
+    index ``i``: its low 16 bits for ``exp_avg``, its high 16 for ``exp_avg_sq``) or to nearest
+    even."""
     if stochastic:
-        return (f32_to_bf16_stochastic(m, random16(seed, counter, 2 * i)),
-                f32_to_bf16_stochastic(v, random16(seed, counter, 2 * i + 1)))
+        bits = random32(seed, counter, i)
+        return f32_to_bf16_stochastic(m, bits & 0xFFFF), f32_to_bf16_stochastic(v, bits >> 16)
     return f32_to_bf16(m), f32_to_bf16(v)

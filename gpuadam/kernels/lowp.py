@@ -238,8 +238,8 @@ def _mul32_compiled(x, k):
     return lambda x, k: _mul32_wrapping(x, k)
 
 
-def random16(seed, step, index):
-    """16 random bits for element ``index`` at ``step``: the lowbias32 hash of a mixed counter."""
+def random32(seed, step, index):
+    """32 random bits for element ``index`` at ``step``: the lowbias32 hash of a mixed counter."""
     x = (np.int64(seed) ^ _mul32(np.int64(step) & 0xFFFFFFFF, 0x9E3779B9)
          ^ _mul32(np.int64(index) & 0xFFFFFFFF, 0x85EBCA6B)) & 0xFFFFFFFF
     x ^= x >> 16
@@ -247,12 +247,18 @@ def random16(seed, step, index):
     x ^= x >> 15
     x = _mul32(x, 0x846CA68B)
     x ^= x >> 16
-    return x & 0xFFFF
+    return x
+
+
+@register_jitable
+def random16(seed, step, index):
+    """16 random bits for element ``index`` at ``step``: the low half of ``random32``."""
+    return random32(seed, step, index) & 0xFFFF
 
 
 @intrinsic
-def _random16_i32(typingctx, seed, step, index):
-    # random16 in 32-bit lanes: written through _mul32 in Python, LLVM folds each multiply back to
+def _random32_i32(typingctx, seed, step, index):
+    # random32 in 32-bit lanes: written through _mul32 in Python, LLVM folds each multiply back to
     # 64 bits (and 4 lanes where 8 fit).
     def codegen(context, builder, signature, args):
         s, t, i = (builder.trunc(v, _I32) if v.type.width > 32 else builder.zext(v, _I32) for v in args)
@@ -261,15 +267,14 @@ def _random16_i32(typingctx, seed, step, index):
         x = builder.mul(x, _k(0x7FEB352D))
         x = builder.xor(x, builder.lshr(x, _k(15)))
         x = builder.mul(x, _k(0x846CA68B))
-        x = builder.xor(x, builder.lshr(x, _k(16)))
-        return builder.zext(builder.and_(x, _k(0xFFFF)), _I64)
+        return builder.zext(builder.xor(x, builder.lshr(x, _k(16))), _I64)
 
     return types.int64(seed, step, index), codegen
 
 
-@overload(random16)
-def _random16_compiled(seed, step, index):
-    return lambda seed, step, index: _random16_i32(seed, step, index)
+@overload(random32)
+def _random32_compiled(seed, step, index):
+    return lambda seed, step, index: _random32_i32(seed, step, index)
 
 
 def f32_to_bf16_stochastic(x, bits16):
