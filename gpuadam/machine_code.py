@@ -216,6 +216,7 @@ def _no_device_needed(cc: tuple[int, int]):
 
 #: Suffix of the kernels that read their constants from a device array (clipping, skip, capturable).
 DEVICE_CONSTANTS = "/device-constants"
+MASTER = "/master"
 
 
 def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
@@ -247,13 +248,16 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
     return ptx
 
 
-#: The lean-state kernels (``state_dtype=``) of both GPU backends, each also ``/device-constants``.
-LEAN_KERNELS = ("adam/int8", "adam/bf16state", "adam/bf16state/stochastic")
+#: The lean-state kernels (``state_dtype=``) of both GPU backends, each also ``/device-constants``;
+#: ``/master``: with half params, stepping their float32 masters and writing the half params.
+LEAN_KERNELS = tuple(k + m for k in ("adam/int8", "adam/bf16state", "adam/bf16state/stochastic")
+                     for m in ("", MASTER))
 
 
 def numba_lean_ptx(kernel: str, dtype: str = "float32", arch: str = "sm_90") -> str:
     """PTX of a ``lean_cuda`` kernel (``LEAN_KERNELS``, optionally ``/device-constants``) for
-    ``arch``, with the argument types the numba-cuda backend launches it with (float32 params)."""
+    ``arch``, with the argument types the numba-cuda backend launches it with (float32 params, or
+    ``/master``: float32 masters, half gradients and half params)."""
     from numba import cuda, types
 
     from gpuadam.kernels import lean_cuda
@@ -264,13 +268,15 @@ def numba_lean_ptx(kernel: str, dtype: str = "float32", arch: str = "sm_90") -> 
                          "float32, optionally with /device-constants")
     f32, u8, u16 = types.float32[::1], types.uint8[::1], types.uint16[::1]
     constants = f32 if kernel.endswith(DEVICE_CONSTANTS) else types.UniTuple(types.float32, N_CONSTANTS)
-    if base == "adam/int8":
+    master = base.endswith(MASTER)
+    g, half = (u16, u16) if master else (f32, types.none)
+    if base.startswith("adam/int8"):
         func = lean_cuda.adam_int8
-        # p, g, codes and absmax of each moment, the constants, then the signed and unsigned maps
-        signature = (f32, f32, u8, f32, u8, f32, constants, f32, u8, f32, f32, u8, f32)
+        # p, g, codes and absmax of each moment, the constants, the signed and unsigned maps, the half format
+        signature = (f32, g, u8, f32, u8, f32, constants, f32, u8, f32, f32, u8, f32, types.int32, half)
     else:
-        func = lean_cuda.ADAM_BF16[base.endswith("/stochastic")]
-        signature = (f32, f32, u16, u16, constants, types.UniTuple(types.int64, 3))
+        func = lean_cuda.ADAM_BF16["/stochastic" in base]
+        signature = (f32, g, u16, u16, constants, types.UniTuple(types.int64, 3), types.int32, half)
     cc = (int(arch[3:-1]), int(arch[-1]))
     with _no_device_needed(cc):
         ptx, _ = cuda.compile_ptx(func, signature, cc=cc)

@@ -240,7 +240,6 @@ class Optimizer:
         kind = self._lean_format
         if kind is None:
             return [None] * len(self._params)
-        on_gpu = self._backend.kind == DEVICE
         for gi, hyper in enumerate(hypers):
             if self.rule(hyper) != "adam":
                 raise ValueError(f"param group {gi}: state_dtype={kind!r} is for Adam/AdamW without amsgrad, "
@@ -249,9 +248,6 @@ class Optimizer:
             if (fmt is None and info.dtype != np.float32) or (fmt is not None and not self.master_weights):
                 raise ValueError(f"param {i}: state_dtype={kind!r} is for float32 params, or half params with "
                                  f"master_weights=True, got {info.dtype}")
-            if fmt is not None and on_gpu:
-                raise ValueError(f"param {i}: state_dtype={kind!r} with half params (master weights) runs on "
-                                 f"numba-cpu only so far; on {self._backend.name} it takes float32 params")
         return [lean.kind_for(kind, int(np.prod(info.shape))) for info in self._infos]
 
     def _new_lean_state(self, p: Any, fmt: int | None, kind: str) -> dict[str, Any]:

@@ -145,7 +145,7 @@ static double atomicAdd(double* at, double v) { const double old = *at; *at += v
 
 _C = {np.dtype(np.float64): ctypes.c_double, np.dtype(np.int64): ctypes.c_longlong,
       np.dtype(np.float32): ctypes.c_float, np.dtype(np.uint64): ctypes.c_uint64,
-      np.dtype(np.uint32): ctypes.c_uint32}
+      np.dtype(np.uint32): ctypes.c_uint32, np.dtype(np.int32): ctypes.c_int32}
 
 
 def call_with_args(kernel, args):

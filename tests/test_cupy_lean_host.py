@@ -16,6 +16,7 @@ Their machine code for sm_90 is held to the bar with every other kernel's (``gpu
 
 import types
 
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers import ONE_THREAD, build_host_library, call_with_args
@@ -23,7 +24,7 @@ from helpers import ONE_THREAD, build_host_library, call_with_args
 import gpuadam
 from gpuadam import backends, lean
 from gpuadam.hyper import AdamHyper
-from gpuadam.kernels import cupy_bookkeeping, cupy_lean, lean_cpu
+from gpuadam.kernels import cupy_bookkeeping, cupy_lean, lean_cpu, lowp
 from gpuadam.kernels import lean_maps as L
 from gpuadam.kernels.rules import N_CONSTANTS, SKIP
 
@@ -32,9 +33,11 @@ HEADERS = "#include <algorithm>\n#include <cmath>\n#include <cstddef>\nusing std
 
 HOST_BLOCKS = r"""
 /* the int8 kernel's work with its block's threads in turn, then the block's reduction */
-static void host_int8_blocks(float* p, const float* g, unsigned char* mq, float* m_absmax,
+template <typename G>
+static void host_int8_blocks(float* p, const G* g, unsigned char* mq, float* m_absmax,
     unsigned char* vq, float* v_absmax, const float* c, const float* smap, const unsigned char* sb,
-    const float* sthr, const float* umap, const unsigned char* ub, const float* uthr, long long n) {
+    const float* sthr, const float* umap, const unsigned char* ub, const float* uthr, long long n,
+    unsigned short* half_param, int fmt) {
   if (c[LEAN_SKIP]) return;
   float x[LEAN_BLOCK], m[LEAN_BLOCK], v[LEAN_BLOCK];
   for (long long b = 0; b < (n + LEAN_BLOCK - 1) / LEAN_BLOCK; ++b) {
@@ -42,14 +45,15 @@ static void host_int8_blocks(float* p, const float* g, unsigned char* mq, float*
     for (int t = 0; t < LEAN_BLOCK; ++t) {
       const long long i = b * LEAN_BLOCK + t;
       x[t] = m[t] = v[t] = lowp_f32_from_bits(0u);
-      if (i < n) lean_int8_update(i, b, p, g, mq, m_absmax, vq, v_absmax, c, smap, umap, x[t], m[t], v[t]);
+      if (i < n) lean_int8_update(i, b, p, g, mq, m_absmax, vq, v_absmax, c, smap, umap, fmt, x[t], m[t], v[t]);
       m_top = std::max(m_top, lean_magnitude_bits(m[t]));
       v_top = std::max(v_top, lean_magnitude_bits(v[t]));
     }
     const float new_ma = lowp_f32_from_bits(m_top), new_va = lowp_f32_from_bits(v_top);
     for (int t = 0; t < LEAN_BLOCK; ++t) {
       const long long i = b * LEAN_BLOCK + t;
-      if (i < n) lean_int8_store(i, x[t], m[t], v[t], new_ma, new_va, p, mq, vq, sb, sthr, ub, uthr);
+      if (i < n) lean_int8_store(i, x[t], m[t], v[t], new_ma, new_va, p, mq, vq, sb, sthr, ub, uthr, half_param,
+                                 fmt);
     }
     m_absmax[b] = new_ma;
     v_absmax[b] = new_va;
@@ -58,24 +62,25 @@ static void host_int8_blocks(float* p, const float* g, unsigned char* mq, float*
 """
 
 
-def _int8_host_kernel(device_constants):
+def _int8_host_kernel(device_constants, master):
     """A host function named and declared as the int8 kernel, gathering its constants as it does."""
-    return (f'extern "C" void {cupy_lean.int8_name(device_constants)}({cupy_lean.int8_params(device_constants)}) {{\n'
+    name, params = cupy_lean.int8_name(device_constants, master), cupy_lean.int8_params(device_constants, master)
+    return (f'extern "C" void {name}({params}) {{\n'
             f"{cupy_lean.gather_constants(device_constants)}"
             "  host_int8_blocks(p, g, mq, m_absmax, vq, v_absmax, cc, smap, sbuckets, sthr, umap, ubuckets, uthr,\n"
-            "                   n);\n}\n")
+            f"                   n, {cupy_lean._master_args(master)});\n}}\n")
 
 
 @pytest.fixture(scope="module")
 def int8_lib(tmp_path_factory):
-    source = HEADERS + cupy_lean.INT8_SOURCE + HOST_BLOCKS + _int8_host_kernel(False) + _int8_host_kernel(True)
-    return build_host_library(tmp_path_factory, "lean_int8", source)
+    kernels = "".join(_int8_host_kernel(d, m) for d in (False, True) for m in (False, True))
+    return build_host_library(tmp_path_factory, "lean_int8", HEADERS + cupy_lean.INT8_SOURCE + HOST_BLOCKS + kernels)
 
 
 @pytest.fixture(scope="module")
 def bf16_lib(tmp_path_factory):
-    """The four bfloat16-state kernels, each its source's own text after the shared part."""
-    texts = [cupy_lean.bf16_source(s, d)[1] for s in (False, True) for d in (False, True)]
+    """The eight bfloat16-state kernels, each its source's own text after the shared part."""
+    texts = [cupy_lean.bf16_source(s, d, m)[1] for s in (False, True) for d in (False, True) for m in (False, True)]
     assert all(t.startswith(cupy_lean.BF16_SOURCE) for t in texts)
     source = HEADERS + ONE_THREAD + cupy_lean.BF16_SOURCE + "".join(t[len(cupy_lean.BF16_SOURCE):] for t in texts)
     return build_host_library(tmp_path_factory, "lean_bf16", source, ("-Wno-unused-function",))
@@ -167,8 +172,51 @@ def test_bf16_source_skips(bf16_lib, device_constants):
     assert all(np.array_equal(a, b) for a, b in zip(arrays, ours))
 
 
+def _half_grad(arrays, fmt, seed):
+    """The case with half params: the gradient as half bits of format ``fmt``, and a half param to write."""
+    grad = arrays[1].astype(np.float16).view(np.uint16) if fmt == lowp.FLOAT16 else \
+        (arrays[1].view(np.uint32) >> 16).astype(np.uint16)
+    half_param = np.random.default_rng(seed).integers(0, 2**16, arrays[0].size).astype(np.uint16)
+    return [arrays[0], grad, *arrays[2:]], half_param
+
+
+@pytest.mark.parametrize("device_constants", [False, True], ids=["scalars", "device-constants"])
+@pytest.mark.parametrize("fmt", [lowp.BFLOAT16, lowp.FLOAT16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16-stochastic", "bf16-nearest"])
+def test_master_sources_are_the_host_kernels_bit_for_bit(int8_lib, bf16_lib, kind, fmt, device_constants):
+    """Half params with float32 masters (``/master``): the half gradient widened, the master stepped,
+    the half param written (rounded to nearest even), the moments as with float32 params; bit for bit
+    the Numba host kernels given the same ``rounding`` and half param."""
+    n = 3 * L.BLOCK + 40
+    c = _constants(8)
+    rounding = (fmt, 0, 0, 0, 0)
+    if kind == "int8":
+        arrays, half_param = _half_grad(_int8_case(8, n), fmt, 9)
+    else:
+        arrays, half_param = _half_grad(_bf16_case(8, n), fmt, 9)
+        state_rounding = (int(kind == "bf16-stochastic"), 5, 6)
+    ours, numba = [a.copy() for a in arrays], [a.copy() for a in arrays]
+    ours_half, numba_half = half_param.copy(), half_param.copy()
+    passed = _pass_constants(c, device_constants)
+    host_c = tuple(np.float32(x) for x in c)
+    if kind == "int8":
+        args = cupy_lean.int8_args(tuple(ours), passed, MAPS, rounding, ours_half)
+        call_with_args(getattr(int8_lib, cupy_lean.int8_name(device_constants, master=True)), args)
+        lean_cpu.KERNELS["adam/int8"](*numba, host_c, rounding, numba_half)
+    else:
+        args = cupy_lean.bf16_args(tuple(ours), passed, state_rounding, rounding, ours_half)
+        name = cupy_lean.bf16_name(bool(state_rounding[0]), device_constants, master=True)
+        call_with_args(getattr(bf16_lib, name), args)
+        lean_cpu.KERNELS["adam/bf16state"](*numba, host_c, state_rounding, rounding, numba_half)
+    for got, want in zip([*ours, ours_half], [*numba, numba_half]):
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert not np.array_equal(ours[0], arrays[0])  # it did step
+    half = np.dtype(np.float16) if fmt == lowp.FLOAT16 else np.dtype(ml_dtypes.bfloat16)
+    assert np.array_equal(ours_half, ours[0].astype(half).view(np.uint16))  # the master, to nearest
+
+
 #: C parameter types and what CuPy must be handed for each: a NumPy scalar of that width by value
-C_SCALARS = {"float": np.float32, "unsigned int": np.uint32, "long long": np.int64}
+C_SCALARS = {"float": np.float32, "unsigned int": np.uint32, "long long": np.int64, "int": np.int32}
 
 
 def _declared(params: str) -> list:
@@ -193,6 +241,14 @@ def test_launch_arguments_are_the_kernels_declared_parameters(device_constants):
                          (bf16, cupy_lean.bf16_params(device_constants))):
         assert [np.ndarray if isinstance(a, np.ndarray) else type(a) for a in args] == _declared(params)
         assert args[-1] == 300
+    # with half params: the same, then the half param and its format
+    half_param, rounding = np.zeros(300, np.uint16), (lowp.FLOAT16, 0, 0, 0, 0)
+    for args, params in ((cupy_lean.int8_args(tuple(_int8_case(5, 300)), passed, MAPS, rounding, half_param),
+                          cupy_lean.int8_params(device_constants, master=True)),
+                         (cupy_lean.bf16_args(tuple(_bf16_case(5, 300)), passed, (1, 2, 3), rounding, half_param),
+                          cupy_lean.bf16_params(device_constants, master=True))):
+        assert [np.ndarray if isinstance(a, np.ndarray) else type(a) for a in args] == _declared(params)
+        assert args[-3] == 300 and args[-2] is half_param and args[-1] == lowp.FLOAT16
     assert bf16[-3:-1] == (0xFFFFFFFF, 3)
     if device_constants:
         assert bf16[4] is passed and int8[6] is passed
@@ -212,8 +268,9 @@ class _HostRawKernel:
         call_with_args(self.function, args)
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16-master"])
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
-def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, int8_lib, bf16_lib, monkeypatch):
+def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, half, int8_lib, bf16_lib, monkeypatch):
     """The whole chain on the host: ``Adam(state_dtype=..., backend="cupy")`` allocates the state and
     readies the maps through the backend, and each step reaches ``cupy_lean``'s launchers and the
     kernels with the arrays, constants and rounding the optimizer passes: the C build of each kernel
@@ -231,26 +288,28 @@ def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, int8_lib, b
     be = object.__new__(backends.CuPy)
     be._cupy = types.SimpleNamespace(asarray=np.asarray, zeros=np.zeros, asnumpy=np.array)
     be._lean, be._launch, be._external = cupy_lean, None, {}
+    be.copy_from_host = lambda dst, src: np.copyto(dst.reshape(-1), src.reshape(-1))  # the masters' first values
     be.kind = backends.HOST  # NumPy arrays stand in for CuPy's: no device-side bookkeeping
     monkeypatch.setitem(backends._statuses, "cupy", backends.BackendStatus("cupy", True, "host stand-in"))
     monkeypatch.setitem(backends._instances, "cupy", be)
     monkeypatch.setattr(lean, "MIN_SIZE", L.BLOCK)
     rng = np.random.default_rng(7)
     shapes = [(3 * L.BLOCK + 40,), (257, 3)]
-    p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype, "seed": 99}
+    dtype = np.float16 if half else np.float32  # float16: float32 masters, the /master kernels
+    p0 = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype, "seed": 99, "master_weights": half}
     ours, cpu = [p.copy() for p in p0], [p.copy() for p in p0]
     opt = gpuadam.AdamW(ours, backend="cupy", **kw)
     ref = gpuadam.AdamW(cpu, backend="numba-cpu", **kw)
     assert len(readied) == (2 if state_dtype == "int8" else 0) and not launches
     for _ in range(3):
-        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
         opt.step(grads)
         ref.step(grads)
         for got, want in zip(ours, cpu):
             np.testing.assert_array_equal(got, want)
         for i in range(len(shapes)):
-            for name in lean.NAMES[state_dtype]:
+            for name in (*lean.NAMES[state_dtype], *(("master",) if half else ())):
                 assert np.array_equal(opt.state[i][name], ref.state[i][name]), name
     assert len(launches) == 3 * len(shapes)
     if state_dtype == "int8":  # one thread block of BLOCK threads per quantisation block

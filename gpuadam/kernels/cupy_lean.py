@@ -58,6 +58,17 @@ typedef float T;
 enum {{ LEAN_BLOCK = {BLOCK}, LEAN_LOWEST = {_LOWEST}, LEAN_HIGHEST = {_HIGHEST}, LEAN_BUCKETS = {N_BUCKETS},
        LEAN_SKIP = {SKIP}, LEAN_N_CONSTANTS = {N_CONSTANTS} }};
 
+/* the gradient in float32: as it is, or widened from half bits (half params) */
+GPUADAM_FN float lean_grad(float g, int) {{ return g; }}
+GPUADAM_FN float lean_grad(unsigned short h, int fmt) {{ return lowp_load_half(h, fmt); }}
+
+/* the new param: into p, and with half params (p the float32 master) into the half param, rounded
+   to nearest even */
+GPUADAM_FN void lean_store_param(long long i, float x, float* p, unsigned short* half_param, int fmt) {{
+  p[i] = x;
+  if (half_param) half_param[i] = lowp_store_half(x, fmt);
+}}
+
 /* Adam on one element in float32: the new param x and moments m, v (the rule's snippet) */
 GPUADAM_FN void lean_adam_snippet(T& p, const T g, T& m, T& v, const float* c) {{
 {_UNPACK}{ADAM.snippet}}}
@@ -74,20 +85,35 @@ _INT8_MAPS = ("const float* smap, const unsigned char* sbuckets, const float* st
               "const unsigned char* ubuckets, const float* uthr, const long long n")
 
 
-def int8_name(device_constants: bool) -> str:
-    return INT8 + ("_dc" if device_constants else "")
+# With half params (``master``): ``p`` is the float32 master, ``g`` holds half bits, and the half
+# param, last with its format, gets the new master rounded to nearest even.
+_MASTER_TAIL = "unsigned short* half_param, const int fmt"
 
 
-def int8_params(device_constants: bool) -> str:
+def _grad_type(master: bool) -> str:
+    return "unsigned short" if master else "float"
+
+
+def _master_args(master: bool) -> str:
+    return "half_param, fmt" if master else "(unsigned short*)0, 0"
+
+
+def int8_name(device_constants: bool, master: bool = False) -> str:
+    return INT8 + ("_master" if master else "") + ("_dc" if device_constants else "")
+
+
+def int8_params(device_constants: bool, master: bool = False) -> str:
     """The int8 kernel's C parameter list (``int8_args`` passes its arguments)."""
-    return f"{_INT8_ARRAYS}, {_constant_params(device_constants)}, {_INT8_MAPS}"
+    arrays = _INT8_ARRAYS.replace("const float* g", f"const {_grad_type(master)}* g")
+    tail = f", {_MASTER_TAIL}" if master else ""
+    return f"{arrays}, {_constant_params(device_constants)}, {_INT8_MAPS}{tail}"
 
 
-def _int8_kernel(device_constants: bool) -> str:
+def _int8_kernel(device_constants: bool, master: bool) -> str:
     return f"""
-extern "C" __global__ void {int8_name(device_constants)}({int8_params(device_constants)}) {{
+extern "C" __global__ void {int8_name(device_constants, master)}({int8_params(device_constants, master)}) {{
 {gather_constants(device_constants)}  lean_int8_block(p, g, mq, m_absmax, vq, v_absmax, cc, smap, sbuckets, sthr,
-                  umap, ubuckets, uthr, n);
+                  umap, ubuckets, uthr, n, {_master_args(master)});
 }}
 """
 
@@ -112,19 +138,20 @@ GPUADAM_FN float lean_inverse_scale(float absmax) {
 }
 
 /* element i of block b: the new param x and moments m, v in float32 */
-GPUADAM_FN void lean_int8_update(long long i, long long b, const float* p, const float* g,
+template <typename G>
+GPUADAM_FN void lean_int8_update(long long i, long long b, const float* p, const G* g,
     const unsigned char* mq, const float* m_absmax, const unsigned char* vq, const float* v_absmax,
-    const float* c, const float* smap, const float* umap, float& x, float& m, float& v) {
+    const float* c, const float* smap, const float* umap, int fmt, float& x, float& m, float& v) {
   x = p[i];
   m = smap[mq[i]] * m_absmax[b];
   v = umap[vq[i]] * v_absmax[b];
-  lean_adam_snippet(x, g[i], m, v, c);
+  lean_adam_snippet(x, lean_grad(g[i], fmt), m, v, c);
 }
 
 GPUADAM_FN void lean_int8_store(long long i, float x, float m, float v, float new_ma, float new_va,
     float* p, unsigned char* mq, unsigned char* vq, const unsigned char* sbuckets, const float* sthr,
-    const unsigned char* ubuckets, const float* uthr) {
-  p[i] = x;
+    const unsigned char* ubuckets, const float* uthr, unsigned short* half_param, int fmt) {
+  lean_store_param(i, x, p, half_param, fmt);
   mq[i] = lean_nearest_code(m * lean_inverse_scale(new_ma), sbuckets, sthr);
   vq[i] = lean_nearest_code(v * lean_inverse_scale(new_va), ubuckets, uthr);
 }
@@ -140,9 +167,11 @@ GPUADAM_FN unsigned int lean_block_max(unsigned int bits, unsigned int* scratch,
   return scratch[0];
 }
 
-GPUADAM_FN void lean_int8_block(float* p, const float* g, unsigned char* mq, float* m_absmax,
+template <typename G>
+GPUADAM_FN void lean_int8_block(float* p, const G* g, unsigned char* mq, float* m_absmax,
     unsigned char* vq, float* v_absmax, const float* c, const float* smap, const unsigned char* sbuckets,
-    const float* sthr, const float* umap, const unsigned char* ubuckets, const float* uthr, long long n) {
+    const float* sthr, const float* umap, const unsigned char* ubuckets, const float* uthr, long long n,
+    unsigned short* half_param, int fmt) {
   __shared__ unsigned int m_scratch[LEAN_BLOCK];
   __shared__ unsigned int v_scratch[LEAN_BLOCK];
   if (c[LEAN_SKIP]) return;  /* the same in every thread: a skipped step changes nothing */
@@ -150,10 +179,11 @@ GPUADAM_FN void lean_int8_block(float* p, const float* g, unsigned char* mq, flo
   const int t = threadIdx.x;
   const long long i = b * LEAN_BLOCK + t;
   float x = lowp_f32_from_bits(0u), m = x, v = x;
-  if (i < n) lean_int8_update(i, b, p, g, mq, m_absmax, vq, v_absmax, c, smap, umap, x, m, v);
+  if (i < n) lean_int8_update(i, b, p, g, mq, m_absmax, vq, v_absmax, c, smap, umap, fmt, x, m, v);
   const float new_ma = lowp_f32_from_bits(lean_block_max(lean_magnitude_bits(m), m_scratch, t));
   const float new_va = lowp_f32_from_bits(lean_block_max(lean_magnitude_bits(v), v_scratch, t));
-  if (i < n) lean_int8_store(i, x, m, v, new_ma, new_va, p, mq, vq, sbuckets, sthr, ubuckets, uthr);
+  if (i < n) lean_int8_store(i, x, m, v, new_ma, new_va, p, mq, vq, sbuckets, sthr, ubuckets, uthr, half_param,
+                             fmt);
   if (t == 0) {
     m_absmax[b] = new_ma;
     v_absmax[b] = new_va;
@@ -172,20 +202,24 @@ _BF16_ARRAYS = "float* p, const float* g, unsigned short* m, unsigned short* v"
 _BF16_TAIL = "const unsigned int seed, const unsigned int counter, const long long n"
 
 
-def bf16_name(stochastic: bool, device_constants: bool) -> str:
-    return BF16 + ("_sr" if stochastic else "_rn") + ("_dc" if device_constants else "")
+def bf16_name(stochastic: bool, device_constants: bool, master: bool = False) -> str:
+    return BF16 + ("_sr" if stochastic else "_rn") + ("_master" if master else "") + ("_dc" if device_constants else "")
 
 
-def bf16_params(device_constants: bool) -> str:
+def bf16_params(device_constants: bool, master: bool = False) -> str:
     """The bfloat16-state kernels' C parameter list (``bf16_args`` passes its arguments); the seed
     and counter of stochastic rounding are ``lowp``'s 32-bit words (a nearest kernel ignores them)."""
-    return f"{_BF16_ARRAYS}, {_constant_params(device_constants)}, {_BF16_TAIL}"
+    arrays = _BF16_ARRAYS.replace("const float* g", f"const {_grad_type(master)}* g")
+    tail = f", {_MASTER_TAIL}" if master else ""
+    return f"{arrays}, {_constant_params(device_constants)}, {_BF16_TAIL}{tail}"
 
 
-def _bf16_kernel(stochastic: bool, device_constants: bool) -> str:
+def _bf16_kernel(stochastic: bool, device_constants: bool, master: bool) -> str:
+    name, params = bf16_name(stochastic, device_constants, master), bf16_params(device_constants, master)
     return f"""
-extern "C" __global__ void {bf16_name(stochastic, device_constants)}({bf16_params(device_constants)}) {{
-{gather_constants(device_constants)}  lean_bf16_loop<{str(stochastic).lower()}>(p, g, m, v, cc, seed, counter, n);
+extern "C" __global__ void {name}({params}) {{
+{gather_constants(device_constants)}  lean_bf16_loop<{str(stochastic).lower()}>(p, g, m, v, cc, seed, counter, n,
+      {_master_args(master)});
 }}
 """
 
@@ -206,9 +240,10 @@ GPUADAM_FN void lean_bf16_store(long long i, float m, float v, unsigned short* m
   }
 }
 
-template <bool STOCHASTIC>
-GPUADAM_FN void lean_bf16_loop(float* p, const float* g, unsigned short* m_bits, unsigned short* v_bits,
-                               const float* c, unsigned int seed, unsigned int counter, long long n) {
+template <bool STOCHASTIC, typename G>
+GPUADAM_FN void lean_bf16_loop(float* p, const G* g, unsigned short* m_bits, unsigned short* v_bits,
+                               const float* c, unsigned int seed, unsigned int counter, long long n,
+                               unsigned short* half_param, int fmt) {
   if (c[LEAN_SKIP]) return;  /* a skipped step changes nothing */
   #pragma unroll 1
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -216,28 +251,31 @@ GPUADAM_FN void lean_bf16_loop(float* p, const float* g, unsigned short* m_bits,
     float x = p[i];
     float m = lowp_bf16_to_f32(m_bits[i]);
     float v = lowp_bf16_to_f32(v_bits[i]);
-    lean_adam_snippet(x, g[i], m, v, c);
+    lean_adam_snippet(x, lean_grad(g[i], fmt), m, v, c);
     const long long j = opaque_index(i);  /* the stores' addresses after the math: INDEX_SOURCE */
-    p[j] = x;
+    lean_store_param(j, x, p, half_param, fmt);
     lean_bf16_store<STOCHASTIC>(j, m, v, m_bits, v_bits, seed, counter);
   }
 }
 """
 
 
-def int8_source(device_constants: bool) -> tuple[str, str]:
+def int8_source(device_constants: bool, master: bool = False) -> tuple[str, str]:
     """``(name, source)`` of the int8 kernel (one kernel per source: CuPy compiles each alone)."""
-    return int8_name(device_constants), INT8_SOURCE + "#ifdef __CUDACC__" + _int8_kernel(device_constants) + "#endif\n"
+    kernel = _int8_kernel(device_constants, master)
+    return int8_name(device_constants, master), INT8_SOURCE + "#ifdef __CUDACC__" + kernel + "#endif\n"
 
 
-def bf16_source(stochastic: bool, device_constants: bool) -> tuple[str, str]:
+def bf16_source(stochastic: bool, device_constants: bool, master: bool = False) -> tuple[str, str]:
     """``(name, source)`` of one bfloat16-state kernel."""
-    return bf16_name(stochastic, device_constants), BF16_SOURCE + _bf16_kernel(stochastic, device_constants)
+    return (bf16_name(stochastic, device_constants, master),
+            BF16_SOURCE + _bf16_kernel(stochastic, device_constants, master))
 
 
 def kernel_source(kernel: str) -> tuple[str, str]:
     """``(name, source)`` of a lean kernel by its ``gpuadam inspect`` name: ``adam/int8`` or
-    ``adam/bf16state`` (to nearest), ``adam/bf16state/stochastic``, each with ``/device-constants``."""
+    ``adam/bf16state`` (to nearest), ``adam/bf16state/stochastic``, each also ``/master`` (half
+    params), then each with ``/device-constants``."""
     base, _, variant = kernel.partition("/device-constants")
     if variant or base not in KERNELS:
         raise ValueError(f"unknown CuPy lean kernel {kernel!r}: expected one of {', '.join(KERNELS)}, "
@@ -248,8 +286,11 @@ def kernel_source(kernel: str) -> tuple[str, str]:
 #: The lean kernels by their ``gpuadam inspect`` names, each a function of ``device_constants``.
 KERNELS = {
     "adam/int8": int8_source,
+    "adam/int8/master": lambda d: int8_source(d, master=True),
     "adam/bf16state": lambda d: bf16_source(False, d),
+    "adam/bf16state/master": lambda d: bf16_source(False, d, master=True),
     "adam/bf16state/stochastic": lambda d: bf16_source(True, d),
+    "adam/bf16state/stochastic/master": lambda d: bf16_source(True, d, master=True),
 }
 
 
@@ -265,18 +306,26 @@ def _constants(c: Any) -> tuple:
     return (c,)
 
 
-def int8_args(arrays: tuple, c: Any, maps: tuple) -> tuple:
+def _master_tail(rounding: tuple | None, half_param: Any) -> tuple:
+    """With half params: the half param and its format (the first field of the half kernels' ``rounding``)."""
+    return () if half_param is None else (half_param, np.int32(rounding[0]))
+
+
+def int8_args(arrays: tuple, c: Any, maps: tuple, rounding: tuple | None = None, half_param: Any = None) -> tuple:
     """The int8 kernel's arguments: ``(p, g, m_codes, m_absmax, v_codes, v_absmax)``, the constants,
-    the six ``lean_maps`` tables (``device_maps``) and the element count, typed as declared."""
-    return (*arrays, *_constants(c), *maps, np.int64(arrays[0].size))
+    the six ``lean_maps`` tables (``device_maps``) and the element count, typed as declared; with half
+    params, then the half param and its format."""
+    return (*arrays, *_constants(c), *maps, np.int64(arrays[0].size), *_master_tail(rounding, half_param))
 
 
-def bf16_args(arrays: tuple, c: Any, state_rounding: tuple) -> tuple:
+def bf16_args(arrays: tuple, c: Any, state_rounding: tuple, rounding: tuple | None = None,
+              half_param: Any = None) -> tuple:
     """The bfloat16-state kernel's arguments: ``(p, g, m_bits, v_bits)``, the constants, the seed and
-    counter of ``state_rounding = (stochastic, seed, counter)`` as 32-bit words, the element count."""
+    counter of ``state_rounding = (stochastic, seed, counter)`` as 32-bit words, the element count;
+    with half params, then the half param and its format."""
     _, seed, counter = state_rounding
     return (*arrays, *_constants(c), np.uint32(seed & 0xFFFFFFFF), np.uint32(counter & 0xFFFFFFFF),
-            np.int64(arrays[0].size))
+            np.int64(arrays[0].size), *_master_tail(rounding, half_param))
 
 
 _kernels: dict = {}
@@ -310,18 +359,22 @@ def device_maps() -> tuple:
     return maps
 
 
-def _launch_int8(arrays: tuple, c: Any) -> None:
-    kernel = _kernel("adam/int8", not isinstance(c, tuple))
+def _launch_int8(arrays: tuple, c: Any, rounding: tuple | None = None, half_param: Any = None) -> None:
+    name = "adam/int8" + ("/master" if half_param is not None else "")
+    kernel = _kernel(name, not isinstance(c, tuple))
     blocks = (arrays[0].size + BLOCK - 1) // BLOCK
-    kernel((blocks,), (BLOCK,), int8_args(arrays, _device(c), device_maps()))
+    kernel((blocks,), (BLOCK,), int8_args(arrays, _device(c), device_maps(), rounding, half_param))
 
 
-def _launch_bf16(arrays: tuple, c: Any, state_rounding: tuple) -> None:
+def _launch_bf16(arrays: tuple, c: Any, state_rounding: tuple, rounding: tuple | None = None,
+                 half_param: Any = None) -> None:
     from gpuadam.kernels.cupy_bookkeeping import THREADS, _blocks
 
-    name = "adam/bf16state/stochastic" if state_rounding[0] else "adam/bf16state"
+    name = ("adam/bf16state/stochastic" if state_rounding[0] else "adam/bf16state") + (
+        "/master" if half_param is not None else "")
     kernel = _kernel(name, not isinstance(c, tuple))
-    kernel((_blocks(arrays[0].size),), (THREADS,), bf16_args(arrays, _device(c), state_rounding))
+    args = bf16_args(arrays, _device(c), state_rounding, rounding, half_param)
+    kernel((_blocks(arrays[0].size),), (THREADS,), args)
 
 
 def _device(c: Any) -> Any:
@@ -333,5 +386,6 @@ def _device(c: Any) -> Any:
 
 
 #: The lean-state kernels by the names ``gpuadam.lean.KERNEL`` gives them: ``(arrays, c, *extra)``,
-#: launched on CuPy's current stream.
+#: launched on CuPy's current stream; with half params ``extra`` ends in the half kernels' ``rounding``
+#: and the half param.
 LAUNCHERS = {"adam/int8": _launch_int8, "adam/bf16state": _launch_bf16}

@@ -19,7 +19,7 @@ import numpy as np
 from numba import cuda, float32, int32, int64, uint64
 
 from gpuadam.kernels.lean_maps import BLOCK, bf16_moments, inverse_scale, magnitude_bits, nearest_code
-from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits
+from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits, load, store_half
 from gpuadam.kernels.numba_cuda import opaque_index
 from gpuadam.kernels.rules import SKIP, load_constants
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
@@ -41,8 +41,11 @@ def _block_max(bits, scratch, t):
 
 
 @cuda.jit
-def adam_int8(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, ubuckets, uthr):
-    """Launch with ``p.size // BLOCK`` rounded up blocks of ``BLOCK`` threads."""
+def adam_int8(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, ubuckets, uthr, fmt, half_param):
+    """Launch with ``p.size // BLOCK`` rounded up blocks of ``BLOCK`` threads. ``fmt``,
+    ``half_param``: with half params, ``g`` holds half bits, ``p`` is the float32 master and
+    ``half_param`` gets it rounded to nearest; else ``half_param`` is None (the branch is compiled
+    out)."""
     cc = load_constants(c)
     if cc[SKIP] != 0:  # the same for every thread: nobody waits at a barrier alone
         return
@@ -56,7 +59,7 @@ def adam_int8(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, u
     x = zero
     if active:
         pi = p[i]
-        m, v = adam_moments(pi, g[i], smap[mq[i]] * m_absmax[b], umap[vq[i]] * v_absmax[b], cc)
+        m, v = adam_moments(pi, load(g, i, fmt), smap[mq[i]] * m_absmax[b], umap[vq[i]] * v_absmax[b], cc)
         x = adam_param(pi, m, v, cc)
     m_scratch = cuda.shared.array(BLOCK, int32)
     v_scratch = cuda.shared.array(BLOCK, int32)
@@ -66,6 +69,8 @@ def adam_int8(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, u
     new_va = f32_from_bits(np.uint32(v_top))
     if active:
         p[i] = x
+        if half_param is not None:
+            half_param[i] = store_half(x, fmt)
         mq[i] = nearest_code(m * inverse_scale(new_ma), sbuckets, sthr)
         vq[i] = nearest_code(v * inverse_scale(new_va), ubuckets, uthr)
     if t == 0:
@@ -73,11 +78,12 @@ def adam_int8(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, u
         v_absmax[b] = new_va
 
 
-def launch(p, g, mq, m_absmax, vq, v_absmax, c, maps, stream=0):
+def launch(p, g, mq, m_absmax, vq, v_absmax, c, maps, fmt=0, half_param=None, stream=0):
     """Run ``adam_int8`` over device arrays; ``maps`` are the six device tables (``lean_maps``:
-    signed codes, buckets, thresholds, then the unsigned ones)."""
+    signed codes, buckets, thresholds, then the unsigned ones); ``fmt``, ``half_param``: half
+    params with a float32 master ``p`` (``adam_int8``)."""
     blocks = (p.size + BLOCK - 1) // BLOCK
-    adam_int8[blocks, BLOCK, stream](p, g, mq, m_absmax, vq, v_absmax, c, *maps)
+    adam_int8[blocks, BLOCK, stream](p, g, mq, m_absmax, vq, v_absmax, c, *maps, int32(fmt), half_param)
 
 
 def _bf16_kernel(stochastic):
@@ -85,8 +91,9 @@ def _bf16_kernel(stochastic):
     # hash; the loop and its stores are the plain kernels' (numba_cuda: unsigned index,
     # opaque_index), which keeps both within the 32 registers of full occupancy
     @cuda.jit
-    def adam_bf16(p, g, m, v, c, state_rounding):
-        """float32 params, bfloat16 moments (uint16 bits); ``state_rounding = (stochastic, seed, counter)``."""
+    def adam_bf16(p, g, m, v, c, state_rounding, fmt, half_param):
+        """float32 params (or masters: ``adam_int8``'s ``fmt``, ``half_param``), bfloat16 moments
+        (uint16 bits); ``state_rounding = (stochastic, seed, counter)``."""
         cc = load_constants(c)
         if cc[SKIP] != 0:
             return
@@ -97,10 +104,12 @@ def _bf16_kernel(stochastic):
         n = uint64(p.size)
         while i < n:
             pi = p[i]
-            mk, vk = adam_moments(pi, g[i], bf16_to_f32(m[i]), bf16_to_f32(v[i]), cc)
+            mk, vk = adam_moments(pi, load(g, i, fmt), bf16_to_f32(m[i]), bf16_to_f32(v[i]), cc)
             x = adam_param(pi, mk, vk, cc)
             j = opaque_index(i)  # the stores' addresses after the math, as numba_cuda's kernels
             p[j] = x
+            if half_param is not None:
+                half_param[j] = store_half(x, fmt)
             m[j], v[j] = bf16_moments(mk, vk, stochastic, seed, counter, int64(j))
             i += stride
 
@@ -126,15 +135,18 @@ def device_maps() -> list:
     return _device_maps
 
 
-def _launch_int8(arrays, c, stream=0):
-    launch(*arrays, c, device_maps(), stream=stream)
+def _launch_int8(arrays, c, rounding=None, half_param=None, stream=0):
+    launch(*arrays, c, device_maps(), 0 if rounding is None else rounding[0], half_param, stream=stream)
 
 
-def _launch_bf16(arrays, c, state_rounding, stream=0):
+def _launch_bf16(arrays, c, state_rounding, rounding=None, half_param=None, stream=0):
     from gpuadam.kernels.numba_cuda import THREADS, _blocks
 
-    ADAM_BF16[bool(state_rounding[0])][_blocks(arrays[0].size), THREADS, stream](*arrays, c, state_rounding)
+    fmt = int32(0 if rounding is None else rounding[0])
+    ADAM_BF16[bool(state_rounding[0])][_blocks(arrays[0].size), THREADS, stream](*arrays, c, state_rounding, fmt,
+                                                                                   half_param)
 
 
-#: The lean-state kernels by the names ``gpuadam.lean.KERNEL`` gives them: ``(arrays, c, *extra, stream=)``.
+#: The lean-state kernels by the names ``gpuadam.lean.KERNEL`` gives them: ``(arrays, c, *extra,
+#: stream=)``, ``extra`` ending, with half params, in the half kernels' ``rounding`` and the half param.
 LAUNCHERS = {"adam/int8": _launch_int8, "adam/bf16state": _launch_bf16}

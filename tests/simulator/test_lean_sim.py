@@ -85,7 +85,7 @@ def test_bf16_kernel_matches_the_host_kernel():
         host = [a.copy() for a in (p, g, m, v)]
         lean_cpu.KERNELS["adam/bf16state"](*host, c, (stochastic, 5, 9))
         dev = [cuda.to_device(a) for a in (p, g, m, v)]
-        lean_cuda.ADAM_BF16[bool(stochastic)][4, 32](*dev, c, (stochastic, 5, 9))
+        lean_cuda.ADAM_BF16[bool(stochastic)][4, 32](*dev, c, (stochastic, 5, 9), 0, None)
         sim = [d.copy_to_host() for d in dev]
         np.testing.assert_allclose(sim[0], host[0], rtol=1e-6, atol=1e-7)
         for got, want in ((sim[2], host[2]), (sim[3], host[3])):
@@ -125,5 +125,37 @@ def test_optimizer_with_lean_state_on_device_is_the_host_optimizer(state_dtype, 
         np.testing.assert_array_equal(d.copy_to_host(), h)
     for s, r in zip(opt.state, ref.state):
         assert set(s) == set(r)
+        for name in r:
+            np.testing.assert_array_equal(s[name].copy_to_host(), r[name], err_msg=name)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("half", [np.float16, "bfloat16"])
+def test_half_params_with_master_weights_and_lean_state_on_device(state_dtype, half, monkeypatch):
+    """Half params, float32 masters, lean moments on numba-cuda: the masters, the moments and the
+    half params (the masters rounded to nearest) are numba-cpu's, the half gradient widened on load."""
+    from gpuadam import lean
+
+    monkeypatch.setattr(lean, "MIN_SIZE", L.BLOCK)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(ml_dtypes.bfloat16) if half == "bfloat16" else np.dtype(half)
+    rng = np.random.default_rng(5)
+    shapes = [(L.BLOCK + 40,), (3, 5)]
+    p0 = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(3)]
+    bits = [p.view(np.uint16) for p in p0]
+    kw = {"lr": 1e-2, "state_dtype": state_dtype, "master_weights": True, "half_format": str(dtype)}
+    host = [b.copy() for b in bits]
+    dev = [cuda.to_device(b) for b in bits]
+    ref = gpuadam.Adam(host, backend="numba-cpu", **kw)
+    opt = gpuadam.Adam(dev, **kw)
+    assert opt.backend == "numba-cuda" and lean.NAMES[state_dtype][0] in opt.state[0]
+    for g in grads:
+        ref.step([x.view(np.uint16) for x in g])
+        opt.step([cuda.to_device(x.view(np.uint16)) for x in g])
+    for d, h in zip(dev, host):
+        np.testing.assert_array_equal(d.copy_to_host(), h)
+    for s, r in zip(opt.state, ref.state):
+        assert set(s) == set(r) and "master" in r
         for name in r:
             np.testing.assert_array_equal(s[name].copy_to_host(), r[name], err_msg=name)
