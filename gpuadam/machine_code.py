@@ -173,12 +173,11 @@ def ptxas_resources(ptx: str, arch: str) -> tuple[int, int, int]:
 #: What "per element" counts for the kernels without an element loop, by kernel (without
 #: ``/device-constants``). The int8 kernel runs one thread per element and one thread block per
 #: quantisation block: its counts are one thread's, so they hold per-block work too.
-NOTES = {
-    "adam/int8": "one thread per element, no loop: ld/elem is p, g, two codes, six map lookups and the "
-                 "block's two absmax (same address in all 256 threads), plus the constants with "
-                 "/device-constants; st/elem is p and two codes per element and, from thread 0 only, "
-                 "the two absmax per block of 256",
-}
+_INT8_NOTE = ("one thread per element, no loop: ld/elem is p, g, two codes, six map lookups and the "
+              "block's two absmax (same address in all 256 threads), plus the constants with "
+              "/device-constants; st/elem is p and two codes per element{} and, from thread 0 only, "
+              "the two absmax per block of 256")
+NOTES = {"adam/int8": _INT8_NOTE.format(""), "adam/int8" + "/master": _INT8_NOTE.format(", the half param")}
 
 
 def report(backend: str, kernel: str, dtype: str, arch: str, ptx: str) -> KernelReport:

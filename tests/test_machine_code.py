@@ -2,6 +2,7 @@
 no spills, <= 32 registers, and the loads/stores per element of a single pass."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -84,6 +85,8 @@ def test_device_constant_variants_keep_the_traffic_and_float32(inspected, backen
 #: per thread, from memory); p, two codes and, thread 0, the two absmax.
 LEAN_TRAFFIC = {"adam/int8": ((12, 5), (12 + N_CONSTANTS, 5)), "adam/bf16state": ((4, 3), (4, 3)),
                 "adam/bf16state/stochastic": ((4, 3), (4, 3))}
+#: With half params (``/master``) the gradient is half bits, still one load; the half param one more store.
+LEAN_TRAFFIC.update({k + "/master": (tuple((ld, st + 1) for ld, st in v)) for k, v in LEAN_TRAFFIC.items()})
 
 
 @pytest.mark.parametrize("backend", ["numba-cuda", "cupy"])
@@ -98,7 +101,31 @@ def test_lean_state_kernels_meet_the_bar(inspected, kernel, device_constants, ba
     assert k["f64_ops"] == 0 and k["local_bytes"] == 0 and k["spill_bytes"] == 0
     assert k["registers"] <= 32
     assert (k["loads_per_element"], k["stores_per_element"]) == LEAN_TRAFFIC[kernel][device_constants]
-    assert bool(k["note"]) == (kernel == "adam/int8")  # what "per element" means without a loop
+    assert bool(k["note"]) == kernel.startswith("adam/int8")  # what "per element" means without a loop
+
+
+#: A thread block's barriers, and warp-level shuffles/reductions, in PTX.
+_BARRIER = re.compile(r"\b(?:bar|barrier)(?:\.cta)?\.(?:sync|red|arrive)\b")
+_WARP_OP = re.compile(r"\b(?:shfl|redux)\.sync\b")
+
+
+@pytest.mark.parametrize("backend,arch", [("numba-cuda", "sm_90"), ("cupy", "sm_90"), ("cupy", "sm_75")])
+@pytest.mark.parametrize("device_constants", [False, True], ids=["host-constants", "device-constants"])
+@pytest.mark.parametrize("master", ["", machine_code.MASTER], ids=["float32", "master"])
+def test_int8_kernels_reduce_the_absmax_by_warps_behind_one_barrier(backend, arch, device_constants, master):
+    """Each block's two new absmax, in one pass: every warp's maximum by shuffles (Numba; CuPy before
+    sm_80) or ``redux.sync`` (CuPy on sm_80+), then the warps' through shared memory behind the one
+    barrier. A shared-memory tree (nine barriers per moment, no warp op) fails here."""
+    _tool_or_skip()
+    kernel = "adam/int8" + master + (machine_code.DEVICE_CONSTANTS if device_constants else "")
+    compile_ = machine_code.numba_lean_ptx if backend == "numba-cuda" else machine_code.cupy_lean_ptx
+    ptx = compile_(kernel, "float32", arch)
+    warp_ops = _WARP_OP.findall(ptx)
+    assert len(_BARRIER.findall(ptx)) == 1
+    assert len(warp_ops) >= 2  # at least one per moment
+    assert set(warp_ops) == {"redux.sync" if (backend, arch) == ("cupy", "sm_90") else "shfl.sync"}
+    r = machine_code.report(backend, kernel, "float32", arch, ptx)
+    assert r.f64_ops == 0 and r.local_bytes == 0 and r.spill_bytes == 0 and r.registers <= 32
 
 
 def test_float64_kernels_do_the_same_traffic(inspected):

@@ -8,9 +8,11 @@ The element work is plain functions, so the host tests run them with g++
 (``tests/test_cupy_lean_host.py``): ``lean_int8_update`` dequantises and runs Adam's own snippet
 (``rules.adam.ADAM.snippet``, the rule's one C copy), ``lean_int8_store`` writes the param and the
 nearest codes (``lean_nearest_code``, the buckets and midpoints of ``lean_maps``); the int8
-``__global__`` kernel, CUDA only, puts them around a shared-memory tree reduction of the magnitudes'
-bits. The bfloat16 kernels' loop is ordinary code: behind a one-thread shim of CUDA's built-ins the
-whole kernel runs on the host. No float literal, no double.
+``__global__`` kernel, CUDA only, puts them around the block's maximum of the magnitudes' bits, both
+moments in one pass (``lean_block_max2``): each warp's by ``__reduce_max_sync`` (shuffles before
+sm_80), then the eight warps' through shared memory behind one barrier. The bfloat16 kernels' loop
+is ordinary code: behind a one-thread shim of CUDA's built-ins the whole kernel runs on the host.
+No float literal, no double.
 
 Each kernel comes twice, as the ``ElementwiseKernel``s do: taking its constants as scalar arguments
 by name (``constant_params("adam")``: the host computed them), or with ``_dc`` from a device array
@@ -157,14 +159,38 @@ GPUADAM_FN void lean_int8_store(long long i, float x, float m, float v, float ne
 }
 
 #ifdef __CUDACC__
-GPUADAM_FN unsigned int lean_block_max(unsigned int bits, unsigned int* scratch, int t) {
-  scratch[t] = bits;
-  __syncthreads();
-  for (int half = LEAN_BLOCK / 2; half > 0; half /= 2) {
-    if (t < half) scratch[t] = max(scratch[t], scratch[t + half]);
-    __syncthreads();
+enum { LEAN_WARP = 32, LEAN_WARPS = LEAN_BLOCK / LEAN_WARP };
+static_assert(LEAN_BLOCK % LEAN_WARP == 0, "a quantisation block is whole warps");
+
+/* the warp's maximum, in every lane: redux.sync (one instruction) where the hardware has it, sm_80
+   and later; five butterfly shuffles before (CuPy compiles for the device at hand) */
+GPUADAM_FN unsigned int lean_warp_max(unsigned int bits) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xFFFFFFFFu, bits);
+#else
+  #pragma unroll
+  for (int lane = LEAN_WARP / 2; lane > 0; lane /= 2) bits = max(bits, __shfl_xor_sync(0xFFFFFFFFu, bits, lane));
+  return bits;
+#endif
+}
+
+/* the thread block's maxima of m_bits and v_bits, in every thread (all of whom must call it: full
+   warp masks): each warp's, then the warps' through shared memory behind one barrier. One suffices
+   because it runs once per launch block (one quantisation block): nothing rewrites the array. */
+GPUADAM_FN void lean_block_max2(unsigned int& m_bits, unsigned int& v_bits, unsigned int t) {
+  __shared__ __align__(16) unsigned int warp_max[2][LEAN_WARPS];
+  m_bits = lean_warp_max(m_bits);
+  v_bits = lean_warp_max(v_bits);
+  if (t % LEAN_WARP == 0) {
+    warp_max[0][t / LEAN_WARP] = m_bits;
+    warp_max[1][t / LEAN_WARP] = v_bits;
   }
-  return scratch[0];
+  __syncthreads();
+  #pragma unroll
+  for (int w = 0; w < LEAN_WARPS; ++w) {
+    m_bits = max(m_bits, warp_max[0][w]);
+    v_bits = max(v_bits, warp_max[1][w]);
+  }
 }
 
 template <typename G>
@@ -172,16 +198,16 @@ GPUADAM_FN void lean_int8_block(float* p, const G* g, unsigned char* mq, float* 
     unsigned char* vq, float* v_absmax, const float* c, const float* smap, const unsigned char* sbuckets,
     const float* sthr, const float* umap, const unsigned char* ubuckets, const float* uthr, long long n,
     unsigned short* half_param, int fmt) {
-  __shared__ unsigned int m_scratch[LEAN_BLOCK];
-  __shared__ unsigned int v_scratch[LEAN_BLOCK];
   if (c[LEAN_SKIP]) return;  /* the same in every thread: a skipped step changes nothing */
   const long long b = blockIdx.x;
   const int t = threadIdx.x;
   const long long i = b * LEAN_BLOCK + t;
   float x = lowp_f32_from_bits(0u), m = x, v = x;
   if (i < n) lean_int8_update(i, b, p, g, mq, m_absmax, vq, v_absmax, c, smap, umap, fmt, x, m, v);
-  const float new_ma = lowp_f32_from_bits(lean_block_max(lean_magnitude_bits(m), m_scratch, t));
-  const float new_va = lowp_f32_from_bits(lean_block_max(lean_magnitude_bits(v), v_scratch, t));
+  unsigned int m_top = lean_magnitude_bits(m), v_top = lean_magnitude_bits(v);
+  lean_block_max2(m_top, v_top, threadIdx.x);
+  const float new_ma = lowp_f32_from_bits(m_top);
+  const float new_va = lowp_f32_from_bits(v_top);
   if (i < n) lean_int8_store(i, x, m, v, new_ma, new_va, p, mq, vq, sbuckets, sthr, ubuckets, uthr, half_param,
                              fmt);
   if (t == 0) {

@@ -3,12 +3,13 @@ quantisation block and one thread per element; and bfloat16 moments, a grid-stri
 as ``lean_cpu``'s (the same ``lowp.random32`` at index ``i``, halved between the two moments).
 
 Each thread dequantises its element's moments, updates them and the param in float32 (Adam's own
-``adam_moments``/``adam_param``), and offers the magnitudes' bits to the block's maximum, a tree
-reduction in shared memory (eight halvings; a warp-shuffle version would save barriers, but the
-CUDA simulator has no shuffles to prove it with). After the block's new
-absmax is known each thread writes its param and requantises (``lean_maps.nearest_code``, two
-table lookups from the read-only maps); thread 0 writes the absmax. Every absmax is read before
-the first barrier and written after the last.
+``adam_moments``/``adam_param``), and offers the magnitudes' bits to the block's maxima, both moments
+in one pass (``_block_max2``): compiled, each warp's by shuffles, then the eight warps' through shared
+memory behind one barrier; in the simulator, which has no shuffles, a tree in shared memory (nine
+barriers), so the simulator proves the kernel around it. After the block's new absmax is known each
+thread writes its param and requantises (``lean_maps.nearest_code``, two table lookups from the
+read-only maps); thread 0 writes the absmax. Every absmax is read before the first barrier and
+written after the last.
 
 ``backends.NumbaCUDA`` launches them by name (``LAUNCHERS``) for float32 params; proven in the
 simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90 (``gpuadam inspect``,
@@ -16,7 +17,7 @@ simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90 (``gpuad
 """
 
 import numpy as np
-from numba import cuda, float32, int32, int64, uint64
+from numba import config, cuda, float32, int32, int64, uint32, uint64
 
 from gpuadam.kernels.lean_maps import BLOCK, bf16_moments, inverse_scale, magnitude_bits, nearest_code
 from gpuadam.kernels.lowp import bf16_to_f32, f32_from_bits, load, store_half
@@ -24,20 +25,55 @@ from gpuadam.kernels.numba_cuda import opaque_index
 from gpuadam.kernels.rules import SKIP, load_constants
 from gpuadam.kernels.rules.adam import adam_moments, adam_param
 
+#: Numba's CUDA simulator has no warp shuffles: there the block's maximum is a tree in shared memory
+#: (``_tree_max2``), compiled it is ``_shuffle_max2``. The same maxima either way; chosen once, here.
+SIMULATED = bool(config.ENABLE_CUDASIM)
+WARP = 32
+_FULL_MASK = 0xFFFFFFFF
+#: Each moment's shared scratch: a slot per thread for the tree, per warp for the shuffles.
+_SCRATCH = BLOCK if SIMULATED else BLOCK // WARP
+
 
 @cuda.jit(device=True, inline=True)
-def _block_max(bits, scratch, t):
-    """The maximum of ``bits`` (int32) over the thread block, in every thread: a tree in shared
-    memory (the simulator has no warp shuffles, so the one reduction runs in both)."""
-    scratch[t] = bits
+def _tree_max2(m_bits, v_bits, scratch, t):
+    """The thread block's maxima of ``m_bits`` and ``v_bits`` (int32), in every thread: both moments
+    down one tree in ``scratch`` (``(2, BLOCK)``), eight halvings and nine barriers."""
+    scratch[0, t] = m_bits
+    scratch[1, t] = v_bits
     cuda.syncthreads()
     half = BLOCK // 2
     while half > 0:
         if t < half:
-            scratch[t] = max(scratch[t], scratch[t + half])
+            scratch[0, t] = max(scratch[0, t], scratch[0, t + half])
+            scratch[1, t] = max(scratch[1, t], scratch[1, t + half])
         cuda.syncthreads()
         half //= 2
-    return scratch[0]
+    return scratch[0, 0], scratch[1, 0]
+
+
+@cuda.jit(device=True, inline=True)
+def _shuffle_max2(m_bits, v_bits, scratch, t):
+    """The same maxima: each warp's by five butterfly shuffles (Numba has no ``redux.sync``), then the
+    warps' through ``scratch`` (``(2, BLOCK // WARP)``) behind one barrier. One suffices because it
+    runs once per launch block (one quantisation block): nothing rewrites the scratch. Every thread
+    of the block must call it (full warp masks)."""
+    lane = WARP // 2
+    while lane > 0:
+        m_bits = max(m_bits, cuda.shfl_xor_sync(_FULL_MASK, m_bits, lane))
+        v_bits = max(v_bits, cuda.shfl_xor_sync(_FULL_MASK, v_bits, lane))
+        lane //= 2
+    if cuda.laneid == 0:
+        warp = uint32(t) // uint32(WARP)  # unsigned: no signed division's fix-ups
+        scratch[0, warp] = m_bits
+        scratch[1, warp] = v_bits
+    cuda.syncthreads()
+    for w in range(BLOCK // WARP):
+        m_bits = max(m_bits, scratch[0, w])
+        v_bits = max(v_bits, scratch[1, w])
+    return m_bits, v_bits
+
+
+_block_max2 = _tree_max2 if SIMULATED else _shuffle_max2
 
 
 @cuda.jit
@@ -61,10 +97,8 @@ def adam_int8(p, g, mq, m_absmax, vq, v_absmax, c, smap, sbuckets, sthr, umap, u
         pi = p[i]
         m, v = adam_moments(pi, load(g, i, fmt), smap[mq[i]] * m_absmax[b], umap[vq[i]] * v_absmax[b], cc)
         x = adam_param(pi, m, v, cc)
-    m_scratch = cuda.shared.array(BLOCK, int32)
-    v_scratch = cuda.shared.array(BLOCK, int32)
-    m_top = _block_max(int32(magnitude_bits(m)), m_scratch, t)
-    v_top = _block_max(int32(magnitude_bits(v)), v_scratch, t)
+    scratch = cuda.shared.array((2, _SCRATCH), int32)
+    m_top, v_top = _block_max2(int32(magnitude_bits(m)), int32(magnitude_bits(v)), scratch, t)
     new_ma = f32_from_bits(np.uint32(m_top))
     new_va = f32_from_bits(np.uint32(v_top))
     if active:
