@@ -463,11 +463,6 @@ def main(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except DemoError as exc:
         return _fail(f"--backend: {exc}")
-    if state_dtype is not None and args.framework == "torch":
-        return _fail(f"--state-dtype: got {state_dtype} with --framework torch; gpuadam.torch has no lean state yet")
-    if state_dtype is not None and name not in ("numba-cpu", "numba-cuda"):
-        return _fail(f"--state-dtype: got {state_dtype} with backend {name}; lean state runs on numba-cpu and "
-                     "numba-cuda so far")
     config = Config(steps=steps, seed=args.seed)
     table = run(config, args.backend, args.out, framework=args.framework, state_dtype=state_dtype)
     print(format_table(table))

@@ -156,3 +156,13 @@ def test_demo_state_dtype_adds_lean_rows_with_their_state_bytes(tmp_path, capsys
         # lean state steps a FlatBuffer view by view
         assert lean["launches_per_step"] == len(demo.shapes(table["config"]["hidden"]))
     assert "state (B)" in capsys.readouterr().out
+
+
+def test_demo_state_dtype_with_the_torch_framework(tmp_path):
+    """``--framework torch --state-dtype``: gpuadam.torch's classes take ``state_dtype`` too."""
+    _need("sklearn", "matplotlib", "tqdm", "torch")
+    table = _run_demo(tmp_path, "--framework", "torch", "--state-dtype", "bfloat16", "--steps", "30")
+    results = {r["optimizer"]: r for r in table["results"]}
+    assert table["framework"] == "torch" and list(results)[-2:] == ["Adam/bfloat16", "AdamW/bfloat16"]
+    assert results["Adam/bfloat16"]["state_bytes"] == results["Adam"]["state_bytes"] // 2
+    assert not results["Adam/bfloat16"]["diverged"]

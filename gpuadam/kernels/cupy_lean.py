@@ -18,7 +18,9 @@ Each kernel comes twice, as the ``ElementwiseKernel``s do: taking its constants 
 by name (``constant_params("adam")``: the host computed them), or with ``_dc`` from a device array
 (``on_device.DeviceSteps``: clipping, skipping, capturable). Either way the kernel gathers them into
 a local array once, before any element (``gather_constants``). Stochastic rounding or not is a constant of
-the compiled bfloat16 kernel (``_sr``/``_rn``), as in ``lean_cuda``.
+the compiled bfloat16 kernel (``_sr``/``_rn``), as in ``lean_cuda``. With half params each kernel has a
+``_master`` twin: the gradient as half bits, ``p`` the float32 master, and last the half param (written
+rounded to nearest) and its format.
 
 ``backends.CuPy`` launches them by name (``LAUNCHERS``, ``*_args`` build the argument tuples the
 kernels declare); ``device_maps`` copies the six ``lean_maps`` tables to the device once, when an

@@ -11,7 +11,11 @@ thread writes its param and requantises (``lean_maps.nearest_code``, two table l
 read-only maps); thread 0 writes the absmax. Every absmax is read before the first barrier and
 written after the last.
 
-``backends.NumbaCUDA`` launches them by name (``LAUNCHERS``) for float32 params; proven in the
+With half params (master weights) the same kernels take the half gradient's bits, step the float32
+master in ``p`` and write the half param rounded to nearest (``fmt``, ``half_param``); with float32
+params ``half_param`` is None and Numba compiles that store out.
+
+``backends.NumbaCUDA`` launches them by name (``LAUNCHERS``); proven in the
 simulator (``tests/simulator/test_lean_sim.py``) and compiled for sm_90 (``gpuadam inspect``,
 ``machine_code.numba_lean_ptx``; ``tests/test_machine_code.py``); no GPU has run them.
 """

@@ -242,9 +242,6 @@ class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
         if p.dtype in HALF and not self.master_weights or p.dtype not in HALF and p.dtype != torch.float32:
             raise ValueError(f"{where} is for float32 params, or half params with master_weights=True, "
                              f"got {p.dtype}")
-        if p.dtype in HALF and p.device.type != "cpu" and self._lean_kind(p):
-            raise ValueError(f"{where} with half params (master weights) runs on the CPU only so far; on CUDA "
-                             "it takes float32 params")
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float32 if self.master_weights and p.dtype in HALF else p.dtype

@@ -47,3 +47,28 @@ def test_lean_state_on_the_gpu_follows_the_host(state_dtype, backend, clip, monk
             np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
         else:  # bfloat16 bits: one step of the last place at most
             assert np.abs(got.view(np.int16).astype(int) - want.view(np.int16).astype(int)).max() <= 1, name
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_half_params_with_masters_and_lean_state_on_the_gpu(state_dtype, backend, monkeypatch):
+    """float16 params, float32 masters, lean moments (the ``/master`` kernels): the masters follow
+    the host's to float32 rounding, each half param is its master rounded to nearest."""
+    if SIM:
+        monkeypatch.setattr(lean, "MIN_SIZE", lean_maps.BLOCK)
+    rng = np.random.default_rng(13)
+    p0 = [rng.standard_normal(s).astype(np.float16) for s in SHAPES]
+    grads = [[rng.standard_normal(s).astype(np.float16) for s in SHAPES] for _ in range(3)]
+    kw = {"lr": 1e-2, "state_dtype": state_dtype, "master_weights": True}
+    cpu = [p.copy() for p in p0]
+    kind = native(backend)
+    dev = put_all(p0, kind)
+    ref = gpuadam.Adam(cpu, backend="numba-cpu", **kw)
+    opt = gpuadam.Adam(dev, backend=backend, **kw)
+    assert lean.NAMES[state_dtype][0] in opt.state[0] and "master" in opt.state[0]
+    for g in grads:
+        ref.step(g)
+        opt.step(put_all(g, kind))
+    for d, s, t in zip(dev, opt.state, ref.state):
+        master = host(s["master"]).reshape(-1)
+        np.testing.assert_allclose(master, t["master"].reshape(-1), rtol=1e-5, atol=1e-6)
+        assert np.array_equal(host(d).reshape(-1), master.astype(np.float16))

@@ -95,6 +95,8 @@ CASES = {
     "sgd-momentum": (gt.SGD, {"lr": 1e-1, "momentum": 0.9}, torch.float32, False),
     "nadam": (gt.NAdam, {"lr": 1e-2}, torch.float32, False),
     "adam-bfloat16-state": (gt.Adam, {"lr": 1e-2, "state_dtype": "bfloat16"}, torch.float32, False),
+    "adamw-bf16-master-bfloat16-state": (gt.AdamW, {"lr": 1e-2, "master_weights": True, "state_dtype": "bfloat16"},
+                                         torch.bfloat16, False),
 }
 
 
@@ -203,20 +205,23 @@ def test_a_param_without_a_gradient_keeps_its_count_on_the_device(on_device, mon
     assert dev.state[models[0][0].bias]["step"].item() == 3
 
 
-def test_int8_state_under_a_scaler_on_the_device(on_device, monkeypatch):
-    """Lean int8 moments on the device path: codes and absmax as the CPU path's, bit for bit (the
-    4096-element floor lowered to one block of 256: the simulator runs every thread in Python)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16-master"])
+def test_int8_state_under_a_scaler_on_the_device(dtype, on_device, monkeypatch):
+    """Lean int8 moments on the device path, float32 params or half params with float32 masters:
+    codes, absmax and masters as the CPU path's, bit for bit (the 4096-element floor lowered to one
+    block of 256: the simulator runs every thread in Python)."""
     from gpuadam import lean
 
     monkeypatch.setattr(lean, "MIN_SIZE", 256)
     make, step, _ = on_device
     gen = torch.Generator().manual_seed(5)
     w0, b0 = torch.randn(300, generator=gen), torch.randn(7, generator=gen)
-    params = [[torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())] for _ in range(2)]
-    dev = make(gt.Adam, params[0], lr=1e-2, state_dtype="int8")
-    host = gt.Adam(params[1], lr=1e-2, state_dtype="int8")
+    params = [[torch.nn.Parameter(w0.to(dtype)), torch.nn.Parameter(b0.to(dtype))] for _ in range(2)]
+    kw = {"lr": 1e-2, "state_dtype": "int8", "master_weights": dtype != torch.float32}
+    dev = make(gt.Adam, params[0], **kw)
+    host = gt.Adam(params[1], **kw)
     for t in range(3):
-        grads = [64 * torch.randn(300, generator=gen), 64 * torch.randn(7, generator=gen)]
+        grads = [(64 * torch.randn(n, generator=gen)).to(dtype) for n in (300, 7)]
         for ps, o, st in ((params[0], dev, step), (params[1], host, lambda o: o.step())):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
