@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from gpuadam.arrays import DEVICE, HOST, ArrayInfo, aligned_zeros, is_simulator_array
+from gpuadam.kernels import lean_rules
 
 NAMES = ("numba-cuda", "cupy", "numba-cpu")
 ENV_VAR = "GPUADAM_BACKEND"
@@ -138,7 +139,7 @@ class NumbaCUDA:
 
     def ready(self, rule: str) -> None:
         """Whatever ``rule``'s launches need on the device, made now (before any step)."""
-        if rule == "adam/int8":
+        if lean_rules.kind_of(rule) == "int8":
             self._lean.device_maps()
 
     def external_stream(self, handle: int) -> Any:
@@ -227,7 +228,7 @@ class CuPy:
     def ready(self, rule: str) -> None:
         """Whatever ``rule``'s launches need on the device, made now (before any step): the int8
         tables. CuPy compiles each kernel itself at its first launch."""
-        if rule == "adam/int8":
+        if lean_rules.kind_of(rule) == "int8":
             self._lean.device_maps()
 
     def launch(self, rule: str, arrays: tuple, c: tuple, *extra, stream: int | None = None) -> None:

@@ -6,7 +6,8 @@
 ``exp_avg``/``exp_avg_sq`` (as bitsandbytes). ``"bfloat16"``: each moment as bfloat16 bit
 patterns (uint16, the param's shape), ``exp_avg_bf16_bits`` and ``exp_avg_sq_bf16_bits``, rounded
 stochastically. Blocks follow each tensor (a FlatBuffer's views each start a block): a group with
-lean state steps tensor by tensor.
+lean state steps tensor by tensor. The rules with lean kernels and the kernels' names:
+``kernels/lean_rules.py``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from __future__ import annotations
 import numpy as np
 
 from gpuadam.kernels.lean_maps import BLOCK, MIN_SIZE
+from gpuadam.kernels.lean_rules import MOMENTS, RULES, kernel, kind_of
+
+__all__ = ["BLOCK", "KERNEL", "MIN_SIZE", "MOMENTS", "NAMES", "RULES", "STATE_DTYPES", "check_state_dtype",
+           "kernel", "kind_for", "kind_of", "n_blocks", "spec"]
 
 STATE_DTYPES = (None, "bfloat16", "int8")
 
-#: The kernel of each lean format, taking the param, the gradient and ``names`` in order.
-KERNEL = {"int8": "adam/int8", "bfloat16": "adam/bf16state"}
+#: Adam's lean kernel of each format (the layouts' byte ceilings are named after them).
+KERNEL = {kind: kernel("adam", kind) for kind in ("int8", "bfloat16")}
 
 #: The moments' array names per format, in the kernel's order.
 NAMES = {

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpuadam.kernels import cupy_elementwise
+from gpuadam.kernels import cupy_elementwise, lean_rules
 from gpuadam.kernels.cupy_elementwise import FTZ_OPTION
 from gpuadam.kernels.lowp import ROUNDING_FIELDS
 from gpuadam.kernels.rules import N_CONSTANTS
@@ -177,7 +177,8 @@ _INT8_NOTE = ("one thread per element, no loop: ld/elem is p, g, two codes, six 
               "block's two absmax (same address in all 256 threads), plus the constants with "
               "/device-constants; st/elem is p and two codes per element{} and, from thread 0 only, "
               "the two absmax per block of 256")
-NOTES = {"adam/int8": _INT8_NOTE.format(""), "adam/int8" + "/master": _INT8_NOTE.format(", the half param")}
+NOTES = {f"{rule}/int8{m}": _INT8_NOTE.format(", the half param" if m else "") for rule in lean_rules.RULES
+         for m in ("", "/master")}
 
 
 def report(backend: str, kernel: str, dtype: str, arch: str, ptx: str) -> KernelReport:
@@ -249,8 +250,8 @@ def numba_ptx(kernel: str, dtype: str, arch: str = "sm_90") -> str:
 
 #: The lean-state kernels (``state_dtype=``) of both GPU backends, each also ``/device-constants``;
 #: ``/master``: with half params, stepping their float32 masters and writing the half params.
-LEAN_KERNELS = tuple(k + m for k in ("adam/int8", "adam/bf16state", "adam/bf16state/stochastic")
-                     for m in ("", MASTER))
+LEAN_KERNELS = tuple(f"{rule}/{k}{m}" for rule in lean_rules.RULES
+                     for k in ("int8", "bf16state", "bf16state/stochastic") for m in ("", MASTER))
 
 
 def numba_lean_ptx(kernel: str, dtype: str = "float32", arch: str = "sm_90") -> str:
@@ -269,12 +270,13 @@ def numba_lean_ptx(kernel: str, dtype: str = "float32", arch: str = "sm_90") -> 
     constants = f32 if kernel.endswith(DEVICE_CONSTANTS) else types.UniTuple(types.float32, N_CONSTANTS)
     master = base.endswith(MASTER)
     g, half = (u16, u16) if master else (f32, types.none)
-    if base.startswith("adam/int8"):
-        func = lean_cuda.adam_int8
+    rule, _, layout = base.partition("/")
+    if layout.startswith("int8"):
+        func = lean_cuda.INT8[rule]
         # p, g, codes and absmax of each moment, the constants, the signed and unsigned maps, the half format
         signature = (f32, g, u8, f32, u8, f32, constants, f32, u8, f32, f32, u8, f32, types.int32, half)
     else:
-        func = lean_cuda.ADAM_BF16["/stochastic" in base]
+        func = lean_cuda.BF16[rule, "/stochastic" in base]
         signature = (f32, g, u16, u16, constants, types.UniTuple(types.int64, 3), types.int32, half)
     cc = (int(arch[3:-1]), int(arch[-1]))
     with _no_device_needed(cc):

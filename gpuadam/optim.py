@@ -132,7 +132,8 @@ class Optimizer:
             # lean state is blocked per tensor: a FlatBuffer's views then step one by one
             buf = flat.owner(group["params"]) if self._lean_format is None else None
             if buf is None:
-                self.state.extend(self._new_lean_state(p, fmt, self._lean[i]) if self._lean[i] else
+                self.state.extend(self._new_lean_state(p, fmt, lean.kernel(self.rule(hyper), self._lean[i]))
+                                  if self._lean[i] else
                                   self._new_state(p, fmt, names) for i, p in zip(indices, group["params"]))
             else:
                 whole = self._new_state(buf.data, fmt, names)
@@ -241,21 +242,23 @@ class Optimizer:
         if kind is None:
             return [None] * len(self._params)
         for gi, hyper in enumerate(hypers):
-            if self.rule(hyper) != "adam":
-                raise ValueError(f"param group {gi}: state_dtype={kind!r} is for Adam/AdamW without amsgrad, "
-                                 f"this group's rule is {self.rule(hyper)!r}")
+            if self.rule(hyper) not in lean.RULES:
+                raise ValueError(f"param group {gi}: state_dtype={kind!r} is for the rules whose state is "
+                                 f"{' and '.join(lean.MOMENTS)} ({', '.join(lean.RULES)}: Adam/AdamW without "
+                                 f"amsgrad, NAdam, RAdam), this group's rule is {self.rule(hyper)!r}")
         for i, (info, fmt) in enumerate(zip(self._infos, self._formats)):
             if (fmt is None and info.dtype != np.float32) or (fmt is not None and not self.master_weights):
                 raise ValueError(f"param {i}: state_dtype={kind!r} is for float32 params, or half params with "
                                  f"master_weights=True, got {info.dtype}")
         return [lean.kind_for(kind, int(np.prod(info.shape))) for info in self._infos]
 
-    def _new_lean_state(self, p: Any, fmt: int | None, kind: str) -> dict[str, Any]:
+    def _new_lean_state(self, p: Any, fmt: int | None, kernel: str) -> dict[str, Any]:
         shape = _shape_of(p)
+        kind = lean.kind_of(kernel)
         # half params: float32 master weights beside the lean moments (master_weights, checked)
         state = {} if fmt is None else self._new_state(p, fmt, ("master",))
         be = self._backend
-        be.ready(lean.KERNEL[kind])
+        be.ready(kernel)
         for name in lean.NAMES[kind]:
             dtype, state_shape = lean.spec(kind, name, shape)
             # the codes and bits lie like the param (its page offset on the host); an absmax is small
@@ -443,7 +446,7 @@ class Optimizer:
         # the half kernels' last arguments: (format, stochastic, seed, counter for the random bits,
         # index of the first element in the whole buffer) and the half param; before them, bfloat16
         # moments' own (stochastic, seed, counter)
-        extra = ((1, self.seed, self._calls),) if unit.rule == lean.KERNEL["bfloat16"] else ()
+        extra = ((1, self.seed, self._calls),) if lean.kind_of(unit.rule) == "bfloat16" else ()
         if unit.fmt is None:
             return extra
         return (*extra, (unit.fmt, int(self.stochastic_rounding), self.seed, self._calls, self._index_base),
@@ -493,7 +496,8 @@ class Optimizer:
                 kind = self._lean[i]
                 arrays = (state["master"] if master else self._flat[i], self._kernel_view(grads[i], fmt),
                           *(state[n] for n in (lean.NAMES[kind] if kind else rule_state)))
-                units.append(Launch(gi, arrays, lean.KERNEL[kind] if kind else rule, dtype or self._infos[i].dtype,
+                units.append(Launch(gi, arrays, lean.kernel(self.rule(hyper), kind) if kind else rule,
+                                    dtype or self._infos[i].dtype,
                                     range(i, i + 1), fmt, self._flat[i], self._slot_of[i], self._shard_valid))
                 grad_spans.append((span(grads[i]), f"grad {i}"))
         self._check_grads_apart(grad_spans)

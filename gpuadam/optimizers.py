@@ -41,10 +41,10 @@ class Adam(Optimizer):
     step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
     bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
 
-    ``state_dtype`` (float32 params on every backend, or half params with ``master_weights`` on
-    numba-cpu; no amsgrad): ``"int8"`` keeps both moments as bitsandbytes-compatible blockwise 8-bit codes (params under
-    4096 elements keep float32 state), ``"bfloat16"`` as bfloat16 rounded stochastically; the math
-    stays float32 (``gpuadam.lean``).
+    ``state_dtype`` (float32 params, or half params with ``master_weights``; no amsgrad): ``"int8"``
+    keeps both moments as bitsandbytes-compatible blockwise 8-bit codes (params under 4096 elements
+    keep float32 state), ``"bfloat16"`` as bfloat16 rounded stochastically; the math stays float32
+    (``gpuadam.lean``). NAdam and RAdam take it too.
     """
 
     hyper_class = AdamHyper
@@ -341,7 +341,8 @@ class NAdam(Optimizer):
     (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
     with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
     step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
-    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``;
+    ``state_dtype`` keeps the moments lean, as ``Adam``'s does.
     """
 
     hyper_class = NAdamHyper
@@ -364,6 +365,7 @@ class NAdam(Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         half_format: str | None = None,
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
@@ -371,6 +373,7 @@ class NAdam(Optimizer):
         super().__init__(
             params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+            state_dtype=state_dtype,
         )
 
 
@@ -388,7 +391,8 @@ class RAdam(Optimizer):
     (float16/bfloat16 params keep float32 master weights and float32 state), ``stochastic_rounding``
     with ``seed`` (bfloat16 params without master weights round stochastically, from a hash of seed,
     step and element), ``half_format`` (``"bfloat16"`` declares uint16/int16 device storage as
-    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``.
+    bfloat16); ``backend`` is ``"auto"``, ``"numba-cpu"``, ``"numba-cuda"`` or ``"cupy"``;
+    ``state_dtype`` keeps the moments lean, as ``Adam``'s does.
     """
 
     hyper_class = RAdamHyper
@@ -410,6 +414,7 @@ class RAdam(Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         half_format: str | None = None,
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
@@ -417,6 +422,7 @@ class RAdam(Optimizer):
         super().__init__(
             params, defaults, backend, skip_nonfinite=skip_nonfinite, capturable=capturable,
             master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed, half_format=half_format,
+            state_dtype=state_dtype,
         )
 
 

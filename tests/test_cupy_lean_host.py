@@ -24,7 +24,7 @@ from helpers import ONE_THREAD, build_host_library, call_with_args
 import gpuadam
 from gpuadam import backends, lean
 from gpuadam.hyper import AdamHyper
-from gpuadam.kernels import cupy_bookkeeping, cupy_lean, lean_cpu, lowp
+from gpuadam.kernels import cupy_bookkeeping, cupy_lean, lean_cpu, lean_rules, lowp
 from gpuadam.kernels import lean_maps as L
 from gpuadam.kernels.rules import N_CONSTANTS, SKIP
 
@@ -62,28 +62,50 @@ static void host_int8_blocks(float* p, const G* g, unsigned char* mq, float* m_a
 """
 
 
-def _int8_host_kernel(device_constants, master):
+def _int8_host_kernel(device_constants, master, rule):
     """A host function named and declared as the int8 kernel, gathering its constants as it does."""
-    name, params = cupy_lean.int8_name(device_constants, master), cupy_lean.int8_params(device_constants, master)
+    name = cupy_lean.int8_name(device_constants, master, rule)
+    params = cupy_lean.int8_params(device_constants, master, rule)
     return (f'extern "C" void {name}({params}) {{\n'
-            f"{cupy_lean.gather_constants(device_constants)}"
+            f"{cupy_lean.gather_constants(device_constants, rule)}"
             "  host_int8_blocks(p, g, mq, m_absmax, vq, v_absmax, cc, smap, sbuckets, sthr, umap, ubuckets, uthr,\n"
             f"                   n, {cupy_lean._master_args(master)});\n}}\n")
 
 
 @pytest.fixture(scope="module")
-def int8_lib(tmp_path_factory):
-    kernels = "".join(_int8_host_kernel(d, m) for d in (False, True) for m in (False, True))
-    return build_host_library(tmp_path_factory, "lean_int8", HEADERS + cupy_lean.INT8_SOURCE + HOST_BLOCKS + kernels)
+def int8_libs(tmp_path_factory):
+    """Per rule with lean kernels, a library of its four int8 kernels' host builds."""
+    libs = {}
+    for rule in lean_rules.RULES:
+        kernels = "".join(_int8_host_kernel(d, m, rule) for d in (False, True) for m in (False, True))
+        source = HEADERS + cupy_lean.int8_shared(rule) + HOST_BLOCKS + kernels
+        libs[rule] = build_host_library(tmp_path_factory, f"lean_int8_{rule}", source)
+    return libs
 
 
 @pytest.fixture(scope="module")
-def bf16_lib(tmp_path_factory):
-    """The eight bfloat16-state kernels, each its source's own text after the shared part."""
-    texts = [cupy_lean.bf16_source(s, d, m)[1] for s in (False, True) for d in (False, True) for m in (False, True)]
-    assert all(t.startswith(cupy_lean.BF16_SOURCE) for t in texts)
-    source = HEADERS + ONE_THREAD + cupy_lean.BF16_SOURCE + "".join(t[len(cupy_lean.BF16_SOURCE):] for t in texts)
-    return build_host_library(tmp_path_factory, "lean_bf16", source, ("-Wno-unused-function",))
+def bf16_libs(tmp_path_factory):
+    """Per rule with lean kernels, its eight bfloat16-state kernels, each its source's own text
+    after the shared part."""
+    libs = {}
+    for rule in lean_rules.RULES:
+        shared = cupy_lean.bf16_shared(rule)
+        texts = [cupy_lean.bf16_source(s, d, m, rule)[1] for s in (False, True) for d in (False, True)
+                 for m in (False, True)]
+        assert all(t.startswith(shared) for t in texts)
+        source = HEADERS + ONE_THREAD + shared + "".join(t[len(shared):] for t in texts)
+        libs[rule] = build_host_library(tmp_path_factory, f"lean_bf16_{rule}", source, ("-Wno-unused-function",))
+    return libs
+
+
+@pytest.fixture(scope="module")
+def int8_lib(int8_libs):
+    return int8_libs["adam"]
+
+
+@pytest.fixture(scope="module")
+def bf16_lib(bf16_libs):
+    return bf16_libs["adam"]
 
 
 def _constants(seed, skip=False):
@@ -253,7 +275,7 @@ def test_launch_arguments_are_the_kernels_declared_parameters(device_constants):
     if device_constants:
         assert bf16[4] is passed and int8[6] is passed
     else:
-        named = [float(k) for k, _ in cupy_lean.NAMED_CONSTANTS]
+        named = [float(k) for k, _ in cupy_lean.NAMED_CONSTANTS["adam"]]
         assert [float(a) for a in bf16[4:-3]] == named == [float(a) for a in int8[6:-len(MAPS) - 1]]
 
 
@@ -268,15 +290,17 @@ class _HostRawKernel:
         call_with_args(self.function, args)
 
 
-@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16-master"])
+@pytest.mark.parametrize("cls,half", [("AdamW", False), ("AdamW", True), ("NAdam", False), ("RAdam", True)],
+                         ids=["adamw-float32", "adamw-float16-master", "nadam-float32", "radam-float16-master"])
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
-def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, half, int8_lib, bf16_lib, monkeypatch):
+def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, cls, half, int8_libs, bf16_libs, monkeypatch):
     """The whole chain on the host: ``Adam(state_dtype=..., backend="cupy")`` allocates the state and
     readies the maps through the backend, and each step reaches ``cupy_lean``'s launchers and the
     kernels with the arrays, constants and rounding the optimizer passes: the C build of each kernel
     stands in for the RawKernel (CuPy's arrays for NumPy's). The same bits as numba-cpu, every step."""
     launches = []
-    lib = int8_lib if state_dtype == "int8" else bf16_lib
+    rule = cls.lower().removesuffix("w")
+    lib = (int8_libs if state_dtype == "int8" else bf16_libs)[rule]
     for name in cupy_lean.KERNELS:
         for d in (False, True):
             kname, _ = cupy_lean.KERNELS[name](d)
@@ -299,8 +323,8 @@ def test_the_cupy_backend_steps_lean_state_as_numba_cpu(state_dtype, half, int8_
     p0 = [rng.standard_normal(s).astype(dtype) for s in shapes]
     kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype, "seed": 99, "master_weights": half}
     ours, cpu = [p.copy() for p in p0], [p.copy() for p in p0]
-    opt = gpuadam.AdamW(ours, backend="cupy", **kw)
-    ref = gpuadam.AdamW(cpu, backend="numba-cpu", **kw)
+    opt = getattr(gpuadam, cls)(ours, backend="cupy", **kw)
+    ref = getattr(gpuadam, cls)(cpu, backend="numba-cpu", **kw)
     assert len(readied) == (2 if state_dtype == "int8" else 0) and not launches
     for _ in range(3):
         grads = [rng.standard_normal(s).astype(dtype) for s in shapes]

@@ -41,7 +41,7 @@ def test_int8_steps_follow_the_reference(case):
     for step in range(1, 4):
         g = (rng.standard_normal(N) * 10.0 ** rng.uniform(-4, 1, N)).astype(np.float32)
         before, state = p.copy(), _lean_state(opt.state_dict())
-        want_p, want, _ = R.adam_int8_reference(before, g, state if step > 1 else {}, hyper, step)
+        want_p, want, _ = R.int8_reference(before, g, state if step > 1 else {}, hyper, step)
         opt.step([g])
         got = _lean_state(opt.state_dict())
         np.testing.assert_allclose(p, want_p, rtol=2e-6, atol=1e-7 * np.abs(want_p).max())
@@ -90,7 +90,7 @@ def test_bf16_steps_follow_the_reference():
     for step in range(1, 4):
         g = rng.standard_normal(N).astype(np.float32)
         before, state = p.copy(), _lean_state(opt.state_dict())
-        want_p, want, moments = R.adam_bf16_reference(before, g, state, hyper, step)
+        want_p, want, moments = R.bf16_reference(before, g, state, hyper, step)
         opt.step([g])
         got = _lean_state(opt.state_dict())
         np.testing.assert_allclose(p, want_p, rtol=2e-6, atol=1e-7)
@@ -251,7 +251,7 @@ def test_int8_trajectory_and_states_against_bitsandbytes():
     sd = opt.state_dict()
     sd["state"][0] = saved
     opt.load_state_dict(sd)
-    _, _, exact = R.adam_int8_reference(p.copy(), gs[5], saved, _hyper(dict(lr=lr)), 6)
+    _, _, exact = R.int8_reference(p.copy(), gs[5], saved, _hyper(dict(lr=lr)), 6)
     opt.step([gs[5]])
     tp.grad = torch.from_numpy(gs[5].copy())
     theirs.step()
@@ -288,3 +288,65 @@ def test_half_params_with_master_weights_and_lean_state(state_dtype):
     assert all(np.array_equal(a[k], b[k]) for k in b)
     with pytest.raises(ValueError, match="master_weights"):
         gpuadam.Adam([p16], state_dtype=state_dtype)
+
+
+#: The other rules whose state is exp_avg and exp_avg_sq, each with its float64 reference and hyper.
+MOMENT_RULES = {
+    "NAdam": (dict(lr=1e-2, weight_decay=0.01, momentum_decay=4e-3), "nadam_reference", "NAdamHyper"),
+    "NAdamW": (dict(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True), "nadam_reference", "NAdamHyper"),
+    "RAdam": (dict(lr=1e-2, weight_decay=0.01), "radam_reference", "RAdamHyper"),
+}
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(MOMENT_RULES))
+def test_nadam_and_radam_keep_lean_moments_as_the_reference(case, state_dtype):
+    """NAdam and RAdam keep the same lean moments as Adam: the rule's own float64 step between
+    decoding and encoding (NAdam's ``mu_product`` carried as the optimizer carries it), over steps
+    on both sides of RAdam's rectification threshold (``rho_t > 5`` from step 6)."""
+    from gpuadam import hyper as H
+    from gpuadam import reference
+
+    kwargs, ref_name, hyper_name = MOMENT_RULES[case]
+    cls = gpuadam.NAdam if case.startswith("NAdam") else gpuadam.RAdam
+    full = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "decoupled_weight_decay": False,
+            "maximize": False, **({"momentum_decay": 4e-3} if cls is gpuadam.NAdam else {}), **kwargs}
+    hyper = getattr(H, hyper_name).from_kwargs(**full)
+    step_ref = (R.int8_reference if state_dtype == "int8" else R.bf16_reference)
+    rng = np.random.default_rng(6)
+    p = rng.standard_normal(N).astype(np.float32)
+    opt = cls([p], state_dtype=state_dtype, **kwargs)
+    assert opt.state_format == state_dtype
+    carried = {}  # the reference's own state beside the moments (NAdam's mu_product)
+    for step in range(1, 8):
+        g = (rng.standard_normal(N) * 10.0 ** rng.uniform(-3, 0, N)).astype(np.float32)
+        before, state = p.copy(), _lean_state(opt.state_dict())
+        want_p, want, moments = step_ref(before, g, {**state, **carried}, hyper, step, getattr(reference, ref_name))
+        carried = {k: v for k, v in want.items() if k not in got_names(state_dtype)}
+        opt.step([g])
+        got = _lean_state(opt.state_dict())
+        assert set(got) == set(got_names(state_dtype))
+        np.testing.assert_allclose(p, want_p, rtol=2e-6, atol=1e-6 * np.abs(want_p).max())
+        for name, exact in moments.items():
+            if state_dtype == "int8":
+                np.testing.assert_allclose(got[f"{name}_absmax"], want[f"{name}_absmax"], rtol=2e-6)
+                diff = np.abs(got[f"{name}_codes"].reshape(-1).astype(int) - want[f"{name}_codes"].astype(int))
+                assert diff.max() <= 1 and diff.mean() < 1e-3, (name, step, diff.max(), diff.mean())
+            else:  # rounded stochastically: a bfloat16 neighbour of the exact moment
+                got_value = R.decode_bf16(got[f"{name}_bf16_bits"])
+                ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-30))) - 7)
+                assert np.all(np.abs(got_value - exact) <= ulp + 1e-6 * np.abs(exact).max()), (name, step)
+
+
+def got_names(state_dtype):
+    from gpuadam import lean
+
+    return lean.NAMES[state_dtype]
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_state_dtype_is_refused_where_the_state_is_not_the_two_moments(state_dtype):
+    """AMSGrad keeps a third array (``max_exp_avg_sq``): refused, naming the rules that fit."""
+    p = np.zeros(5000, np.float32)
+    with pytest.raises(ValueError, match="whose state is exp_avg and exp_avg_sq .*'amsgrad'"):
+        gpuadam.Adam([p], amsgrad=True, state_dtype=state_dtype)

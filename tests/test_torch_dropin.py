@@ -341,7 +341,7 @@ def test_signature_is_torchs_plus_our_keywords(name):
     extra = set(ours) - set(theirs)
     options = {"backend", "max_grad_norm", "skip_nonfinite", "master_weights", "stochastic_rounding", "seed"}
     assert options <= extra <= options | {"eps_root", "bias_correction", "ema_momentum", "state_dtype"}
-    assert ("state_dtype" in extra) == (name in ("Adam", "AdamW"))
+    assert ("state_dtype" in extra) == (name in ("Adam", "AdamW", "NAdam", "RAdam"))  # moments: exp_avg, exp_avg_sq
     assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in extra)
     model = make_model()
     positional = [k for k, p in theirs.items() if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]

@@ -36,25 +36,35 @@ import numpy as np
 from gpuadam.kernels.cupy_elementwise import INDEX_SOURCE, constant_params
 from gpuadam.kernels.cupy_lowp import LOWP_SOURCE
 from gpuadam.kernels.lean_maps import _HIGHEST, _LOWEST, BLOCK, N_BUCKETS
-from gpuadam.kernels.rules import N_CONSTANTS, SKIP
-from gpuadam.kernels.rules.adam import ADAM
+from gpuadam.kernels.lean_rules import RULES as LEAN_RULES
+from gpuadam.kernels.lean_rules import kernel as lean_kernel
+from gpuadam.kernels.rules import N_CONSTANTS, RULES, SKIP
 
-#: The constants Adam's snippet reads, ``(slot, name)``: the by-value kernels' scalar parameters.
-NAMED_CONSTANTS = constant_params("adam")
+#: Per rule of ``lean_rules.RULES``, the constants its snippet reads, ``(slot, name)``: the by-value
+#: kernels' scalar parameters.
+NAMED_CONSTANTS = {rule: constant_params(rule) for rule in LEAN_RULES}
 
-_UNPACK = "".join(f"  const T {name} = c[{k}];\n" for k, name in NAMED_CONSTANTS)
 
-
-def gather_constants(device_constants: bool) -> str:
+def gather_constants(device_constants: bool, rule: str = "adam") -> str:
     """The kernel's first line: its constants in a local array ``cc`` in slot order (registers once
     the indices are constants), read once from ``c`` or taken from the named scalars."""
-    named = dict(NAMED_CONSTANTS)
+    named = dict(NAMED_CONSTANTS[rule])
     items = [f"c[{k}]" if device_constants else named.get(k, "lowp_f32_from_bits(0u)") for k in range(N_CONSTANTS)]
     return f"  const float cc[LEAN_N_CONSTANTS] = {{{', '.join(items)}}};\n"
 
 
-def _constant_params(device_constants: bool) -> str:
-    return "const float* c" if device_constants else ", ".join(f"const float {n}" for _, n in NAMED_CONSTANTS)
+def _constant_params(device_constants: bool, rule: str) -> str:
+    return "const float* c" if device_constants else ", ".join(f"const float {n}" for _, n in NAMED_CONSTANTS[rule])
+
+
+def _rule_source(rule: str) -> str:
+    """The rule's element function on locals, in float32: its snippet (the rule's one C copy)."""
+    unpack = "".join(f"  const T {name} = c[{k}];\n" for k, name in NAMED_CONSTANTS[rule])
+    return f"""
+/* {rule} on one element in float32: the new param p and moments m, v (the rule's snippet) */
+GPUADAM_FN void lean_rule_snippet(T& p, const T g, T& m, T& v, const float* c) {{
+{unpack}{RULES[rule].snippet}}}
+"""
 
 
 COMMON_SOURCE = LOWP_SOURCE + f"""
@@ -72,16 +82,11 @@ GPUADAM_FN void lean_store_param(long long i, float x, float* p, unsigned short*
   p[i] = x;
   if (half_param) half_param[i] = lowp_store_half(x, fmt);
 }}
-
-/* Adam on one element in float32: the new param x and moments m, v (the rule's snippet) */
-GPUADAM_FN void lean_adam_snippet(T& p, const T g, T& m, T& v, const float* c) {{
-{_UNPACK}{ADAM.snippet}}}
 """
 
 # ---------------------------------------------------------------------------------------------
 # int8: one block of LEAN_BLOCK threads per quantisation block
 
-INT8 = "gpuadam_adam_int8"
 
 _INT8_ARRAYS = ("float* p, const float* g, unsigned char* mq, float* m_absmax, unsigned char* vq, "
                 "float* v_absmax")
@@ -102,27 +107,28 @@ def _master_args(master: bool) -> str:
     return "half_param, fmt" if master else "(unsigned short*)0, 0"
 
 
-def int8_name(device_constants: bool, master: bool = False) -> str:
-    return INT8 + ("_master" if master else "") + ("_dc" if device_constants else "")
+def int8_name(device_constants: bool, master: bool = False, rule: str = "adam") -> str:
+    return f"gpuadam_{rule}_int8" + ("_master" if master else "") + ("_dc" if device_constants else "")
 
 
-def int8_params(device_constants: bool, master: bool = False) -> str:
+def int8_params(device_constants: bool, master: bool = False, rule: str = "adam") -> str:
     """The int8 kernel's C parameter list (``int8_args`` passes its arguments)."""
     arrays = _INT8_ARRAYS.replace("const float* g", f"const {_grad_type(master)}* g")
     tail = f", {_MASTER_TAIL}" if master else ""
-    return f"{arrays}, {_constant_params(device_constants)}, {_INT8_MAPS}{tail}"
+    return f"{arrays}, {_constant_params(device_constants, rule)}, {_INT8_MAPS}{tail}"
 
 
-def _int8_kernel(device_constants: bool, master: bool) -> str:
+def _int8_kernel(device_constants: bool, master: bool, rule: str) -> str:
+    name, params = int8_name(device_constants, master, rule), int8_params(device_constants, master, rule)
     return f"""
-extern "C" __global__ void {int8_name(device_constants, master)}({int8_params(device_constants, master)}) {{
-{gather_constants(device_constants)}  lean_int8_block(p, g, mq, m_absmax, vq, v_absmax, cc, smap, sbuckets, sthr,
+extern "C" __global__ void {name}({params}) {{
+{gather_constants(device_constants, rule)}  lean_int8_block(p, g, mq, m_absmax, vq, v_absmax, cc, smap, sbuckets, sthr,
                   umap, ubuckets, uthr, n, {_master_args(master)});
 }}
 """
 
 
-INT8_SOURCE = COMMON_SOURCE + """
+INT8_BODY = """
 /* the code nearest x: the bucket's lowest code (top 16 bits of x), plus one above its midpoint */
 GPUADAM_FN unsigned char lean_nearest_code(float x, const unsigned char* buckets, const float* thr) {
   const unsigned int b = lowp_f32_bits(x);
@@ -149,7 +155,7 @@ GPUADAM_FN void lean_int8_update(long long i, long long b, const float* p, const
   x = p[i];
   m = smap[mq[i]] * m_absmax[b];
   v = umap[vq[i]] * v_absmax[b];
-  lean_adam_snippet(x, lean_grad(g[i], fmt), m, v, c);
+  lean_rule_snippet(x, lean_grad(g[i], fmt), m, v, c);
 }
 
 GPUADAM_FN void lean_int8_store(long long i, float x, float m, float v, float new_ma, float new_va,
@@ -224,35 +230,36 @@ GPUADAM_FN void lean_int8_block(float* p, const G* g, unsigned char* mq, float* 
 # ---------------------------------------------------------------------------------------------
 # bfloat16 state: a grid-stride loop, one element per trip
 
-BF16 = "gpuadam_adam_bf16state"
 
 _BF16_ARRAYS = "float* p, const float* g, unsigned short* m, unsigned short* v"
 _BF16_TAIL = "const unsigned int seed, const unsigned int counter, const long long n"
 
 
-def bf16_name(stochastic: bool, device_constants: bool, master: bool = False) -> str:
-    return BF16 + ("_sr" if stochastic else "_rn") + ("_master" if master else "") + ("_dc" if device_constants else "")
+def bf16_name(stochastic: bool, device_constants: bool, master: bool = False, rule: str = "adam") -> str:
+    return (f"gpuadam_{rule}_bf16state" + ("_sr" if stochastic else "_rn") + ("_master" if master else "")
+            + ("_dc" if device_constants else ""))
 
 
-def bf16_params(device_constants: bool, master: bool = False) -> str:
+def bf16_params(device_constants: bool, master: bool = False, rule: str = "adam") -> str:
     """The bfloat16-state kernels' C parameter list (``bf16_args`` passes its arguments); the seed
     and counter of stochastic rounding are ``lowp``'s 32-bit words (a nearest kernel ignores them)."""
     arrays = _BF16_ARRAYS.replace("const float* g", f"const {_grad_type(master)}* g")
     tail = f", {_MASTER_TAIL}" if master else ""
-    return f"{arrays}, {_constant_params(device_constants)}, {_BF16_TAIL}{tail}"
+    return f"{arrays}, {_constant_params(device_constants, rule)}, {_BF16_TAIL}{tail}"
 
 
-def _bf16_kernel(stochastic: bool, device_constants: bool, master: bool) -> str:
-    name, params = bf16_name(stochastic, device_constants, master), bf16_params(device_constants, master)
+def _bf16_kernel(stochastic: bool, device_constants: bool, master: bool, rule: str) -> str:
+    name = bf16_name(stochastic, device_constants, master, rule)
+    params = bf16_params(device_constants, master, rule)
     return f"""
 extern "C" __global__ void {name}({params}) {{
-{gather_constants(device_constants)}  lean_bf16_loop<{str(stochastic).lower()}>(p, g, m, v, cc, seed, counter, n,
+{gather_constants(device_constants, rule)}  lean_bf16_loop<{str(stochastic).lower()}>(p, g, m, v, cc, seed, counter, n,
       {_master_args(master)});
 }}
 """
 
 
-BF16_SOURCE = COMMON_SOURCE + INDEX_SOURCE + """
+BF16_BODY = """
 /* element i's new moments rounded to bfloat16 bits: stochastically (lowp_random32 at i, the index
    modulo 2**32 as lowp masks it: its low half for m, its high half for v) or to nearest even */
 template <bool STOCHASTIC>
@@ -279,7 +286,7 @@ GPUADAM_FN void lean_bf16_loop(float* p, const G* g, unsigned short* m_bits, uns
     float x = p[i];
     float m = lowp_bf16_to_f32(m_bits[i]);
     float v = lowp_bf16_to_f32(v_bits[i]);
-    lean_adam_snippet(x, lean_grad(g[i], fmt), m, v, c);
+    lean_rule_snippet(x, lean_grad(g[i], fmt), m, v, c);
     const long long j = opaque_index(i);  /* the stores' addresses after the math: INDEX_SOURCE */
     lean_store_param(j, x, p, half_param, fmt);
     lean_bf16_store<STOCHASTIC>(j, m, v, m_bits, v_bits, seed, counter);
@@ -288,22 +295,32 @@ GPUADAM_FN void lean_bf16_loop(float* p, const G* g, unsigned short* m_bits, uns
 """
 
 
-def int8_source(device_constants: bool, master: bool = False) -> tuple[str, str]:
-    """``(name, source)`` of the int8 kernel (one kernel per source: CuPy compiles each alone)."""
-    kernel = _int8_kernel(device_constants, master)
-    return int8_name(device_constants, master), INT8_SOURCE + "#ifdef __CUDACC__" + kernel + "#endif\n"
+def int8_shared(rule: str = "adam") -> str:
+    """The int8 kernels' C before their ``__global__`` function, ``rule``'s snippet within."""
+    return COMMON_SOURCE + _rule_source(rule) + INT8_BODY
 
 
-def bf16_source(stochastic: bool, device_constants: bool, master: bool = False) -> tuple[str, str]:
+def bf16_shared(rule: str = "adam") -> str:
+    """The bfloat16-state kernels' C before their ``__global__`` function, ``rule``'s snippet within."""
+    return COMMON_SOURCE + INDEX_SOURCE + _rule_source(rule) + BF16_BODY
+
+
+def int8_source(device_constants: bool, master: bool = False, rule: str = "adam") -> tuple[str, str]:
+    """``(name, source)`` of an int8 kernel (one kernel per source: CuPy compiles each alone)."""
+    kernel = _int8_kernel(device_constants, master, rule)
+    return int8_name(device_constants, master, rule), int8_shared(rule) + "#ifdef __CUDACC__" + kernel + "#endif\n"
+
+
+def bf16_source(stochastic: bool, device_constants: bool, master: bool = False, rule: str = "adam") -> tuple[str, str]:
     """``(name, source)`` of one bfloat16-state kernel."""
-    return (bf16_name(stochastic, device_constants, master),
-            BF16_SOURCE + _bf16_kernel(stochastic, device_constants, master))
+    return (bf16_name(stochastic, device_constants, master, rule),
+            bf16_shared(rule) + _bf16_kernel(stochastic, device_constants, master, rule))
 
 
 def kernel_source(kernel: str) -> tuple[str, str]:
-    """``(name, source)`` of a lean kernel by its ``gpuadam inspect`` name: ``adam/int8`` or
-    ``adam/bf16state`` (to nearest), ``adam/bf16state/stochastic``, each also ``/master`` (half
-    params), then each with ``/device-constants``."""
+    """``(name, source)`` of a lean kernel by its ``gpuadam inspect`` name: ``RULE/int8`` or
+    ``RULE/bf16state`` (to nearest), ``RULE/bf16state/stochastic``, each also ``/master`` (half
+    params), then each with ``/device-constants``; ``RULE`` one of ``lean_rules.RULES``."""
     base, _, variant = kernel.partition("/device-constants")
     if variant or base not in KERNELS:
         raise ValueError(f"unknown CuPy lean kernel {kernel!r}: expected one of {', '.join(KERNELS)}, "
@@ -311,26 +328,30 @@ def kernel_source(kernel: str) -> tuple[str, str]:
     return KERNELS[base](kernel.endswith("/device-constants"))
 
 
+def _sources(rule: str) -> dict:
+    return {
+        f"{rule}/int8": lambda d: int8_source(d, rule=rule),
+        f"{rule}/int8/master": lambda d: int8_source(d, master=True, rule=rule),
+        f"{rule}/bf16state": lambda d: bf16_source(False, d, rule=rule),
+        f"{rule}/bf16state/master": lambda d: bf16_source(False, d, master=True, rule=rule),
+        f"{rule}/bf16state/stochastic": lambda d: bf16_source(True, d, rule=rule),
+        f"{rule}/bf16state/stochastic/master": lambda d: bf16_source(True, d, master=True, rule=rule),
+    }
+
+
 #: The lean kernels by their ``gpuadam inspect`` names, each a function of ``device_constants``.
-KERNELS = {
-    "adam/int8": int8_source,
-    "adam/int8/master": lambda d: int8_source(d, master=True),
-    "adam/bf16state": lambda d: bf16_source(False, d),
-    "adam/bf16state/master": lambda d: bf16_source(False, d, master=True),
-    "adam/bf16state/stochastic": lambda d: bf16_source(True, d),
-    "adam/bf16state/stochastic/master": lambda d: bf16_source(True, d, master=True),
-}
+KERNELS = {name: source for rule in LEAN_RULES for name, source in _sources(rule).items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Launching (CuPy is imported only here, so the sources above need no GPU stack)
 
 
-def _constants(c: Any) -> tuple:
-    """The constants as the kernel declares them: a device array of float32 (``_dc``), or the named
-    float32 scalars."""
+def _constants(c: Any, rule: str) -> tuple:
+    """The constants as ``rule``'s kernel declares them: a device array of float32 (``_dc``), or the
+    named float32 scalars."""
     if isinstance(c, tuple):
-        return tuple(np.float32(c[k]) for k, _ in NAMED_CONSTANTS)
+        return tuple(np.float32(c[k]) for k, _ in NAMED_CONSTANTS[rule])
     return (c,)
 
 
@@ -339,20 +360,21 @@ def _master_tail(rounding: tuple | None, half_param: Any) -> tuple:
     return () if half_param is None else (half_param, np.int32(rounding[0]))
 
 
-def int8_args(arrays: tuple, c: Any, maps: tuple, rounding: tuple | None = None, half_param: Any = None) -> tuple:
-    """The int8 kernel's arguments: ``(p, g, m_codes, m_absmax, v_codes, v_absmax)``, the constants,
-    the six ``lean_maps`` tables (``device_maps``) and the element count, typed as declared; with half
-    params, then the half param and its format."""
-    return (*arrays, *_constants(c), *maps, np.int64(arrays[0].size), *_master_tail(rounding, half_param))
+def int8_args(arrays: tuple, c: Any, maps: tuple, rounding: tuple | None = None, half_param: Any = None,
+              rule: str = "adam") -> tuple:
+    """``rule``'s int8 kernel's arguments: ``(p, g, m_codes, m_absmax, v_codes, v_absmax)``, the
+    constants, the six ``lean_maps`` tables (``device_maps``) and the element count, typed as
+    declared; with half params, then the half param and its format."""
+    return (*arrays, *_constants(c, rule), *maps, np.int64(arrays[0].size), *_master_tail(rounding, half_param))
 
 
 def bf16_args(arrays: tuple, c: Any, state_rounding: tuple, rounding: tuple | None = None,
-              half_param: Any = None) -> tuple:
+              half_param: Any = None, rule: str = "adam") -> tuple:
     """The bfloat16-state kernel's arguments: ``(p, g, m_bits, v_bits)``, the constants, the seed and
     counter of ``state_rounding = (stochastic, seed, counter)`` as 32-bit words, the element count;
     with half params, then the half param and its format."""
     _, seed, counter = state_rounding
-    return (*arrays, *_constants(c), np.uint32(seed & 0xFFFFFFFF), np.uint32(counter & 0xFFFFFFFF),
+    return (*arrays, *_constants(c, rule), np.uint32(seed & 0xFFFFFFFF), np.uint32(counter & 0xFFFFFFFF),
             np.int64(arrays[0].size), *_master_tail(rounding, half_param))
 
 
@@ -387,22 +409,24 @@ def device_maps() -> tuple:
     return maps
 
 
-def _launch_int8(arrays: tuple, c: Any, rounding: tuple | None = None, half_param: Any = None) -> None:
-    name = "adam/int8" + ("/master" if half_param is not None else "")
-    kernel = _kernel(name, not isinstance(c, tuple))
-    blocks = (arrays[0].size + BLOCK - 1) // BLOCK
-    kernel((blocks,), (BLOCK,), int8_args(arrays, _device(c), device_maps(), rounding, half_param))
+def _launchers(rule: str) -> dict:
+    def launch_int8(arrays: tuple, c: Any, rounding: tuple | None = None, half_param: Any = None) -> None:
+        name = f"{rule}/int8" + ("/master" if half_param is not None else "")
+        kernel = _kernel(name, not isinstance(c, tuple))
+        blocks = (arrays[0].size + BLOCK - 1) // BLOCK
+        kernel((blocks,), (BLOCK,), int8_args(arrays, _device(c), device_maps(), rounding, half_param, rule))
 
+    def launch_bf16(arrays: tuple, c: Any, state_rounding: tuple, rounding: tuple | None = None,
+                    half_param: Any = None) -> None:
+        from gpuadam.kernels.cupy_bookkeeping import THREADS, _blocks
 
-def _launch_bf16(arrays: tuple, c: Any, state_rounding: tuple, rounding: tuple | None = None,
-                 half_param: Any = None) -> None:
-    from gpuadam.kernels.cupy_bookkeeping import THREADS, _blocks
+        name = f"{rule}/bf16state" + ("/stochastic" if state_rounding[0] else "") + (
+            "/master" if half_param is not None else "")
+        kernel = _kernel(name, not isinstance(c, tuple))
+        args = bf16_args(arrays, _device(c), state_rounding, rounding, half_param, rule)
+        kernel((_blocks(arrays[0].size),), (THREADS,), args)
 
-    name = ("adam/bf16state/stochastic" if state_rounding[0] else "adam/bf16state") + (
-        "/master" if half_param is not None else "")
-    kernel = _kernel(name, not isinstance(c, tuple))
-    args = bf16_args(arrays, _device(c), state_rounding, rounding, half_param)
-    kernel((_blocks(arrays[0].size),), (THREADS,), args)
+    return {lean_kernel(rule, "int8"): launch_int8, lean_kernel(rule, "bfloat16"): launch_bf16}
 
 
 def _device(c: Any) -> Any:
@@ -413,7 +437,7 @@ def _device(c: Any) -> Any:
     return cupy.asarray(c)  # any CUDA array of float32, zero-copy
 
 
-#: The lean-state kernels by the names ``gpuadam.lean.KERNEL`` gives them: ``(arrays, c, *extra)``,
+#: The lean-state kernels by the names ``lean_rules.kernel`` gives them: ``(arrays, c, *extra)``,
 #: launched on CuPy's current stream; with half params ``extra`` ends in the half kernels' ``rounding``
 #: and the half param.
-LAUNCHERS = {"adam/int8": _launch_int8, "adam/bf16state": _launch_bf16}
+LAUNCHERS = {name: f for rule in LEAN_RULES for name, f in _launchers(rule).items()}

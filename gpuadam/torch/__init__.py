@@ -19,7 +19,7 @@ first launch, so a refused step changes nothing. ``torch.amp.GradScaler`` sees
 norm of every gradient of every group, as ``torch.nn.utils.clip_grad_norm_`` over them all would,
 inside the same kernel; ``last_grad_norm`` is that norm.
 
-``state_dtype="int8"``/``"bfloat16"`` (Adam, AdamW) keeps the moments in ``gpuadam.lean``'s formats
+``state_dtype="int8"``/``"bfloat16"`` (Adam, AdamW, NAdam, RAdam) keeps the moments in ``gpuadam.lean``'s formats
 (``gpuadam.torch.lean_state``): ``opt.state[p]`` holds the codes and absmax, or the bfloat16 moments,
 that the lean kernels update; ``state_dict()`` records the format and a load of another is refused.
 
@@ -228,9 +228,11 @@ class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
         return self._state_dtype(p), tuple(p.shape)
 
     def _check_lean_rule(self, gi: int, rule: str) -> None:
-        if self.state_format is not None and rule != "adam":
+        if self.state_format is not None and rule not in lean.RULES:
             raise ValueError(f"{type(self).__name__}: param group {gi}: state_dtype={self.state_format!r} is for "
-                             f"Adam/AdamW without amsgrad, this group's rule is {rule!r}; nothing was updated")
+                             f"the rules whose state is {' and '.join(lean.MOMENTS)} ({', '.join(lean.RULES)}: "
+                             f"Adam/AdamW without amsgrad, NAdam, RAdam), this group's rule is {rule!r}; nothing "
+                             "was updated")
 
     def _check_lean_param(self, label: str, p: torch.Tensor) -> None:
         """Refuse a param that lean state cannot step (as ``gpuadam.Adam(state_dtype=...)`` does)."""
@@ -273,7 +275,7 @@ class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
         dtype = self._state_dtype(p)
         kind = lean_state.kind_of(names)
         if kind:
-            self._backend.ready(lean.KERNEL[kind])  # e.g. the int8 maps copied to the GPU, once
+            self._backend.ready(lean.kernel(self._rule(hyper), kind))  # e.g. the int8 maps copied to the GPU, once
         for n in names:
             if n not in state:
                 if n in lean_state.FORMAT_OF:  # blocked per tensor: never a view of a flattened buffer
@@ -673,7 +675,7 @@ class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
             c = constants.get(key)
             if c is None:
                 c = constants[key] = hyper.constants(step, compute_dtype(e.dtype), grad_mul)
-            if e.fmt is None and e.kernel is None:
+            if e.fmt is None and e.lean is None:
                 launch(rule, (e.arrays[0], g, *e.state_arrays), c)
             else:
                 kname, args, extra = self._kernel_args(rule, e, e.arrays, g, e.arrays[0])
@@ -717,12 +719,13 @@ class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
         """The kernel name, its arrays and its extra arguments (bfloat16 moments: their rounding; half
         formats: the param's rounding and the half param)."""
         # bfloat16 moments round stochastically, from (1, seed, counter), as gpuadam.Adam's
-        extra = ((1, self.seed, self._calls),) if e.kernel == lean.KERNEL["bfloat16"] else ()
+        extra = ((1, self.seed, self._calls),) if e.lean == "bfloat16" else ()
+        lean_kernel = lean.kernel(rule, e.lean) if e.lean else None
         if e.fmt is None:
-            return e.kernel or rule, (arrays[0], g, *arrays[1:]), extra
+            return lean_kernel or rule, (arrays[0], g, *arrays[1:]), extra
         # (format, stochastic, seed, counter, index of the array's first element: 0, not sharded)
         rounding = (e.fmt, int(self.stochastic_rounding and e.fmt == BFLOAT16), self.seed, self._calls, 0)
-        kname = e.kernel or f"{rule}/half"
+        kname = lean_kernel or f"{rule}/half"
         if e.master:  # the kernel steps the float32 master (the last state buffer) and writes the half param
             return kname, (arrays[-1], g, *arrays[1:-1]), (*extra, rounding, half_param)
         return kname, (arrays[0], g, *arrays[1:]), (*extra, rounding, half_param)

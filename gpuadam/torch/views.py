@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from gpuadam import lean
 from gpuadam.arrays import HOST
 from gpuadam.torch import flatten, lean_state
 from gpuadam.torch.devices import HALF, kernel_view
@@ -28,7 +27,7 @@ class Views:
     param's memory, dtype and shape, its state dict, buffer tensors and ``step`` are the ones seen;
     ``flat``: this optimizer's whole state buffers when the param and its state are views of them."""
 
-    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu", "cpu_float", "fmt", "master", "kernel", "state",
+    __slots__ = ("p", "ptr", "shape", "dtype", "device", "cpu", "cpu_float", "fmt", "master", "lean", "state",
                  "names", "buffers", "ptrs", "arrays", "step_tensor", "step_array", "step_version", "step", "flat",
                  "flat_arrays", "flat_grad", "entry", "grad_ptr", "state_arrays")
 
@@ -41,8 +40,7 @@ class Views:
         self.cpu_float = self.cpu and on_host and data.dtype not in HALF
         self.fmt = HALF.get(data.dtype)
         self.master = "master" in names
-        kind = lean_state.kind_of(names)
-        self.kernel = lean.KERNEL[kind] if kind else None  # a lean format's kernel in place of the rule's
+        self.lean = lean_state.kind_of(names)  # a lean format: its kernel runs in place of the rule's
         self.state, self.names = state, names
         self.buffers = tuple(state[n] for n in names)
         self.ptrs = tuple(t.data_ptr() for t in self.buffers)

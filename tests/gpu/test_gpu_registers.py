@@ -80,15 +80,19 @@ def _numba_lean_loaded():
     constants a tuple or (``/device-constants``) a device array."""
     from numba import types
 
-    from gpuadam.kernels import lean_cuda
+    from gpuadam.kernels import lean_cuda, lean_rules
 
-    constants_at = {"adam/int8": 6, "adam/bf16state": 4, "adam/bf16state/stochastic": 4}
-    dispatchers = {"adam/int8": lean_cuda.adam_int8, "adam/bf16state": lean_cuda.ADAM_BF16[False],
-                   "adam/bf16state/stochastic": lean_cuda.ADAM_BF16[True]}
-    for base, dispatcher in dispatchers.items():
+    dispatchers = {}
+    for rule in lean_rules.RULES:
+        dispatchers[f"{rule}/int8"] = lean_cuda.INT8[rule], 6
+        dispatchers[f"{rule}/bf16state"] = lean_cuda.BF16[rule, False], 4
+        dispatchers[f"{rule}/bf16state/stochastic"] = lean_cuda.BF16[rule, True], 4
+    for base, (dispatcher, constants_at) in dispatchers.items():
         for args, kernel in dispatcher.overloads.items():
-            device_constants = isinstance(args[constants_at[base]], types.Array)
-            name = base + (machine_code.DEVICE_CONSTANTS if device_constants else "")
+            device_constants = isinstance(args[constants_at], types.Array)
+            master = isinstance(args[-1], types.Array)  # the half param: half params with float32 masters
+            name = base + (machine_code.MASTER if master else "") + (machine_code.DEVICE_CONSTANTS if device_constants
+                                                                      else "")
             yield name, "float32", kernel.regs_per_thread, kernel.local_mem_per_thread
 
 

@@ -39,7 +39,7 @@ def _arrays(seed):
 def _on_simulator(arrays, c):
     dev = [cuda.to_device(a) for a in arrays]
     maps = [cuda.to_device(m) for m in MAPS]
-    lean_cuda.launch(*dev, c, maps)
+    lean_cuda.launch("adam", *dev, c, maps)
     return [d.copy_to_host() for d in dev]
 
 
@@ -86,7 +86,7 @@ def test_bf16_kernel_matches_the_host_kernel():
         host = [a.copy() for a in (p, g, m, v)]
         lean_cpu.KERNELS["adam/bf16state"](*host, c, (stochastic, 5, 9))
         dev = [cuda.to_device(a) for a in (p, g, m, v)]
-        lean_cuda.ADAM_BF16[bool(stochastic)][4, 32](*dev, c, (stochastic, 5, 9), 0, None)
+        lean_cuda.BF16["adam", bool(stochastic)][4, 32](*dev, c, (stochastic, 5, 9), 0, None)
         sim = [d.copy_to_host() for d in dev]
         np.testing.assert_allclose(sim[0], host[0], rtol=1e-6, atol=1e-7)
         for got, want in ((sim[2], host[2]), (sim[3], host[3])):
@@ -94,9 +94,11 @@ def test_bf16_kernel_matches_the_host_kernel():
             assert diff.max() <= 1 and (diff == 0).mean() > 0.95, (stochastic, diff.max())
 
 
+@pytest.mark.parametrize("cls", ["Adam", "NAdam", "RAdam"])
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
-def test_optimizer_with_lean_state_on_device_is_the_host_optimizer(state_dtype, monkeypatch):
-    """``gpuadam.Adam(state_dtype=...)`` on numba-cuda: the same params and state as on numba-cpu,
+def test_optimizer_with_lean_state_on_device_is_the_host_optimizer(state_dtype, cls, monkeypatch):
+    """``gpuadam.Adam(state_dtype=...)`` (and NAdam's, RAdam's: the rule's own kernels) on
+    numba-cuda: the same params and state as on numba-cpu,
     with the constants on the device (clipping, a skipped non-finite step) and across a state_dict
     round trip; one tensor in int8 state over two blocks (the 4096-element floor lowered to one
     block: the simulator runs every thread in Python), the small one in float32 state."""
@@ -111,12 +113,12 @@ def test_optimizer_with_lean_state_on_device_is_the_host_optimizer(state_dtype, 
     kw = {"lr": 1e-2, "weight_decay": 0.01, "state_dtype": state_dtype, "skip_nonfinite": True}
     host = [p.copy() for p in p0]
     dev = [cuda.to_device(p) for p in p0]
-    ref = gpuadam.Adam(host, backend="numba-cpu", **kw)
-    opt = gpuadam.Adam(dev, **kw)
+    ref = getattr(gpuadam, cls)(host, backend="numba-cpu", **kw)
+    opt = getattr(gpuadam, cls)(dev, **kw)
     assert opt.backend == "numba-cuda" and lean.NAMES[state_dtype][0] in opt.state[0]
     for t, g in enumerate(grads):
         if t == 2:  # continue from a copy of the state, as a resumed run would
-            opt2 = gpuadam.Adam(dev, **kw)
+            opt2 = getattr(gpuadam, cls)(dev, **kw)
             opt2.load_state_dict(opt.state_dict())
             opt = opt2
         ref.step(g, max_grad_norm=5.0)
