@@ -1,8 +1,9 @@
 """Lean optimizer state (``state_dtype``) on the GPU backends against numba-cpu: int8 codes with one
-absmax per block, and bfloat16 moments; each with the constants computed on the host, and on the
-device (clipping). On a GPU fused multiply-adds may move a value across a rounding boundary, so the
-params agree to float32 rounding and the codes to within one. The simulator runs numba-cuda only,
-with clipping (CuPy's kernels are proven on the host: tests/test_cupy_lean_host.py)."""
+absmax per block, and bfloat16 moments, for Adam, NAdam and RAdam (each rule's own lean kernels);
+each with the constants computed on the host, and on the device (clipping). On a GPU fused
+multiply-adds may move a value across a rounding boundary, so the params agree to float32 rounding
+and the codes to within one. The simulator runs numba-cuda only, with clipping (CuPy's kernels are
+proven on the host: tests/test_cupy_lean_host.py)."""
 
 import numpy as np
 import pytest
@@ -17,9 +18,15 @@ SHAPES = [(lean_maps.BLOCK + 40,), (3, 5)] if SIM else [(1_000_003,), (257, 3), 
 CLIPS = [50.0] if SIM else [50.0, None]
 
 
-@pytest.mark.parametrize("clip", CLIPS, ids=lambda c: "device-constants" if c else "host-constants")
+#: Adam with each kind of constants; NAdam and RAdam (their own kernels, compiled on the GPU too)
+#: with the device's, to keep the kit's time
+CASES = [("Adam", clip) for clip in CLIPS] + [("NAdam", CLIPS[0]), ("RAdam", CLIPS[0])]
+
+
+@pytest.mark.parametrize("cls,clip", CASES, ids=lambda c: c if isinstance(c, str) else
+                         ("device-constants" if c else "host-constants"))
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
-def test_lean_state_on_the_gpu_follows_the_host(state_dtype, backend, clip, monkeypatch):
+def test_lean_state_on_the_gpu_follows_the_host(state_dtype, backend, clip, cls, monkeypatch):
     if SIM:  # every simulated thread is Python: int8 from one block on
         monkeypatch.setattr(lean, "MIN_SIZE", lean_maps.BLOCK)
     rng = np.random.default_rng(12)
@@ -29,8 +36,8 @@ def test_lean_state_on_the_gpu_follows_the_host(state_dtype, backend, clip, monk
     cpu = [p.copy() for p in p0]
     kind = native(backend)
     dev = put_all(p0, kind)
-    ref = gpuadam.Adam(cpu, backend="numba-cpu", **kw)
-    opt = gpuadam.Adam(dev, backend=backend, **kw)
+    ref = getattr(gpuadam, cls)(cpu, backend="numba-cpu", **kw)
+    opt = getattr(gpuadam, cls)(dev, backend=backend, **kw)
     assert lean.NAMES[state_dtype][0] in opt.state[0]
     for g in grads:
         ref.step(g, max_grad_norm=clip)
