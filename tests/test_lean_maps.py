@@ -10,6 +10,7 @@ import pytest
 from numba import njit, prange
 
 from gpuadam.kernels import lean_maps as L
+from gpuadam.kernels import lean_rules
 from gpuadam.kernels.lowp import f32_from_bits
 
 MAPS = {"signed": (L.SIGNED, L.SIGNED_BUCKETS, L.SIGNED_THRESHOLDS),
@@ -173,7 +174,7 @@ def test_a_map_off_its_grid_is_refused():
 _VECTORIZED = """
 import re
 from numba import njit, types
-from gpuadam.kernels import lean_cpu, lean_maps
+from gpuadam.kernels import lean_cpu, lean_maps, lean_rules
 f32, u8, u16 = types.float32[::1], types.uint8[::1], types.uint16[::1]
 c = types.UniTuple(types.float32, 12)
 
@@ -189,23 +190,27 @@ def quantize(x, absmax, q, unsure):
                             lean_maps.SIGNED_THRESHOLDS, q, unsure)
 
 report("int8 quantize", quantize, (f32, types.float32, u8, u8))
-report("int8 kernel", lean_cpu.KERNELS["adam/int8"].serial,
-       (f32, f32, u8, f32, u8, f32, c, f32, u8, f32, f32, u8, f32, types.int64, u16))
-for key, (_, serial) in lean_cpu.KERNELS["adam/bf16state"].variants.items():
-    report(f"bf16 {int(key)}", serial, (f32, f32, u16, u16, c, types.UniTuple(types.int64, 3), types.int64, u16))
+for rule in lean_rules.RULES:
+    report(f"{rule} int8 kernel", lean_cpu.KERNELS[rule + "/int8"].serial,
+           (f32, f32, u8, f32, u8, f32, c, f32, u8, f32, f32, u8, f32, types.int64, u16))
+    for key, (_, serial) in lean_cpu.KERNELS[rule + "/bf16state"].variants.items():
+        report(f"{rule} bf16 {int(key)}", serial,
+               (f32, f32, u16, u16, c, types.UniTuple(types.int64, 3), types.int64, u16))
 """
 
 
 def test_lean_host_loops_vectorize(tmp_path):
     """The int8 block's quantiser (the estimate, with no gathers) and its update (a vector square
-    root in the kernel), and the bfloat16 loops, hold vector float math. Own process, empty cache:
-    Numba cannot show the IR of cached code."""
+    root in the kernel), and the bfloat16 loops, hold vector float math, for every rule with lean
+    kernels. Own process, empty cache: Numba cannot show the IR of cached code."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", _VECTORIZED], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {" ".join(line.split()[:-3]): tuple(map(int, line.split()[-3:])) for line in out.stdout.splitlines()
             if line.strip()}
-    assert set(rows) == {"int8 quantize", "int8 kernel", "bf16 0", "bf16 1"}, rows
+    assert set(rows) == {"int8 quantize"} | {f"{r} {k}" for r in lean_rules.RULES
+                                            for k in ("int8 kernel", "bf16 0", "bf16 1")}, rows
     assert all(vectors > 0 for vectors, _, _ in rows.values()), rows
     assert rows["int8 quantize"][1] == 0, rows  # no gathers
-    assert rows["int8 kernel"][2] > 0 and rows["bf16 1"][2] > 0, rows  # the update's sqrt on vectors
+    for r in lean_rules.RULES:  # the update's sqrt on vectors
+        assert rows[f"{r} int8 kernel"][2] > 0 and rows[f"{r} bf16 1"][2] > 0, rows

@@ -174,7 +174,7 @@ def _bf16_kernel(name):
 
 
 #: The lean-state host kernels by name (``lean_rules.kernel``: ``"adam/int8"``, ``"nadam/bf16state"``, ...),
-#: one of each format per rule of ``lean.RULES`` (the backend adds them to its table).
+#: one of each format per rule of ``lean_rules.RULES`` (the backend adds them to its table).
 KERNELS = {}
 for _name in lean_rules.RULES:
     KERNELS[lean_rules.kernel(_name, "int8")] = _int8_kernel(_name)
