@@ -18,7 +18,7 @@ from gpuadam.kernels.lean_maps import BLOCK, MIN_SIZE
 from gpuadam.kernels.lean_rules import MOMENTS, RULES, kernel, kind_of
 
 __all__ = ["BLOCK", "KERNEL", "MIN_SIZE", "MOMENTS", "NAMES", "RULES", "STATE_DTYPES", "check_state_dtype",
-           "kernel", "kind_for", "kind_of", "n_blocks", "spec"]
+           "kernel", "kind_for", "kind_of", "n_blocks", "rule_refusal", "spec"]
 
 STATE_DTYPES = (None, "bfloat16", "int8")
 
@@ -37,6 +37,14 @@ def check_state_dtype(value: object) -> str | None:
     if value not in STATE_DTYPES or isinstance(value, bool):
         raise ValueError(f"state_dtype: expected one of {list(STATE_DTYPES)}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def rule_refusal(state_dtype: str, rule: str) -> str | None:
+    """Why ``rule`` cannot keep lean state (its state is not the two moments of ``RULES``), or None."""
+    if rule in RULES:
+        return None
+    return (f"state_dtype={state_dtype!r} is for the rules whose state is {' and '.join(MOMENTS)} "
+            f"({', '.join(RULES)}; amsgrad keeps a third array), this group's rule is {rule!r}")
 
 
 def kind_for(state_dtype: str | None, size: int) -> str | None:

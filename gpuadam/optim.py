@@ -242,10 +242,9 @@ class Optimizer:
         if kind is None:
             return [None] * len(self._params)
         for gi, hyper in enumerate(hypers):
-            if self.rule(hyper) not in lean.RULES:
-                raise ValueError(f"param group {gi}: state_dtype={kind!r} is for the rules whose state is "
-                                 f"{' and '.join(lean.MOMENTS)} ({', '.join(lean.RULES)}: Adam/AdamW without "
-                                 f"amsgrad, NAdam, RAdam), this group's rule is {self.rule(hyper)!r}")
+            refusal = lean.rule_refusal(kind, self.rule(hyper))
+            if refusal:
+                raise ValueError(f"param group {gi}: {refusal}")
         for i, (info, fmt) in enumerate(zip(self._infos, self._formats)):
             if (fmt is None and info.dtype != np.float32) or (fmt is not None and not self.master_weights):
                 raise ValueError(f"param {i}: state_dtype={kind!r} is for float32 params, or half params with "

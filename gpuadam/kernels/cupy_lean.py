@@ -1,12 +1,12 @@
-"""CUDA C of the lean-state Adam kernels for CuPy ``RawKernel``s, and their launchers: the int8
-kernel (an ``ElementwiseKernel`` cannot reduce a block's absmax), the same algorithm as
-``lean_cuda.adam_int8``; and the bfloat16-state kernel, a grid-stride loop rounding as
-``lean_cpu``/``lean_cuda`` do (``lowp_random32`` at index ``i``: its low half for ``exp_avg``, its high half for
-``exp_avg_sq`` when stochastic, else to nearest even).
+"""CUDA C of the lean-state kernels for CuPy ``RawKernel``s, per rule of ``lean_rules.RULES`` (Adam,
+NAdam, RAdam), and their launchers: the int8 kernel (an ``ElementwiseKernel`` cannot reduce a
+block's absmax), the same algorithm as ``lean_cuda``'s; and the bfloat16-state kernel, a grid-stride
+loop rounding as ``lean_cpu``/``lean_cuda`` do (``lowp_random32`` at index ``i``: its low half for
+``exp_avg``, its high half for ``exp_avg_sq`` when stochastic, else to nearest even).
 
 The element work is plain functions, so the host tests run them with g++
-(``tests/test_cupy_lean_host.py``): ``lean_int8_update`` dequantises and runs Adam's own snippet
-(``rules.adam.ADAM.snippet``, the rule's one C copy), ``lean_int8_store`` writes the param and the
+(``tests/test_cupy_lean_host.py``): ``lean_int8_update`` dequantises and runs the rule's own snippet
+(``Rule.snippet``, the rule's one C copy: ``lean_rule_snippet``), ``lean_int8_store`` writes the param and the
 nearest codes (``lean_nearest_code``, the buckets and midpoints of ``lean_maps``); the int8
 ``__global__`` kernel, CUDA only, puts them around the block's maximum of the magnitudes' bits, both
 moments in one pass (``lean_block_max2``): each warp's by ``__reduce_max_sync`` (shuffles before
@@ -15,7 +15,7 @@ is ordinary code: behind a one-thread shim of CUDA's built-ins the whole kernel 
 No float literal, no double.
 
 Each kernel comes twice, as the ``ElementwiseKernel``s do: taking its constants as scalar arguments
-by name (``constant_params("adam")``: the host computed them), or with ``_dc`` from a device array
+by name (``constant_params(rule)``: the host computed them), or with ``_dc`` from a device array
 (``on_device.DeviceSteps``: clipping, skipping, capturable). Either way the kernel gathers them into
 a local array once, before any element (``gather_constants``). Stochastic rounding or not is a constant of
 the compiled bfloat16 kernel (``_sr``/``_rn``), as in ``lean_cuda``. With half params each kernel has a

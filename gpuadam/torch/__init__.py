@@ -228,11 +228,9 @@ class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
         return self._state_dtype(p), tuple(p.shape)
 
     def _check_lean_rule(self, gi: int, rule: str) -> None:
-        if self.state_format is not None and rule not in lean.RULES:
-            raise ValueError(f"{type(self).__name__}: param group {gi}: state_dtype={self.state_format!r} is for "
-                             f"the rules whose state is {' and '.join(lean.MOMENTS)} ({', '.join(lean.RULES)}: "
-                             f"Adam/AdamW without amsgrad, NAdam, RAdam), this group's rule is {rule!r}; nothing "
-                             "was updated")
+        refusal = lean.rule_refusal(self.state_format, rule) if self.state_format is not None else None
+        if refusal:
+            raise ValueError(f"{type(self).__name__}: param group {gi}: {refusal}; nothing was updated")
 
     def _check_lean_param(self, label: str, p: torch.Tensor) -> None:
         """Refuse a param that lean state cannot step (as ``gpuadam.Adam(state_dtype=...)`` does)."""
