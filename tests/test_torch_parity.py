@@ -62,9 +62,10 @@ def test_names_and_defaults_are_torchs(name):
     ours = inspect.signature(getattr(gpuadam, name)).parameters
     theirs = inspect.signature(getattr(torch.optim, name)).parameters
     torch_only = {"foreach", "differentiable", "fused"}
-    # every optimizer's shared options (torch's SGD and Adagrad have no capturable)
+    # every optimizer's shared options (torch's SGD and Adagrad have no capturable); state_dtype where
+    # the state is exp_avg and exp_avg_sq
     ours_only = {"backend", "ema_momentum", "skip_nonfinite", "capturable", "master_weights", "stochastic_rounding",
-                 "seed", "half_format"}
+                 "seed", "half_format", "state_dtype"}
     assert set(theirs) - torch_only <= set(ours)
     assert set(ours) - ours_only <= set(theirs)
     for key, param in ours.items():
