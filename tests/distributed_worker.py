@@ -246,6 +246,11 @@ def main() -> int:
     if world.rank == 0 and total == world.size:
         with open(os.path.join(directory, "passed"), "w") as f:
             f.write("\n".join(checks.passed) + "\n")
+    if kind != "mpi":
+        # gloo's threads left running at interpreter exit can abort the process ("terminate called
+        # without an active exception"): end the process groups first, together
+        barrier()
+        dist.destroy_process_group()
     return 0 if ok else 1
 
 
