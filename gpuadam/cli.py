@@ -75,7 +75,12 @@ def _inspect(args: argparse.Namespace) -> int:
             check_output_dir("--ptx-dir", args.ptx_dir)
     except ValueError as exc:
         return fail("inspect", str(exc))
-    reports, problems = machine_code.inspect_kernels(args.arch, args.ptx_dir, _inspect_progress())
+    patterns = [p for p in args.kernels.split(",") if p] if args.kernels is not None else None
+    reports, problems = machine_code.inspect_kernels(args.arch, args.ptx_dir, _inspect_progress(), patterns)
+    if not reports and not problems:
+        return fail("inspect", f"--kernels: got {args.kernels!r}, which matches no kernel; names look like "
+                               "adam, adam/device-constants, adam/master, nadam/int8, adam/bf16state/stochastic "
+                               "(globs: '*int8*', 'radam/*')")
     if args.json:
         print(json.dumps({"kernels": [r.as_dict() for r in reports], "problems": problems}, indent=2))
     else:
@@ -122,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="sm_90", help="target architecture, sm_XY (default sm_90)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--ptx-dir", help="also write each kernel's PTX into this folder")
+    p.add_argument("--kernels", help="only the kernels whose name matches one of these comma-separated shell "
+                                     "globs, e.g. 'adam,*int8*' (default: every kernel)")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("demo", help="train a two-headed classifier with each optimizer: table and loss curves",
                        description="Train a two-headed classifier (digit and domain) with SGD, Momentum, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fnmatch
 import functools
 import glob
 import math
@@ -22,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -408,18 +409,29 @@ def _cupy_compiler_missing() -> str | None:
     return None
 
 
+def kernel_matcher(patterns: Sequence[str] | None) -> Callable[[str], bool]:
+    """Whether a kernel name matches any of ``patterns`` (shell globs: ``adam``, ``*int8*``,
+    ``nadam/*``); every name when ``patterns`` is None."""
+    if patterns is None:
+        return lambda name: True
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def inspect_kernels(
     arch: str = "sm_90",
     ptx_dir: str | os.PathLike | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    kernels: Sequence[str] | None = None,
 ) -> tuple[list, list]:
-    """Reports for every GPU kernel of both backends, and the reasons for any that could not be built.
+    """Reports for every GPU kernel of both backends (or those whose name matches one of the globs
+    ``kernels``), and the reasons for any that could not be built.
 
     ``progress(done, total, label)`` is called before each kernel is compiled, and once at the end.
     """
     from gpuadam.kernels import numba_cuda
 
     reports, problems = [], []
+    wanted = kernel_matcher(kernels)
     plain = [k for k in numba_cuda.KERNELS if "/" not in k]
     jobs = [("numba-cuda", k + v, numba_ptx, DTYPES) for k in plain for v in ("", DEVICE_CONSTANTS)]
     jobs += [("numba-cuda", k + v, numba_ptx, ("float32",)) for k in plain for v in ("/master", "/half")]
@@ -436,7 +448,8 @@ def inspect_kernels(
         jobs += [("cupy", k + v, cupy_lean_ptx, ("float32",)) for k in LEAN_KERNELS for v in ("", DEVICE_CONSTANTS)]
     except Exception as exc:  # CuPy's source needs no GPU; only a broken install lands here
         problems.append(f"cupy: {exc}")
-    todo = [(backend, kernel, compile_, dtype) for backend, kernel, compile_, dtypes in jobs for dtype in dtypes]
+    todo = [(backend, kernel, compile_, dtype) for backend, kernel, compile_, dtypes in jobs for dtype in dtypes
+            if wanted(kernel)]
     for done, (backend, kernel, compile_, dtype) in enumerate(todo):
         if progress is not None:
             progress(done, len(todo), f"{backend} {kernel} {dtype}")

@@ -235,3 +235,21 @@ def test_progress_label_names_what_runs_now():
     bar.note("timing gpuadam numba-cpu Adam.step 2^24 (1/7)")
     assert re.search(r"timing gpuadam numba-cpu Adam\.step 2\^24 \(1/7\)", term.getvalue())
     bar.close()
+
+
+def test_inspect_kernels_picks_by_glob_and_refuses_a_pattern_that_matches_nothing(fake_ptxas, monkeypatch,
+                                                                                  capsys):
+    asked = []
+
+    def inspect_kernels(arch, ptx_dir, progress, kernels):
+        asked.append(kernels)
+        return [], []  # what a pattern that matches no kernel gets
+
+    monkeypatch.setattr(machine_code, "inspect_kernels", inspect_kernels)
+    assert cli.main(["inspect", "--kernels", "nothing,*nope*"]) == 2
+    assert asked == [["nothing", "*nope*"]]
+    _one_line_error(capsys, "gpuadam inspect: --kernels: got 'nothing,*nope*', which matches no kernel")
+    wanted = machine_code.kernel_matcher(["adam", "*int8*"])
+    assert [k for k in ("adam", "adam/device-constants", "nadam/int8/master", "lion") if wanted(k)] == \
+        ["adam", "nadam/int8/master"]
+    assert machine_code.kernel_matcher(None)("anything")

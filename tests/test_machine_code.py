@@ -291,3 +291,11 @@ def test_gradient_reduction_compiles_without_local_memory(dtype, fmt, masked):
     registers, spills, stack = machine_code.ptxas_resources(ptx, "sm_90")
     assert (spills, stack) == (0, 0)
     assert ("ld.global.u8" in ptx or "ld.global.nc.u8" in ptx) == masked
+
+
+def test_inspect_kernels_compiles_only_the_kernels_asked_for():
+    _tool_or_skip()
+    reports, problems = machine_code.inspect_kernels("sm_90", kernels=["lion"])
+    assert not problems
+    assert sorted((r.backend, r.kernel, r.dtype) for r in reports) == [
+        (b, "lion", d) for b in ("cupy", "numba-cuda") for d in ("float32", "float64")]
