@@ -350,3 +350,57 @@ def test_state_dtype_is_refused_where_the_state_is_not_the_two_moments(state_dty
     p = np.zeros(5000, np.float32)
     with pytest.raises(ValueError, match="whose state is exp_avg and exp_avg_sq .*'amsgrad'"):
         gpuadam.Adam([p], amsgrad=True, state_dtype=state_dtype)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16-master"])
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_the_parallel_host_loops_are_the_serial_ones(state_dtype, half):
+    """From ``numba_cpu.PARALLEL_MIN`` elements the host kernels run their ``prange`` loops (int8:
+    chunks of blocks, each with its own scratch): bit for bit the serial loops, with a partial last
+    chunk and block, and with half params and float32 masters."""
+    from gpuadam.kernels import lean_maps, lowp
+    from gpuadam.kernels.numba_cpu import PARALLEL_MIN
+
+    n = PARALLEL_MIN + 3 * BLOCK + 77
+    rng = np.random.default_rng(12)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 0, n)).astype(np.float32)
+    c = _hyper(dict(lr=1e-2, weight_decay=0.01)).constants(3, np.float32, 1.0)
+    fmt, half_param = 0, np.zeros(0, np.uint16)
+    if half:  # the gradient as float16 bits, the half param written from the master
+        g, fmt, half_param = g.astype(np.float16).view(np.uint16), lowp.FLOAT16, np.zeros(n, np.uint16)
+    rounding = (fmt, 0, 0, 0, 0)
+    if state_dtype == "int8":
+        blocks = -(-n // BLOCK)
+        state = [rng.integers(0, 256, n).astype(np.uint8), rng.uniform(0.01, 0.1, blocks).astype(np.float32),
+                 rng.integers(0, 256, n).astype(np.uint8), rng.uniform(1e-4, 1e-3, blocks).astype(np.float32)]
+        run = lean_cpu.KERNELS["adam/int8"]
+        maps = (lean_maps.SIGNED, lean_maps.SIGNED_BUCKETS, lean_maps.SIGNED_THRESHOLDS,
+                lean_maps.UNSIGNED, lean_maps.UNSIGNED_BUCKETS, lean_maps.UNSIGNED_THRESHOLDS)
+
+        def step(arrays, serial):
+            if serial:
+                run.serial(*arrays[:6], c, *maps, fmt, arrays[6])
+            else:
+                run(*arrays[:6], c, rounding, arrays[6])
+    else:
+        state = [(rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+                 for _ in range(2)]
+        run = lean_cpu.KERNELS["adam/bf16state"]
+        state_rounding = (1, 7, 3)
+
+        def step(arrays, serial):
+            if serial:
+                run.variants[True][1](*arrays[:4], c, state_rounding, fmt, arrays[4])
+            else:
+                run(*arrays[:4], c, state_rounding, rounding, arrays[4])
+
+    arrays = [p, g, *state, half_param]
+    ours, theirs = [a.copy() for a in arrays], [a.copy() for a in arrays]
+    step(ours, serial=False)
+    step(theirs, serial=True)
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert not np.array_equal(ours[0], p)
+    if half:
+        assert np.array_equal(ours[-1], ours[0].astype(np.float16).view(np.uint16))
