@@ -404,3 +404,21 @@ def test_the_parallel_host_loops_are_the_serial_ones(state_dtype, half):
     assert not np.array_equal(ours[0], p)
     if half:
         assert np.array_equal(ours[-1], ours[0].astype(np.float16).view(np.uint16))
+
+
+def test_lean_stages_script_reports_every_stage(capsys):
+    """``scripts/lean_stages.py`` (BENCHMARKS.md's stage figures) runs, and its stages add up."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "lean_stages.py"
+    spec = importlib.util.spec_from_file_location("_lean_stages", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--size", "8192", "--repeat", "2", "--inner", "1"]) == 0
+    rows = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1])
+            for line in capsys.readouterr().out.splitlines()[1:]}
+    assert len(rows) == 7 and all(t > 0 for name, t in rows.items() if not name.startswith("int8 update")), rows
+    whole = rows["int8 block loop (whole)"]
+    parts = rows["int8 dequantise, both moments"] + rows["int8 requantise, both moments"]
+    assert rows["int8 update and absmax (whole - both stages)"] == pytest.approx(whole - parts, abs=0.02)
