@@ -17,8 +17,8 @@ import numpy as np
 from gpuadam.kernels.lean_maps import BLOCK, MIN_SIZE
 from gpuadam.kernels.lean_rules import MOMENTS, RULES, kernel, kind_of
 
-__all__ = ["BLOCK", "KERNEL", "MIN_SIZE", "MOMENTS", "NAMES", "RULES", "STATE_DTYPES", "check_state_dtype",
-           "kernel", "kind_for", "kind_of", "n_blocks", "rule_refusal", "spec"]
+__all__ = ["BLOCK", "KERNEL", "MIN_SIZE", "MOMENTS", "NAMES", "RULES", "STATE_DTYPES", "absmax_refusal",
+           "check_state_dtype", "kernel", "kind_for", "kind_of", "n_blocks", "rule_refusal", "spec"]
 
 STATE_DTYPES = (None, "bfloat16", "int8")
 
@@ -45,6 +45,16 @@ def rule_refusal(state_dtype: str, rule: str) -> str | None:
         return None
     return (f"state_dtype={state_dtype!r} is for the rules whose state is {' and '.join(MOMENTS)} "
             f"({', '.join(RULES)}; amsgrad keeps a third array), this group's rule is {rule!r}")
+
+
+def absmax_refusal(name: str, negatives: int) -> str | None:
+    """Why a loaded state array ``name`` holding ``negatives`` values below zero cannot be an
+    absmax, or None: each is its block's largest magnitude, and a negative one would flip the signs
+    of the block's moments without a trace."""
+    if not name.endswith("_absmax") or not negatives:
+        return None
+    return (f"state {name!r} holds {negatives} negative value(s); an absmax is its block's largest magnitude, "
+            "never below zero")
 
 
 def kind_for(state_dtype: str | None, size: int) -> str | None:

@@ -753,6 +753,9 @@ class Optimizer:
             if value.shape != shape:
                 what = "the param's shape is" if shape == self._infos[i].shape else "expected (one per block)"
                 raise ValueError(f"state_dict: param {i}: state {name!r} has shape {value.shape}, {what} {shape}")
+            refusal = lean.absmax_refusal(name, int(np.count_nonzero(value < 0)))
+            if refusal:
+                raise ValueError(f"state_dict: param {i}: {refusal}")
             arrays[name] = value
         return step, arrays
 

@@ -145,6 +145,14 @@ def test_state_dtype_is_validated_before_anything_changes():
     broken["state"][0]["exp_avg_absmax"] = broken["state"][0]["exp_avg_absmax"][:-1]
     with pytest.raises(ValueError, match="exp_avg_absmax"):
         lean.load_state_dict(broken)
+    # a negative absmax (a corrupted checkpoint) would flip its block's signs: refused, nothing changes
+    broken = lean.state_dict()
+    broken["state"][0]["exp_avg_sq_absmax"] = broken["state"][0]["exp_avg_sq_absmax"].copy()
+    broken["state"][0]["exp_avg_sq_absmax"][[1, 3]] *= -1
+    with pytest.raises(ValueError, match="param 0: state 'exp_avg_sq_absmax' holds 2 negative value"):
+        lean.load_state_dict(broken)
+    after = lean.state_dict()
+    assert all(np.array_equal(before["state"][0][k], after["state"][0][k]) for k in before["state"][0])
 
 
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])

@@ -3,6 +3,7 @@ lean buffers the kernel updates (codes, absmax, bfloat16 moments; float32 moment
 the trajectory is gpuadam's own optimizer's bit for bit (tensors, flattened, half params with master
 weights), a checkpoint resumes bit for bit, and a state of another format is refused."""
 
+import copy
 import io
 
 import numpy as np
@@ -147,10 +148,17 @@ def test_a_state_of_another_format_is_refused_and_nothing_changes():
         assert torch.equal(t, before[n]), n
     with pytest.raises(ValueError, match="saved with state_dtype='int8', this optimizer keeps state_dtype=None"):
         gt.Adam(model.parameters()).load_state_dict(int8.state_dict())
-    edited = int8.state_dict()
+    # torch's state_dict holds the live state dicts: each edit below works on its own deep copy
+    edited = copy.deepcopy(int8.state_dict())
     edited["state"][0]["exp_avg_absmax"] = edited["state"][0]["exp_avg_absmax"][:5]
     with pytest.raises(ValueError, match="param 0: state 'exp_avg_absmax': expected a torch.float32 tensor of 20"):
         gt.Adam(model.parameters(), state_dtype="int8").load_state_dict(edited)
+    edited = copy.deepcopy(int8.state_dict())
+    edited["state"][0]["exp_avg_absmax"] = -edited["state"][0]["exp_avg_absmax"]
+    fresh = gt.Adam(model.parameters(), state_dtype="int8")
+    with pytest.raises(ValueError, match="param 0: state 'exp_avg_absmax' holds .* negative value.*nothing was loaded"):
+        fresh.load_state_dict(edited)
+    assert not fresh.state
 
 
 def test_lean_state_refusals():

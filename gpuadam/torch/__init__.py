@@ -419,6 +419,9 @@ class FusedOptimizer(DeviceStepping, torch.optim.Optimizer):
                     got = f"a {v.dtype} tensor of {v.numel()} elements" if isinstance(v, torch.Tensor) else repr(v)
                     raise ValueError(f"{name}.load_state_dict: param {i}: state {n!r}: expected a {dtype} tensor "
                                      f"of {math.prod(shape)} elements, got {got}; nothing was loaded")
+                refusal = lean.absmax_refusal(n, int((v < 0).sum()) if v.dtype.is_floating_point else 0)
+                if refusal:
+                    raise ValueError(f"{name}.load_state_dict: param {i}: {refusal}; nothing was loaded")
         return raw
 
     # --- the step ----------------------------------------------------------------------------
