@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import gpuadam
+from gpuadam import lean
 from gpuadam import lean_reference as R
 from gpuadam.hyper import AdamHyper
 from gpuadam.kernels import lean_cpu
@@ -330,10 +331,10 @@ def test_nadam_and_radam_keep_lean_moments_as_the_reference(case, state_dtype):
         g = (rng.standard_normal(N) * 10.0 ** rng.uniform(-3, 0, N)).astype(np.float32)
         before, state = p.copy(), _lean_state(opt.state_dict())
         want_p, want, moments = step_ref(before, g, {**state, **carried}, hyper, step, getattr(reference, ref_name))
-        carried = {k: v for k, v in want.items() if k not in got_names(state_dtype)}
+        carried = {k: v for k, v in want.items() if k not in lean.NAMES[state_dtype]}
         opt.step([g])
         got = _lean_state(opt.state_dict())
-        assert set(got) == set(got_names(state_dtype))
+        assert set(got) == set(lean.NAMES[state_dtype])
         np.testing.assert_allclose(p, want_p, rtol=2e-6, atol=1e-6 * np.abs(want_p).max())
         for name, exact in moments.items():
             if state_dtype == "int8":
@@ -344,12 +345,6 @@ def test_nadam_and_radam_keep_lean_moments_as_the_reference(case, state_dtype):
                 got_value = R.decode_bf16(got[f"{name}_bf16_bits"])
                 ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-30))) - 7)
                 assert np.all(np.abs(got_value - exact) <= ulp + 1e-6 * np.abs(exact).max()), (name, step)
-
-
-def got_names(state_dtype):
-    from gpuadam import lean
-
-    return lean.NAMES[state_dtype]
 
 
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
